@@ -1,0 +1,444 @@
+"""Settings: one pydantic-settings model read from flags, environment, secrets directory,
+TOML file and defaults (highest first), and the checks that turn a bad configuration into a
+message that names the setting and says how to fix it."""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from proxy.errors import ConfigError
+
+ENV_PREFIX = "TOKEN_PROXY_"
+DEFAULT_SECRETS_DIR = Path("/run/secrets")
+
+RegionName = Literal["us", "eu", "kr", "tw", "cn"]
+AuthMethod = Literal["client_secret_basic", "client_secret_post"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["auto", "json", "console"]
+
+BATTLENET_TOKEN_URL = "https://oauth.battle.net/token"
+REGION_TOKEN_URLS: dict[str, str] = {
+    "us": BATTLENET_TOKEN_URL,
+    "eu": BATTLENET_TOKEN_URL,
+    "kr": BATTLENET_TOKEN_URL,
+    "tw": BATTLENET_TOKEN_URL,
+    "cn": "https://oauth.battlenet.com.cn/token",
+}
+REGION_UPSTREAMS: dict[str, str] = {
+    "us": "https://us.api.blizzard.com",
+    "eu": "https://eu.api.blizzard.com",
+    "kr": "https://kr.api.blizzard.com",
+    "tw": "https://tw.api.blizzard.com",
+    "cn": "https://gateway.battlenet.com.cn",
+}
+
+# Keys that only make sense for the single-API shorthand (no [credentials.*] of their own).
+_SHORTHAND_CREDENTIAL_KEYS = (
+    "client_secret",
+    "client_secret_file",
+    "token_url",
+    "auth_method",
+    "scope",
+)
+# Environment variables read by the loader itself rather than by the model.
+_LOADER_ENV = {"CONFIG", "SECRETS_DIR"}
+
+
+def is_loopback_host(host: str) -> bool:
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_url(value: str, *, what: str, allow_path: bool = True) -> str:
+    """Validate an upstream or token URL: https, or http on a loopback host only."""
+    parts = urlsplit(value)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ValueError(f"{value!r} is not an http(s) URL; write it as https://host[/path]")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("credentials in the URL are not allowed; use client_id/client_secret")
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        raise ValueError(
+            f"{value!r} uses plain http to a host that is not loopback, which would send "
+            "the token in clear text; use https://"
+        )
+    if parts.fragment or (not allow_path and parts.query):
+        raise ValueError(f"{value!r} must not carry a query or fragment")
+    return value
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Credential(_Model):
+    """One OAuth client: where its token comes from and how the client authenticates."""
+
+    client_id: str = Field(min_length=1)
+    client_secret: SecretStr
+    client_secret_file: Path | None = None
+    region: RegionName | None = None
+    token_url: str
+
+    @field_validator("region", "auth_method", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+    auth_method: AuthMethod = "client_secret_basic"
+    scope: str = ""
+    extra_params: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if data.get("token_url") is None:
+            region = str(data.get("region") or "us").lower()
+            data["token_url"] = REGION_TOKEN_URLS.get(region, BATTLENET_TOKEN_URL)
+        secret_file = data.get("client_secret_file")
+        if secret_file is not None:
+            if data.get("client_secret") is not None:
+                raise ValueError(
+                    "both client_secret and client_secret_file are set; keep only one"
+                )
+            data["client_secret"] = _read_secret_file(Path(secret_file))
+        elif data.get("client_secret") is None:
+            raise ValueError(
+                "client_secret is missing; set client_secret or client_secret_file "
+                "(environment: TOKEN_PROXY_CLIENT_SECRET or TOKEN_PROXY_CLIENT_SECRET_FILE)"
+            )
+        return data
+
+    @field_validator("token_url")
+    @classmethod
+    def _token_url(cls, value: str) -> str:
+        return check_url(value, what="token_url")
+
+    @field_validator("client_secret")
+    @classmethod
+    def _secret_not_empty(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value():
+            raise ValueError("client_secret is empty")
+        return value
+
+
+def _read_secret_file(path: Path) -> str:
+    try:
+        secret = path.read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise ValueError(
+            f"client_secret_file {str(path)!r} cannot be read ({exc.strerror}); "
+            "check the path and that token-proxy's user may read it"
+        ) from None
+    except UnicodeDecodeError:
+        raise ValueError(f"client_secret_file {str(path)!r} is not UTF-8 text") from None
+    if not secret:
+        raise ValueError(f"client_secret_file {str(path)!r} is empty")
+    return secret
+
+
+class Route(_Model):
+    """A path prefix forwarded to one upstream with one credential's token."""
+
+    prefix: str
+    upstream: str
+    credential: str
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"prefix {value!r} must start with '/'")
+        if value.startswith("/-/"):
+            raise ValueError("prefixes under /-/ are reserved for the proxy's own endpoints")
+        segments = value.split("/")
+        if any(seg in {".", ".."} for seg in segments):
+            raise ValueError(f"prefix {value!r} must not contain '.' or '..' segments")
+        return value
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream(cls, value: str) -> str:
+        return check_url(value, what="upstream", allow_path=False)
+
+    @property
+    def match_prefix(self) -> str:
+        """The prefix without its trailing slash: '' for the root route."""
+        return self.prefix.rstrip("/")
+
+
+_toml_data: ContextVar[dict[str, Any]] = ContextVar("_toml_data", default={})  # noqa: B039  (read-only default)
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """The TOML file's contents, already parsed by load_settings (so parse errors are ours)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_toml_data.get())
+
+
+class Settings(BaseSettings):
+    """The whole configuration, immutable once loaded."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        frozen=True,
+        case_sensitive=False,
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    client_id: str | None = None
+    client_secret: SecretStr | None = None
+    client_secret_file: Path | None = None
+    region: RegionName = "us"
+    upstream: str | None = None
+    token_url: str | None = None
+    auth_method: AuthMethod = "client_secret_basic"
+    scope: str = ""
+    connect_timeout: float = Field(default=5.0, gt=0)
+    read_timeout: float = Field(default=60.0, gt=0)
+    token_timeout: float = Field(default=10.0, gt=0)
+    token_wait_timeout: float = Field(default=10.0, gt=0)
+    shutdown_timeout: float = Field(default=15.0, ge=0)
+    max_connections: int = Field(default=256, ge=1)
+    log_level: LogLevel = "info"
+    log_format: LogFormat = "auto"
+    allow_anonymous_remote: bool = False
+    credentials: dict[str, Credential] = Field(default_factory=dict)
+    routes: tuple[Route, ...] = ()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, file_secret_settings, _TomlSource(settings_cls))
+
+    @field_validator("log_level", "log_format", "region", "auth_method", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_shorthand(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        credentials = dict(data.get("credentials") or {})
+        routes = list(data.get("routes") or [])
+        if data.get("client_id") is not None:
+            if "default" in credentials:
+                raise ValueError(
+                    "client_id (TOKEN_PROXY_CLIENT_ID) defines the credential 'default', "
+                    "and the config file has a [credentials.default] table too; keep one"
+                )
+            region = str(data.get("region") or "us").lower()
+            shorthand = {
+                key: data[key] for key in _SHORTHAND_CREDENTIAL_KEYS if data.get(key) is not None
+            }
+            for key in ("token_url", "upstream"):
+                if data.get(key) is not None:
+                    _check_shorthand_url(key, data[key])
+            credentials["default"] = {"client_id": data["client_id"], **shorthand}
+            if region in REGION_UPSTREAMS:
+                credentials["default"]["region"] = region
+            if not routes:
+                upstream = data.get("upstream") or REGION_UPSTREAMS.get(region, "https://invalid")
+                routes = [{"prefix": "/", "upstream": upstream, "credential": "default"}]
+        else:
+            stray = [key for key in (*_SHORTHAND_CREDENTIAL_KEYS, "upstream") if data.get(key)]
+            if not credentials:
+                raise ValueError(
+                    "no credentials are configured; set TOKEN_PROXY_CLIENT_ID and "
+                    "TOKEN_PROXY_CLIENT_SECRET (or TOKEN_PROXY_CLIENT_SECRET_FILE), "
+                    "or add a [credentials.NAME] table to the config file"
+                )
+            if stray:
+                raise ValueError(
+                    f"{', '.join(stray)} only apply together with client_id (the single-API "
+                    "shorthand); set client_id too, or move them into a [credentials.NAME] "
+                    "table and a [[routes]] entry"
+                )
+        if not routes:
+            raise ValueError(
+                "no routes are configured; add a [[routes]] table with prefix, upstream "
+                "and credential to the config file"
+            )
+        data["credentials"] = credentials
+        data["routes"] = routes
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        for index, route in enumerate(self.routes):
+            if route.credential not in self.credentials:
+                known = ", ".join(sorted(self.credentials))
+                raise ValueError(
+                    f"routes[{index}].credential = {route.credential!r} names no credential; "
+                    f"defined credentials: {known}"
+                )
+        prefixes = [route.match_prefix for route in self.routes]
+        duplicates = sorted({p or "/" for p in prefixes if prefixes.count(p) > 1})
+        if duplicates:
+            raise ValueError(f"routes: prefix {duplicates[0]!r} is used by more than one route")
+        if not is_loopback_host(self.host) and not self.allow_anonymous_remote:
+            raise ValueError(
+                f"host (TOKEN_PROXY_HOST) = {self.host!r} is not a loopback address, so anyone "
+                "who can reach it could use your credentials; listen on 127.0.0.1, or set "
+                "allow_anonymous_remote = true (TOKEN_PROXY_ALLOW_ANONYMOUS_REMOTE=true) "
+                "if that is really intended"
+            )
+        return self
+
+    @property
+    def routes_by_length(self) -> tuple[Route, ...]:
+        """Routes with the longest prefix first, the order in which they are matched."""
+        return tuple(sorted(self.routes, key=lambda r: len(r.match_prefix), reverse=True))
+
+
+def _check_shorthand_url(key: str, value: Any) -> None:
+    try:
+        check_url(str(value), what=key, allow_path=key != "upstream")
+    except ValueError as exc:
+        raise ValueError(f"{key} ({ENV_PREFIX}{key.upper()}): {exc}") from None
+
+
+def _setting_name(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]
+        else:
+            parts.append(item)
+    name = ".".join(parts)
+    if len(loc) == 1 and isinstance(loc[0], str) and loc[0] in Settings.model_fields:
+        name = f"{name} ({ENV_PREFIX}{loc[0].upper()})"
+    return name
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    loc = tuple(error.get("loc", ()))
+    message = str(error.get("msg", "invalid"))
+    message = message.removeprefix("Value error, ")
+    kind = error.get("type")
+    # Credential and route tables report their own nested location in the message.
+    loc = tuple(item for item in loc if not str(item).startswith(("function-", "tagged-union")))
+    if kind == "extra_forbidden":
+        field = str(loc[-1]) if loc else "?"
+        known = _known_keys(loc[:-1])
+        hint = difflib.get_close_matches(field, known, n=1)
+        fix = f"did you mean {hint[0]!r}?" if hint else "remove it or check the spelling"
+        return f"{_setting_name(loc)}: unknown setting; {fix}"
+    if kind == "missing":
+        return f"{_setting_name(loc)}: is required but not set"
+    if not loc:
+        return message
+    return f"{_setting_name(loc)}: {message}"
+
+
+def _known_keys(parent: tuple[int | str, ...]) -> list[str]:
+    if not parent:
+        return list(Settings.model_fields)
+    if parent[0] == "credentials":
+        return list(Credential.model_fields)
+    if parent[0] == "routes":
+        return list(Route.model_fields)
+    return []
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(
+            f"config (--config / TOKEN_PROXY_CONFIG): cannot read {str(path)!r} "
+            f"({exc.strerror}); check the path"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+
+
+def _check_environment(environ: Mapping[str, str]) -> None:
+    known = {name.upper() for name in Settings.model_fields} | _LOADER_ENV
+    for name in environ:
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX):
+            continue
+        suffix = upper.removeprefix(ENV_PREFIX)
+        if suffix not in known:
+            hint = difflib.get_close_matches(suffix, sorted(known), n=1)
+            fix = f"did you mean {ENV_PREFIX}{hint[0]}?" if hint else "unset it"
+            raise ConfigError(f"environment variable {name} is not a setting; {fix}")
+
+
+def load_settings(
+    *,
+    flags: Mapping[str, Any] | None = None,
+    config_file: Path | None = None,
+) -> Settings:
+    """Build Settings from every source, or raise ConfigError with one line per problem."""
+    environ = os.environ
+    _check_environment(environ)
+    if config_file is None and environ.get(f"{ENV_PREFIX}CONFIG"):
+        config_file = Path(environ[f"{ENV_PREFIX}CONFIG"])
+    toml = _read_toml(config_file) if config_file is not None else {}
+    secrets_dir_value = environ.get(f"{ENV_PREFIX}SECRETS_DIR")
+    secrets_dir: Path | None = None
+    if secrets_dir_value:
+        secrets_dir = Path(secrets_dir_value)
+        if not secrets_dir.is_dir():
+            raise ConfigError(
+                f"TOKEN_PROXY_SECRETS_DIR = {secrets_dir_value!r} is not a directory; "
+                "point it at the folder holding the secret files, or unset it"
+            )
+    elif DEFAULT_SECRETS_DIR.is_dir():
+        secrets_dir = DEFAULT_SECRETS_DIR
+    init = {key: value for key, value in (flags or {}).items() if value is not None}
+    reset = _toml_data.set(toml)
+    try:
+        return Settings(_secrets_dir=secrets_dir, **init)
+    except ValidationError as exc:
+        problems = [_describe(error) for error in exc.errors()]
+        raise ConfigError("\n".join(dict.fromkeys(problems))) from None
+    finally:
+        _toml_data.reset(reset)

@@ -1,0 +1,106 @@
+"""The one exception tree of token-proxy; each error knows the HTTP answer it becomes.
+
+ProxyError
+├── ConfigError            bad configuration (CLI exit 2, never served)
+├── BadRequest             400 malformed or unsafe request
+├── NoRoute                404 no route matches the path
+├── PayloadTooLarge        413 request body over max_body_size
+├── TokenUnavailable       503 no usable token within the wait (Retry-After)
+│   └── ClientRejected     503 the token endpoint rejected the client credentials
+├── TokenEndpointError     a token request failed (logged, retried; never served directly)
+└── UpstreamError          502 upstream unreachable or broken
+    └── UpstreamTimeout    504 no byte from upstream within read_timeout
+
+Messages never carry a token, a secret, a request body or request headers.
+"""
+
+from __future__ import annotations
+
+
+class ProxyError(Exception):
+    """Base of every error token-proxy raises on purpose."""
+
+    status: int = 500
+    title: str = "Internal proxy error"
+    type_slug: str = "internal"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class ConfigError(ProxyError):
+    """The configuration cannot be used; the message names the setting and the fix."""
+
+    title = "Configuration error"
+    type_slug = "config"
+
+
+class BadRequest(ProxyError):
+    status = 400
+    title = "Bad request"
+    type_slug = "bad-request"
+
+
+class NoRoute(ProxyError):
+    status = 404
+    title = "No route"
+    type_slug = "no-route"
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
+    title = "Request body too large"
+    type_slug = "payload-too-large"
+
+
+class TokenUnavailable(ProxyError):
+    status = 503
+    title = "No usable access token"
+    type_slug = "token-unavailable"
+
+    def __init__(self, detail: str, *, retry_after: int = 5) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class ClientRejected(TokenUnavailable):
+    title = "Client credentials rejected"
+    type_slug = "client-rejected"
+
+
+class TokenEndpointError(ProxyError):
+    """A token request failed; `error` is the RFC 6749 5.2 code or a short failure name."""
+
+    status = 503
+    title = "Token endpoint error"
+    type_slug = "token-endpoint"
+
+    def __init__(self, detail: str, *, error: str, status_code: int | None = None) -> None:
+        super().__init__(detail)
+        self.error = error
+        self.status_code = status_code
+
+    @property
+    def rejects_client(self) -> bool:
+        return self.error in {"invalid_client", "unauthorized_client"}
+
+
+class UpstreamError(ProxyError):
+    status = 502
+    title = "Upstream unreachable"
+    type_slug = "upstream-unreachable"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    title = "Upstream timeout"
+    type_slug = "upstream-timeout"
