@@ -39,7 +39,7 @@ AuthMethod = Literal["client_secret_basic", "client_secret_post"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
 
-BATTLENET_TOKEN_URL = "https://oauth.battle.net/token"
+BATTLENET_TOKEN_URL = "https://oauth.battle.net/token"  # noqa: S105  (a URL, not a password)
 REGION_TOKEN_URLS: dict[str, str] = {
     "us": BATTLENET_TOKEN_URL,
     "eu": BATTLENET_TOKEN_URL,
@@ -111,6 +111,7 @@ class Credential(_Model):
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
+
     auth_method: AuthMethod = "client_secret_basic"
     scope: str = ""
     extra_params: dict[str, str] = Field(default_factory=dict)
@@ -127,9 +128,7 @@ class Credential(_Model):
         secret_file = data.get("client_secret_file")
         if secret_file is not None:
             if data.get("client_secret") is not None:
-                raise ValueError(
-                    "both client_secret and client_secret_file are set; keep only one"
-                )
+                raise ValueError("both client_secret and client_secret_file are set; keep only one")
             data["client_secret"] = _read_secret_file(Path(secret_file))
         elif data.get("client_secret") is None:
             raise ValueError(
@@ -235,6 +234,7 @@ class Settings(BaseSettings):
     token_wait_timeout: float = Field(default=10.0, gt=0)
     shutdown_timeout: float = Field(default=15.0, ge=0)
     max_connections: int = Field(default=256, ge=1)
+    max_body_size: int = Field(default=100 * 1024 * 1024, ge=0)
     log_level: LogLevel = "info"
     log_format: LogFormat = "auto"
     allow_anonymous_remote: bool = False
@@ -436,7 +436,7 @@ def load_settings(
     init = {key: value for key, value in (flags or {}).items() if value is not None}
     reset = _toml_data.set(toml)
     try:
-        return Settings(_secrets_dir=secrets_dir, **init)
+        return Settings(_secrets_dir=secrets_dir, **init)  # type: ignore[call-arg]  # pydantic-settings init option
     except ValidationError as exc:
         problems = [_describe(error) for error in exc.errors()]
         raise ConfigError("\n".join(dict.fromkeys(problems))) from None

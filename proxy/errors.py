@@ -4,6 +4,7 @@ ProxyError
 ├── ConfigError            bad configuration (CLI exit 2, never served)
 ├── BadRequest             400 malformed or unsafe request
 ├── NoRoute                404 no route matches the path
+├── MethodNotAllowed       405 a reserved /-/ path asked with a method other than GET or HEAD
 ├── PayloadTooLarge        413 request body over max_body_size
 ├── TokenUnavailable       503 no usable token within the wait (Retry-After)
 │   └── ClientRejected     503 the token endpoint rejected the client credentials
@@ -50,6 +51,20 @@ class NoRoute(ProxyError):
     status = 404
     title = "No route"
     type_slug = "no-route"
+
+
+class MethodNotAllowed(ProxyError):
+    status = 405
+    title = "Method not allowed"
+    type_slug = "method-not-allowed"
+
+    def __init__(self, detail: str, *, allow: str) -> None:
+        super().__init__(detail)
+        self.allow = allow
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Allow": self.allow}
 
 
 class PayloadTooLarge(ProxyError):

@@ -1,0 +1,199 @@
+"""create_app(settings): the aiohttp application, its reserved /-/ paths, problem+json errors,
+the access line of each request, and the long-lived resources in cleanup_ctx."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import aiohttp
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+from yarl import URL
+
+from proxy import __version__
+from proxy.config import Settings
+from proxy.credentials import TokenManager
+from proxy.errors import MethodNotAllowed, NoRoute, ProxyError, TokenUnavailable
+from proxy.forward import Exchange, Forwarder
+from proxy.log import get_logger
+from proxy.metrics import Metrics
+from proxy.routing import RouteTable
+from proxy.upstream import AiohttpTransport
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+ROUTES = web.AppKey("routes", RouteTable)
+TOKENS = web.AppKey("tokens", dict[str, TokenManager])
+FORWARDER = web.AppKey("forwarder", Forwarder)
+
+access_log = get_logger("proxy.access")
+log = get_logger("proxy.app")
+
+PROBLEM_TYPE = "https://token-proxy.invalid/problems/"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+
+
+def problem_response(
+    error: ProxyError, *, request_id: str | None = None, extra: dict[str, object] | None = None
+) -> web.Response:
+    """An RFC 9457 problem+json answer for an error made by the proxy itself."""
+    body: dict[str, object] = {
+        "type": PROBLEM_TYPE + error.type_slug,
+        "title": error.title,
+        "status": error.status,
+        "detail": error.detail,
+    }
+    if request_id is not None:
+        body["request_id"] = request_id
+    if extra:
+        body.update(extra)
+    headers = dict(error.headers)
+    if request_id is not None:
+        headers["X-Request-ID"] = request_id
+    return web.Response(
+        status=error.status,
+        text=json.dumps(body),
+        content_type="application/problem+json",
+        headers=headers,
+    )
+
+
+def request_id_of(request: web.Request) -> str:
+    """The client's X-Request-ID when it is short and plain, else a new one."""
+    given = request.headers.get("X-Request-ID")
+    if given is not None and _REQUEST_ID.fullmatch(given):
+        return given
+    return uuid.uuid4().hex
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    """Every request enters here: reserved paths, or routing and forwarding."""
+    app = request.app
+    metrics = app[METRICS]
+    started = time.perf_counter()
+    request_id = request_id_of(request)
+    raw = request.raw_path
+    reserved = raw.startswith("/-/")
+    route_label = "-" if reserved else "none"
+    exchange = Exchange()
+    metrics.in_flight.inc()
+    with structlog.contextvars.bound_contextvars(request_id=request_id):
+        try:
+            if reserved:
+                response = await _reserved(request, raw)
+            else:
+                match = app[ROUTES].match(raw)
+                route_label = match.route.prefix
+                response = await app[FORWARDER].forward(
+                    request,
+                    url=URL(match.target, encoded=True),
+                    route_label=route_label,
+                    tokens=app[TOKENS][match.route.credential],
+                    request_id=request_id,
+                    exchange=exchange,
+                )
+        except ProxyError as exc:
+            response = problem_response(exc, request_id=request_id)
+            if exc.status >= 500:
+                log.warning("request failed", status=exc.status, detail=exc.detail)
+        except Exception:
+            log.exception("unexpected error while handling a request")
+            error = ProxyError("the proxy failed unexpectedly; see its log for this request id")
+            response = problem_response(error, request_id=request_id)
+        finally:
+            metrics.in_flight.dec()
+        duration = time.perf_counter() - started
+        status = response.status
+        metrics.requests.labels(route_label, Metrics.method_label(request.method), status).inc()
+        metrics.request_duration.labels(route_label).observe(duration)
+        if not reserved:
+            access_log.info(
+                "request",
+                method=request.method,
+                route=route_label,
+                status=status,
+                duration_ms=round(duration * 1000, 2),
+                upstream_ms=round(exchange.upstream_seconds * 1000, 2),
+                bytes_in=exchange.bytes_in,
+                bytes_out=exchange.bytes_out,
+                replayed=exchange.replayed,
+                outcome=exchange.outcome,
+            )
+    return response
+
+
+async def _reserved(request: web.Request, raw: str) -> web.StreamResponse:
+    path = raw.partition("?")[0]
+    if request.method not in {"GET", "HEAD"}:
+        raise MethodNotAllowed(f"{path} answers GET and HEAD only", allow="GET, HEAD")
+    if path == "/-/healthy":
+        return web.json_response({"status": "ok", "version": __version__})
+    if path == "/-/ready":
+        return _ready(request.app)
+    if path == "/-/metrics":
+        metrics = request.app[METRICS]
+        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    raise NoRoute(f"{path} is not an endpoint of the proxy; see /-/healthy, /-/ready, /-/metrics")
+
+
+def _ready(app: web.Application) -> web.Response:
+    states = {name: manager.state() for name, manager in app[TOKENS].items()}
+    waiting = sorted(name for name, state in states.items() if not state["ready"])
+    if not waiting:
+        return web.json_response({"status": "ready", "credentials": states})
+    error = TokenUnavailable(f"no usable token yet for: {', '.join(waiting)}")
+    return problem_response(error, extra={"credentials": states})
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    transport = AiohttpTransport(
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+        max_connections=settings.max_connections,
+    )
+    await transport.start()
+    # Token traffic has a session of its own so it never queues behind upstream connections.
+    token_session = aiohttp.ClientSession(
+        cookie_jar=aiohttp.DummyCookieJar(), trust_env=False, raise_for_status=False
+    )
+    managers = {
+        name: TokenManager(
+            name=name,
+            credential=credential,
+            session=token_session,
+            metrics=app[METRICS],
+            request_timeout=settings.token_timeout,
+            wait_timeout=settings.token_wait_timeout,
+        )
+        for name, credential in settings.credentials.items()
+    }
+    app[TOKENS] = managers
+    app[FORWARDER] = Forwarder(
+        transport=transport, metrics=app[METRICS], max_body_size=settings.max_body_size
+    )
+    for manager in managers.values():
+        manager.start()
+    try:
+        yield
+    finally:
+        for manager in managers.values():
+            await manager.close()
+        await token_session.close()
+        await transport.close()
+
+
+def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Application:
+    """Build the proxy application; long-lived resources open and close in cleanup_ctx."""
+    app = web.Application(handler_args={"max_field_size": 8190, "max_line_size": 8190})
+    app[SETTINGS] = settings
+    app[METRICS] = metrics if metrics is not None else Metrics()
+    app[ROUTES] = RouteTable(settings.routes)
+    app.cleanup_ctx.append(_resources)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app

@@ -1,0 +1,157 @@
+"""The token-proxy command: parse flags, load settings once, configure logging, run or check.
+The only place that exits the process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from proxy import __version__
+from proxy.app import create_app
+from proxy.config import Settings, load_settings
+from proxy.credentials import TokenManager
+from proxy.errors import ConfigError, TokenEndpointError
+from proxy.log import configure_logging, get_logger, redactor
+from proxy.metrics import Metrics
+
+EXIT_OK = 0
+EXIT_TOKEN_FAILED = 1
+EXIT_CONFIG = 2
+_COMMANDS = {"run", "check"}
+
+log = get_logger("proxy.cli")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="token-proxy",
+        description="Local reverse proxy that adds an OAuth 2.0 client-credentials token "
+        "to every request. Settings come from flags, TOKEN_PROXY_* variables, the secrets "
+        "directory and a TOML file, in that order.",
+    )
+    parser.add_argument("--version", action="version", version=f"token-proxy {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="{run,check}")
+    run = commands.add_parser("run", help="serve the proxy (the default command)")
+    check = commands.add_parser(
+        "check", help="validate the configuration and fetch one token per credential"
+    )
+    for sub in (run, check):
+        sub.add_argument("--config", type=Path, help="TOML file (env: TOKEN_PROXY_CONFIG)")
+        sub.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
+        sub.add_argument("--log-format", choices=["auto", "json", "console"], default=None)
+    run.add_argument("--host", help="listen address (env: TOKEN_PROXY_HOST, default 127.0.0.1)")
+    run.add_argument("--port", type=int, help="listen port (env: TOKEN_PROXY_PORT, default 8080)")
+    return parser
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    args = list(argv)
+    if not args or (args[0] not in _COMMANDS and args[0] not in {"-h", "--help", "--version"}):
+        args.insert(0, "run")
+    return _parser().parse_args(args)
+
+
+def _load(args: argparse.Namespace) -> Settings | None:
+    flags = {
+        "host": getattr(args, "host", None),
+        "port": getattr(args, "port", None),
+        "log_level": args.log_level,
+        "log_format": args.log_format,
+    }
+    try:
+        return load_settings(flags=flags, config_file=args.config)
+    except ConfigError as exc:
+        lines = "\n".join(f"  - {line}" for line in exc.detail.splitlines())
+        print(
+            f"token-proxy: configuration error\n{lines}\n"
+            "See README.md (Configuration) or config.example.toml for every setting.",
+            file=sys.stderr,
+        )
+        return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    settings = _load(args)
+    if settings is None:
+        return EXIT_CONFIG
+    configure_logging(level=settings.log_level, fmt=settings.log_format)
+    if args.command == "check":
+        return asyncio.run(_check(settings))
+    try:
+        asyncio.run(_serve(settings))
+    except OSError as exc:
+        print(
+            f"token-proxy: cannot listen on {settings.host}:{settings.port} ({exc.strerror}); "
+            "choose another address with --host/--port or TOKEN_PROXY_HOST/TOKEN_PROXY_PORT",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    return EXIT_OK
+
+
+async def _serve(settings: Settings) -> None:
+    app = create_app(settings)
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, shutdown_timeout=settings.shutdown_timeout
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        addresses = [f"{host}:{port}" for host, port, *_ in runner.addresses]
+        log.info(
+            "token-proxy listening",
+            version=__version__,
+            addresses=addresses,
+            routes={route.prefix: route.upstream for route in settings.routes},
+        )
+        await stop.wait()
+        log.info("shutting down", grace_seconds=settings.shutdown_timeout)
+    finally:
+        await runner.cleanup()
+    log.info("stopped")
+
+
+async def _check(settings: Settings) -> int:
+    rows: list[tuple[str, ...]] = []
+    failed = False
+    metrics = Metrics()
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
+        for name, credential in settings.credentials.items():
+            manager = TokenManager(
+                name=name,
+                credential=credential,
+                session=session,
+                metrics=metrics,
+                request_timeout=settings.token_timeout,
+            )
+            try:
+                token = await manager.fetch()
+            except TokenEndpointError as exc:
+                failed = True
+                result = f"FAILED: {redactor.scrub(exc.detail)}"
+                scope, expires = credential.scope or "-", "-"
+            else:
+                result, expires = "ok", f"{token.lifetime:.0f} s"
+                scope = token.scope or credential.scope or "-"
+            rows.append(
+                (name, credential.token_url, credential.auth_method, scope, expires, result)
+            )
+    header = ("credential", "token_url", "auth_method", "scope", "expires_in", "result")
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header) - 1)]
+    for row in (header, *rows):
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        print("  ".join([*cells, row[-1]]).rstrip())
+    return EXIT_TOKEN_FAILED if failed else EXIT_OK

@@ -1,0 +1,378 @@
+"""TokenManager: one access token per credential, fetched eagerly, refreshed in the background,
+single flight, exponential backoff with full jitter, and dropped when upstream rejects it."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote_plus
+
+import aiohttp
+
+from proxy.config import Credential
+from proxy.errors import ClientRejected, TokenEndpointError, TokenUnavailable
+from proxy.log import get_logger, redactor
+from proxy.metrics import Metrics
+
+log = get_logger("proxy.credentials")
+
+DEFAULT_EXPIRES_IN = 3600.0
+REFRESH_FRACTION = 0.8
+SAFETY_MARGIN_CAP = 30.0
+SAFETY_MARGIN_FRACTION = 0.1
+BACKOFF_BASE = 1.0
+BACKOFF_CAP = 60.0
+MAX_TOKEN_RESPONSE = 1024 * 1024
+_DESCRIPTION_LIMIT = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """An access token and the monotonic-clock times that govern its use."""
+
+    value: str = field(repr=False)
+    obtained_at: float
+    lifetime: float
+    scope: str | None = None
+
+    @property
+    def expires_at(self) -> float:
+        return self.obtained_at + self.lifetime
+
+    @property
+    def usable_until(self) -> float:
+        margin = min(SAFETY_MARGIN_CAP, SAFETY_MARGIN_FRACTION * self.lifetime)
+        return self.expires_at - margin
+
+    @property
+    def refresh_at(self) -> float:
+        return self.obtained_at + REFRESH_FRACTION * self.lifetime
+
+    def usable(self, now: float) -> bool:
+        return now < self.usable_until
+
+
+def backoff_delay(attempt: int, *, rng: Callable[[], float] = random.random) -> float:
+    """Full jitter: uniform in [0, min(cap, base * 2**(attempt-1))]."""
+    ceiling: float = min(BACKOFF_CAP, BACKOFF_BASE * 2.0 ** max(0, attempt - 1))
+    return rng() * ceiling
+
+
+def parse_token_response(
+    status: int, content_type: str, body: bytes
+) -> tuple[str, float, str | None]:
+    """Read an RFC 6749 5.1 answer, or raise TokenEndpointError for a 5.2 or malformed one."""
+    try:
+        payload: object = json.loads(body)
+    except ValueError:
+        payload = None
+    if not isinstance(payload, dict):
+        error = "invalid_client" if status == 401 else "invalid_response"
+        raise TokenEndpointError(
+            f"token endpoint answered HTTP {status} with a body that is not a JSON object "
+            f"(content-type {content_type or 'none'!r})",
+            error=error,
+            status_code=status,
+        )
+    if status != 200 or "error" in payload:
+        raw_error = payload.get("error")
+        error = (
+            raw_error
+            if isinstance(raw_error, str) and raw_error.isprintable()
+            else f"http_{status}"
+        )
+        detail = f"token endpoint answered HTTP {status}: {error}"
+        description = payload.get("error_description")
+        if isinstance(description, str) and description:
+            detail += f" ({description[:_DESCRIPTION_LIMIT]!r})"
+        raise TokenEndpointError(detail, error=error[:64], status_code=status)
+    access_token = payload.get("access_token")
+    if not isinstance(access_token, str) or not access_token:
+        raise TokenEndpointError(
+            "token endpoint answered 200 without an access_token",
+            error="invalid_response",
+            status_code=status,
+        )
+    token_type = payload.get("token_type", "bearer")
+    if not isinstance(token_type, str) or token_type.lower() != "bearer":
+        raise TokenEndpointError(
+            f"token endpoint issued a token_type of {str(token_type)[:32]!r}; only bearer "
+            "tokens can be forwarded",
+            error="unsupported_token_type",
+            status_code=status,
+        )
+    expires_in = _expires_in(payload.get("expires_in"), status)
+    scope = payload.get("scope")
+    return access_token, expires_in, scope if isinstance(scope, str) else None
+
+
+def _expires_in(raw: Any, status: int) -> float:
+    if raw is None:
+        return DEFAULT_EXPIRES_IN
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = -1.0
+    if not value > 0 or isinstance(raw, bool):
+        raise TokenEndpointError(
+            f"token endpoint answered an expires_in of {str(raw)[:32]!r}, not a positive number",
+            error="invalid_response",
+            status_code=status,
+        )
+    return value
+
+
+class TokenManager:
+    """Holds the current token of one credential and keeps it fresh."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        credential: Credential,
+        session: aiohttp.ClientSession,
+        metrics: Metrics,
+        request_timeout: float = 10.0,
+        wait_timeout: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.name = name
+        self._credential = credential
+        self._session = session
+        self._metrics = metrics
+        self._request_timeout = aiohttp.ClientTimeout(total=request_timeout)
+        self._wait_timeout = wait_timeout
+        self._clock = clock
+        self._rng = rng
+        self._token: Token | None = None
+        self._changed = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._failures = 0
+        self._last_error: TokenEndpointError | None = None
+        self._next_attempt_at: float | None = None
+        redactor.add_secret(credential.client_secret.get_secret_value())
+        metrics.token_expiry.labels(name).set(0)
+        metrics.refresh_failures.labels(name).set(0)
+        metrics.token_expires_in.labels(name).set_function(self._seconds_left)
+
+    def start(self) -> None:
+        if self._task is not None:
+            raise RuntimeError(f"token manager {self.name!r} is already started")
+        self._task = asyncio.create_task(self._run(), name=f"token-refresh:{self.name}")
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    @property
+    def ready(self) -> bool:
+        token = self._token
+        return token is not None and token.usable(self._clock())
+
+    def state(self) -> dict[str, Any]:
+        """What /-/ready shows of this credential: never the token itself."""
+        now = self._clock()
+        token = self._token
+        usable = token is not None and token.usable(now)
+        return {
+            "ready": usable,
+            "expires_in": round(token.expires_at - now, 1) if token is not None else None,
+            "last_error": self._last_error.error if self._last_error else None,
+            "consecutive_failures": self._failures,
+            "next_retry_in": (
+                round(max(0.0, self._next_attempt_at - now), 1)
+                if self._next_attempt_at is not None and not usable
+                else None
+            ),
+        }
+
+    async def token(self) -> Token:
+        """The current usable token, waiting up to wait_timeout for one to arrive."""
+        token = self._token
+        now = self._clock()
+        if token is not None and token.usable(now):
+            return token
+        if self._failures == 0:
+            self._wake.set()
+        try:
+            async with asyncio.timeout(self._wait_timeout):
+                while True:
+                    if self._last_error is not None and self._last_error.rejects_client:
+                        raise self._rejected()
+                    changed = self._changed
+                    await changed.wait()
+                    token = self._token
+                    if token is not None and token.usable(self._clock()):
+                        return token
+        except TimeoutError:
+            raise self._unavailable() from None
+
+    def invalidate(self, token: Token) -> None:
+        """Drop `token` after upstream rejected it, and fetch a new one now (once)."""
+        if self._token is token:
+            self._token = None
+            log.info("token rejected upstream, fetching a new one", credential=self.name)
+            self._wake.set()
+
+    async def fetch(self) -> Token:
+        """One token request, as RFC 6749 4.4 describes it; raises TokenEndpointError."""
+        credential = self._credential
+        form = {"grant_type": "client_credentials"}
+        if credential.scope:
+            form["scope"] = credential.scope
+        form.update(credential.extra_params)
+        headers = {"Accept": "application/json"}
+        secret = credential.client_secret.get_secret_value()
+        if credential.auth_method == "client_secret_basic":
+            pair = f"{quote_plus(credential.client_id)}:{quote_plus(secret)}"
+            headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+        else:
+            form["client_id"] = credential.client_id
+            form["client_secret"] = secret
+        started = self._clock()
+        try:
+            async with self._session.post(
+                credential.token_url,
+                data=form,
+                headers=headers,
+                timeout=self._request_timeout,
+                allow_redirects=False,
+            ) as response:
+                body = await response.content.read(MAX_TOKEN_RESPONSE + 1)
+                status, content_type = response.status, response.content_type
+        except TimeoutError:
+            raise TokenEndpointError(
+                f"token endpoint gave no answer within {self._request_timeout.total:g} s",
+                error="timeout",
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise TokenEndpointError(
+                f"cannot reach the token endpoint: {type(exc).__name__}: {exc}",
+                error="connection_error",
+            ) from None
+        if len(body) > MAX_TOKEN_RESPONSE:
+            raise TokenEndpointError(
+                "token endpoint answered more than 1 MiB", error="invalid_response"
+            )
+        value, expires_in, scope = parse_token_response(status, content_type, body)
+        redactor.add_token(value)
+        return Token(value=value, obtained_at=started, lifetime=expires_in, scope=scope)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                token = await self.fetch()
+            except TokenEndpointError as exc:
+                delay = self._record_failure(exc)
+                await self._sleep(delay, wakeable=False)
+                continue
+            except Exception as exc:  # the refresh loop must outlive any bug
+                log.exception("unexpected error while fetching a token", credential=self.name)
+                delay = self._record_failure(
+                    TokenEndpointError(type(exc).__name__, error="internal_error")
+                )
+                await self._sleep(delay, wakeable=False)
+                continue
+            self._install(token)
+            await self._sleep(token.refresh_at - self._clock(), wakeable=True)
+
+    def _install(self, token: Token) -> None:
+        self._token = token
+        self._failures = 0
+        self._last_error = None
+        self._next_attempt_at = None
+        self._metrics.token_fetches.labels(self.name, "success").inc()
+        self._metrics.refresh_failures.labels(self.name).set(0)
+        self._metrics.token_expiry.labels(self.name).set(
+            time.time() + token.expires_at - self._clock()
+        )
+        log.info(
+            "token fetched",
+            credential=self.name,
+            expires_in=round(token.lifetime),
+            scope=token.scope,
+            refresh_in=round(token.refresh_at - self._clock(), 1),
+        )
+        self._notify()
+
+    def _record_failure(self, exc: TokenEndpointError) -> float:
+        self._failures += 1
+        self._last_error = exc
+        rejected = exc.rejects_client
+        if rejected:
+            # The secret may be rotated at any time: keep trying, at the slow end of the backoff.
+            delay = BACKOFF_CAP / 2 + self._rng() * BACKOFF_CAP / 2
+        else:
+            delay = backoff_delay(self._failures, rng=self._rng)
+        self._next_attempt_at = self._clock() + delay
+        self._metrics.token_fetches.labels(self.name, "rejected" if rejected else "error").inc()
+        self._metrics.refresh_failures.labels(self.name).set(self._failures)
+        event = dict(
+            credential=self.name,
+            error=exc.error,
+            status=exc.status_code,
+            attempt=self._failures,
+            retry_in=round(delay, 2),
+        )
+        if rejected:
+            log.error(
+                "the token endpoint rejected the client credentials; check client_id and "
+                "client_secret of this credential",
+                detail=exc.detail,
+                **event,
+            )
+        else:
+            log.warning("token request failed", detail=exc.detail, **event)
+        self._notify()
+        return delay
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def _sleep(self, delay: float, *, wakeable: bool) -> None:
+        self._wake.clear()
+        if delay <= 0:
+            return
+        if not wakeable:
+            await asyncio.sleep(delay)
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self._wake.wait()
+
+    def _seconds_left(self) -> float:
+        token = self._token
+        return max(0.0, token.expires_at - self._clock()) if token is not None else 0.0
+
+    def _rejected(self) -> ClientRejected:
+        return ClientRejected(
+            f"the token endpoint rejected the client credentials of {self.name!r}; "
+            "check client_id and client_secret",
+            retry_after=self._retry_after(),
+        )
+
+    def _unavailable(self) -> TokenUnavailable:
+        reason = f" (last error: {self._last_error.error})" if self._last_error else ""
+        return TokenUnavailable(
+            f"no usable access token for credential {self.name!r} within "
+            f"{self._wait_timeout:g} s{reason}",
+            retry_after=self._retry_after(),
+        )
+
+    def _retry_after(self) -> int:
+        if self._next_attempt_at is None:
+            return 1
+        return max(1, round(self._next_attempt_at - self._clock()))

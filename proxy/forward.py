@@ -1,0 +1,225 @@
+"""One upstream exchange: header hygiene, the token attached, bodies streamed both ways, and a
+single replay with a fresh token when upstream answers 401."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from proxy.credentials import TokenManager
+from proxy.errors import BadRequest, PayloadTooLarge, UpstreamError
+from proxy.log import get_logger
+from proxy.metrics import Metrics
+from proxy.upstream import CHUNK_SIZE, AiohttpTransport, Body, UpstreamResponse
+
+log = get_logger("proxy.forward")
+
+# RFC 9110 7.6.1, plus the legacy names still seen in the wild.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Never forwarded upstream: the proxy sets Host and Authorization itself, and answers
+# Expect: 100-continue on its own side.
+_REQUEST_DROP = HOP_BY_HOP | {"host", "authorization", "expect"}
+REPLAYABLE_BODY_LIMIT = 1024 * 1024
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What the access log reports of one forwarded request."""
+
+    upstream_seconds: float = 0.0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    replayed: bool = False
+    outcome: str = "complete"
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
+    named: set[str] = set()
+    for value in headers.getall("Connection", ()):
+        named.update(part.strip().lower() for part in value.split(",") if part.strip())
+    return named
+
+
+def upstream_headers(
+    incoming: CIMultiDictProxy[str], *, token: str, request_id: str
+) -> CIMultiDict[str]:
+    """The client's end-to-end headers, with Authorization replaced by the upstream token."""
+    named = _connection_tokens(incoming)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        lower = name.lower()
+        if lower in _REQUEST_DROP or lower in named:
+            continue
+        out.add(name, value)
+    out["Authorization"] = f"Bearer {token}"
+    out["X-Request-ID"] = request_id
+    return out
+
+
+def downstream_headers(incoming: CIMultiDictProxy[str], *, request_id: str) -> CIMultiDict[str]:
+    """Upstream's end-to-end response headers, for the client."""
+    named = _connection_tokens(incoming)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in named:
+            continue
+        out.add(name, value)
+    out["X-Request-ID"] = request_id
+    return out
+
+
+class Forwarder:
+    """Forwards requests for every route through one transport."""
+
+    def __init__(
+        self, *, transport: AiohttpTransport, metrics: Metrics, max_body_size: int
+    ) -> None:
+        self._transport = transport
+        self._metrics = metrics
+        self._max_body_size = max_body_size
+
+    async def forward(
+        self,
+        request: web.Request,
+        *,
+        url: URL,
+        route_label: str,
+        tokens: TokenManager,
+        request_id: str,
+        exchange: Exchange,
+    ) -> web.StreamResponse:
+        body, replayable = await self._request_body(request, exchange)
+        token = await tokens.token()
+        response = await self._send(
+            request,
+            url=url,
+            token=token.value,
+            request_id=request_id,
+            body=body,
+            route_label=route_label,
+            exchange=exchange,
+        )
+        if response.status == 401:
+            tokens.invalidate(token)
+            if replayable:
+                response.close()
+                token = await tokens.token()
+                self._metrics.replays.labels(route_label).inc()
+                exchange.replayed = True
+                log.info("upstream answered 401; replaying once with a new token")
+                response = await self._send(
+                    request,
+                    url=url,
+                    token=token.value,
+                    request_id=request_id,
+                    body=body,
+                    route_label=route_label,
+                    exchange=exchange,
+                )
+        return await self._respond(request, response, request_id, exchange)
+
+    async def _send(
+        self,
+        request: web.Request,
+        *,
+        url: URL,
+        token: str,
+        request_id: str,
+        body: Body,
+        route_label: str,
+        exchange: Exchange,
+    ) -> UpstreamResponse:
+        headers = upstream_headers(request.headers, token=token, request_id=request_id)
+        started = time.perf_counter()
+        try:
+            return await self._transport.send(request.method, url, headers, body)
+        finally:
+            exchange.upstream_seconds = time.perf_counter() - started
+            self._metrics.upstream_duration.labels(route_label).observe(exchange.upstream_seconds)
+
+    async def _request_body(self, request: web.Request, exchange: Exchange) -> tuple[Body, bool]:
+        """The body to send: None, buffered bytes (replayable) or a stream (sent once)."""
+        if not request.body_exists:
+            return None, True
+        length = request.content_length
+        if length is not None and length > self._max_body_size:
+            raise PayloadTooLarge(
+                f"the request body is {length} bytes; the limit is {self._max_body_size} "
+                "(max_body_size)"
+            )
+        if length is not None and length <= REPLAYABLE_BODY_LIMIT:
+            data = await request.content.readexactly(length) if length else b""
+            exchange.bytes_in = len(data)
+            return data, True
+        return self._stream_body(request, exchange), False
+
+    async def _stream_body(self, request: web.Request, exchange: Exchange) -> AsyncIterator[bytes]:
+        async for chunk in request.content.iter_chunked(CHUNK_SIZE):
+            exchange.bytes_in += len(chunk)
+            if exchange.bytes_in > self._max_body_size:
+                raise BadRequest(
+                    f"the request body exceeds {self._max_body_size} bytes (max_body_size)"
+                )
+            yield chunk
+
+    async def _respond(
+        self,
+        request: web.Request,
+        response: UpstreamResponse,
+        request_id: str,
+        exchange: Exchange,
+    ) -> web.StreamResponse:
+        async with response:
+            out = web.StreamResponse(
+                status=response.status,
+                reason=response.reason,
+                headers=downstream_headers(response.headers, request_id=request_id),
+            )
+            await out.prepare(request)
+            if request.method == "HEAD":
+                await out.write_eof()
+                return out
+            try:
+                async for chunk in response.chunks():
+                    exchange.bytes_out += len(chunk)
+                    await out.write(chunk)
+            except UpstreamError as exc:
+                # Headers are sent: closing the connection is the only honest way to say the
+                # body is incomplete; ending it normally would pass a truncated body as whole.
+                exchange.outcome = "upstream_aborted"
+                log.warning(
+                    "upstream broke off the response; closing the client connection",
+                    detail=exc.detail,
+                )
+                _close_client(request)
+                return out
+            except ConnectionError:
+                exchange.outcome = "client_aborted"
+                _close_client(request)
+                return out
+            await out.write_eof()
+            return out
+
+
+def _close_client(request: web.Request) -> None:
+    """Close the client connection; aiohttp's own write_eof then fails quietly."""
+    if request.transport is not None:
+        request.transport.close()

@@ -1,0 +1,129 @@
+"""Logging: structlog configured once, the standard library's loggers (aiohttp's among them)
+rendered through the same chain, and a processor that redacts secrets and tokens."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections import deque
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+REDACTED = "[redacted]"
+_SENSITIVE_KEY = re.compile(
+    r"secret|token|authorization|password|passwd|(^|_)(api_?)?key($|_)", re.I
+)
+# Keys that match the pattern above but carry no secret: the names of what we log on purpose.
+_SAFE_KEYS = frozenset({"token_url", "token_age", "token_type", "token_fetches"})
+# A secret shorter than this is not scrubbed by value: it would shred ordinary words.
+_MIN_SCRUB_LENGTH = 6
+_REMEMBERED_TOKENS = 64
+
+
+class Redactor:
+    """A structlog processor that hides sensitive keys and every live secret or token value."""
+
+    def __init__(self) -> None:
+        self._secrets: set[str] = set()
+        self._tokens: deque[str] = deque(maxlen=_REMEMBERED_TOKENS)
+
+    def add_secret(self, value: str) -> None:
+        if len(value) >= _MIN_SCRUB_LENGTH:
+            self._secrets.add(value)
+
+    def add_token(self, value: str) -> None:
+        if len(value) >= _MIN_SCRUB_LENGTH and value not in self._tokens:
+            self._tokens.append(value)
+
+    def clear(self) -> None:
+        self._secrets.clear()
+        self._tokens.clear()
+
+    def scrub(self, text: str) -> str:
+        for value in (*self._secrets, *self._tokens):
+            if value in text:
+                text = text.replace(value, REDACTED)
+        return text
+
+    def _clean(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.scrub(value)
+        if isinstance(value, bytes):
+            return self.scrub(value.decode("utf-8", "replace"))
+        if isinstance(value, MutableMapping):
+            return {key: self._clean_item(str(key), item) for key, item in value.items()}
+        if isinstance(value, list | tuple | set | frozenset):
+            return [self._clean(item) for item in value]
+        if isinstance(value, int | float | bool) or value is None:
+            return value
+        return self.scrub(str(value))
+
+    def _clean_item(self, key: str, value: Any) -> Any:
+        if key not in _SAFE_KEYS and _SENSITIVE_KEY.search(key) and value is not None:
+            return REDACTED
+        return self._clean(value)
+
+    def __call__(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+        for key in list(event_dict):
+            event_dict[key] = self._clean_item(key, event_dict[key])
+        return event_dict
+
+
+redactor = Redactor()
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+_LEVELS["error"] = logging.ERROR
+
+
+def configure_logging(
+    *, level: str = "info", fmt: str = "auto", stream: TextIO | None = None
+) -> None:
+    """Route structlog and the standard library (aiohttp's loggers too) to one stderr handler."""
+    stream = sys.stderr if stream is None else stream
+    use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
+    renderer: Processor
+    if use_json:
+        renderer = structlog.processors.JSONRenderer()
+    else:
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=stream.isatty(), exception_formatter=structlog.dev.plain_traceback
+        )
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *shared,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    final: list[Processor] = [structlog.stdlib.ProcessorFormatter.remove_processors_meta]
+    if use_json:
+        final.append(structlog.processors.format_exc_info)
+    final += [redactor, renderer]
+    formatter = structlog.stdlib.ProcessorFormatter(foreign_pre_chain=shared, processors=final)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in root.handlers[:]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(_LEVELS[level])
+    # aiohttp's access logger is replaced by our own access line; its other loggers stay on.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+    logger: structlog.stdlib.BoundLogger = structlog.stdlib.get_logger(name)
+    return logger

@@ -1,0 +1,78 @@
+"""The Prometheus metric objects of one proxy, in a registry of their own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_DURATION_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
+
+
+class Metrics:
+    """Every metric token-proxy exports; label values are route prefixes, never raw paths."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "token_proxy_requests",
+            "Requests answered, by route prefix, method and status.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "token_proxy_request_duration_seconds",
+            "Time from request received to response finished, by route prefix.",
+            ["route"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "token_proxy_upstream_duration_seconds",
+            "Time from sending upstream to upstream response headers, by route prefix.",
+            ["route"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "token_proxy_in_flight_requests", "Requests being served now.", registry=r
+        )
+        self.token_fetches = Counter(
+            "token_proxy_token_fetches",
+            "Token requests made, by credential and outcome (success, error, rejected).",
+            ["credential", "outcome"],
+            registry=r,
+        )
+        self.token_expiry = Gauge(
+            "token_proxy_token_expiry_timestamp_seconds",
+            "Unix time at which the current token expires (0 when there is none).",
+            ["credential"],
+            registry=r,
+        )
+        self.token_expires_in = Gauge(
+            "token_proxy_token_expires_in_seconds",
+            "Seconds until the current token expires (0 when there is none).",
+            ["credential"],
+            registry=r,
+        )
+        self.refresh_failures = Gauge(
+            "token_proxy_token_refresh_failures_consecutive",
+            "Token requests that failed in a row, by credential.",
+            ["credential"],
+            registry=r,
+        )
+        self.replays = Counter(
+            "token_proxy_upstream_401_replays",
+            "Requests replayed with a new token after upstream answered 401.",
+            ["route"],
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    @staticmethod
+    def method_label(method: str) -> str:
+        return method if method in KNOWN_METHODS else "OTHER"

@@ -1,0 +1,121 @@
+"""The upstream transport behind one small interface, so the forwarder never sees aiohttp's
+client: this one wraps a pooled aiohttp ClientSession and translates its errors."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterable, AsyncIterator
+from types import TracebackType
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from proxy.errors import UpstreamError, UpstreamTimeout
+
+CHUNK_SIZE = 64 * 1024
+# Headers aiohttp would add on its own; a transparent proxy sends only what the client sent.
+_NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+
+Body = bytes | AsyncIterable[bytes] | None
+
+
+class UpstreamResponse:
+    """Status, headers and a body stream of one upstream answer; close() releases it."""
+
+    __slots__ = ("_response", "headers", "reason", "status")
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.status: int = response.status
+        self.reason: str | None = response.reason
+        self.headers: CIMultiDictProxy[str] = response.headers
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.content.iter_chunked(CHUNK_SIZE):
+                yield chunk
+        except TimeoutError:
+            raise UpstreamTimeout("upstream stopped sending the body within read_timeout") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(
+                f"upstream broke off the response body ({type(exc).__name__})"
+            ) from None
+
+    def close(self) -> None:
+        """Release the connection; one whose body was not read to the end is never reused."""
+        self._response.close()
+
+    async def __aenter__(self) -> UpstreamResponse:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class AiohttpTransport:
+    """Sends requests upstream through one pooled aiohttp ClientSession."""
+
+    def __init__(
+        self,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+        max_connections: int,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=connect_timeout, sock_read=read_timeout
+        )
+        self._read_timeout = read_timeout
+        self._max_connections = max_connections
+        self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=self._max_connections, ttl_dns_cache=300, ssl=self._ssl
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=_NO_AUTO_HEADERS,
+            trust_env=False,
+        )
+
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    async def send(
+        self, method: str, url: URL, headers: CIMultiDict[str], body: Body
+    ) -> UpstreamResponse:
+        if self._session is None:
+            raise RuntimeError("the upstream transport is not started")
+        try:
+            response = await self._session.request(
+                method, url, headers=headers, data=body, allow_redirects=False
+            )
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"upstream sent no response within read_timeout ({self._read_timeout:g} s)"
+            ) from None
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise UpstreamError(
+                f"TLS certificate of {url.host} could not be verified ({exc.certificate_error})"
+            ) from None
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamError(
+                f"cannot connect to {url.host}:{url.port} ({exc.strerror})"
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"upstream exchange failed ({type(exc).__name__})") from None
+        return UpstreamResponse(response)
