@@ -129,6 +129,12 @@ def _expires_in(raw: Any, status: int) -> float:
     return value
 
 
+def _basic_credentials(client_id: str, secret: str) -> str:
+    """RFC 6749 2.3.1: id and secret are form-urlencoded, then joined and Base64-encoded."""
+    pair = f"{quote_plus(client_id)}:{quote_plus(secret)}"
+    return base64.b64encode(pair.encode()).decode()
+
+
 class TokenManager:
     """Holds the current token of one credential and keeps it fresh."""
 
@@ -159,7 +165,10 @@ class TokenManager:
         self._failures = 0
         self._last_error: TokenEndpointError | None = None
         self._next_attempt_at: float | None = None
-        redactor.add_secret(credential.client_secret.get_secret_value())
+        secret = credential.client_secret.get_secret_value()
+        redactor.add_secret(secret)
+        redactor.add_secret(quote_plus(secret))
+        redactor.add_secret(_basic_credentials(credential.client_id, secret))
         metrics.token_expiry.labels(name).set(0)
         metrics.refresh_failures.labels(name).set(0)
         metrics.token_expires_in.labels(name).set_function(self._seconds_left)
@@ -236,8 +245,7 @@ class TokenManager:
         headers = {"Accept": "application/json"}
         secret = credential.client_secret.get_secret_value()
         if credential.auth_method == "client_secret_basic":
-            pair = f"{quote_plus(credential.client_id)}:{quote_plus(secret)}"
-            headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+            headers["Authorization"] = "Basic " + _basic_credentials(credential.client_id, secret)
         else:
             form["client_id"] = credential.client_id
             form["client_secret"] = secret

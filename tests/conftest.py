@@ -1,0 +1,329 @@
+"""Shared fixtures: a fake OAuth token server and a fake upstream API on loopback, settings
+that point at them, and the proxy itself in-process or as a real subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote_plus
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from proxy.app import create_app
+from proxy.config import Settings
+from proxy.log import configure_logging, redactor
+
+TEST_CLIENT_ID = "test-client-id"
+TEST_SECRET = "Sup3r-S3cret-Value-Never-Logged-7f3a"
+
+
+@dataclass
+class TokenRequest:
+    """One request the fake token server received."""
+
+    headers: dict[str, str]
+    form: dict[str, str]
+
+    @property
+    def basic_credentials(self) -> tuple[str, str] | None:
+        auth = self.headers.get("Authorization", "")
+        if not auth.startswith("Basic "):
+            return None
+        user, _, password = base64.b64decode(auth[6:]).decode().partition(":")
+        return unquote_plus(user), unquote_plus(password)
+
+
+@dataclass
+class FakeTokenServer:
+    """An OAuth 2.0 token endpoint: issues unique tokens, or the failures a test scripts."""
+
+    expires_in: float | None = 3600
+    delay: float = 0.0
+    scope: str | None = None
+    # Each scripted answer is used once, in order, before normal tokens resume.
+    script: list[web.Response] = field(default_factory=list)
+    requests: list[TokenRequest] = field(default_factory=list)
+    issued: list[str] = field(default_factory=list)
+    release: asyncio.Event | None = None
+    url: str = ""
+    _counter: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+
+    async def handle(self, request: web.Request) -> web.Response:
+        form = {key: str(value) for key, value in (await request.post()).items()}
+        self.requests.append(TokenRequest(headers=dict(request.headers), form=form))
+        if self.release is not None:
+            await self.release.wait()
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.script:
+            return self.script.pop(0)
+        token = f"tok{next(self._counter)}-{secrets.token_hex(12)}"
+        self.issued.append(token)
+        payload: dict[str, Any] = {"access_token": token, "token_type": "bearer"}
+        if self.expires_in is not None:
+            payload["expires_in"] = self.expires_in
+        if self.scope is not None:
+            payload["scope"] = self.scope
+        return web.json_response(payload)
+
+
+@dataclass
+class UpstreamRequest:
+    """One request the fake upstream received."""
+
+    method: str
+    raw_path: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    body_length: int
+
+    def header(self, name: str) -> str | None:
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                return value
+        return None
+
+    def header_names(self) -> set[str]:
+        return {key.lower() for key, _ in self.headers}
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class FakeUpstream:
+    """An API that records what arrives and answers through handlers a test installs."""
+
+    requests: list[UpstreamRequest] = field(default_factory=list)
+    handlers: dict[str, Handler] = field(default_factory=dict)
+    keep_bodies_up_to: int = 1024 * 1024
+    url: str = ""
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        path = request.raw_path.partition("?")[0]
+        handler = self.handlers.get(path)
+        if handler is not None and path.startswith("/stream"):
+            self._record(request, b"", 0)
+            return await handler(request)
+        kept = bytearray()
+        length = 0
+        async for chunk in request.content.iter_chunked(64 * 1024):
+            length += len(chunk)
+            if len(kept) < self.keep_bodies_up_to:
+                kept += chunk
+        self._record(request, bytes(kept), length)
+        if handler is not None:
+            return await handler(request)
+        return web.json_response(
+            {"method": request.method, "path": request.raw_path, "length": length}
+        )
+
+    def _record(self, request: web.Request, body: bytes, length: int) -> None:
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers]
+        self.requests.append(
+            UpstreamRequest(request.method, request.raw_path, headers, body, length)
+        )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def wait_for(
+    condition: Callable[[], bool], *, timeout: float = 10.0, interval: float = 0.02
+) -> None:
+    """Wait until condition() is true, or fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.upper().startswith("TOKEN_PROXY_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("TOKEN_PROXY_SECRETS_DIR", str(Path(__file__).parent / "data" / "empty"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _logging() -> None:
+    configure_logging(level="debug", fmt="json")
+
+
+@pytest.fixture(autouse=True)
+def _forget_tokens() -> Iterator[None]:
+    yield
+    redactor.clear()
+
+
+@pytest.fixture
+async def token_server() -> AsyncIterator[FakeTokenServer]:
+    fake = FakeTokenServer()
+    app = web.Application()
+    app.router.add_post("/token", fake.handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    fake.url = str(server.make_url("/token"))
+    yield fake
+    await server.close()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[FakeUpstream]:
+    fake = FakeUpstream()
+    app = web.Application(client_max_size=1024**3)
+    app.router.add_route("*", "/{tail:.*}", fake.handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    fake.url = str(server.make_url("/")).rstrip("/")
+    yield fake
+    await server.close()
+
+
+SettingsFactory = Callable[..., Settings]
+
+
+@pytest.fixture
+def make_settings(token_server: FakeTokenServer, upstream: FakeUpstream) -> SettingsFactory:
+    """Settings for one credential and one route pointed at the fake servers."""
+
+    def build(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "client_id": TEST_CLIENT_ID,
+            "client_secret": TEST_SECRET,
+            "token_url": token_server.url,
+            "upstream": upstream.url,
+            "port": 0,
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return build
+
+
+ProxyFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+@pytest.fixture
+async def start_proxy(
+    make_settings: SettingsFactory,
+) -> AsyncIterator[ProxyFactory]:
+    """Start the proxy in-process; the client reaches it on loopback."""
+    clients: list[TestClient[web.Request, web.Application]] = []
+
+    async def start(
+        settings: Settings | None = None, **overrides: Any
+    ) -> TestClient[web.Request, web.Application]:
+        app = create_app(settings if settings is not None else make_settings(**overrides))
+        connector = aiohttp.TCPConnector(limit=0)
+        client = TestClient(TestServer(app, host="127.0.0.1"), connector=connector)
+        await client.start_server()
+        clients.append(client)
+        return client
+
+    yield start
+    for client in clients:
+        await client.close()
+
+
+@dataclass
+class ProxyProcess:
+    """token-proxy running as a real process, as users run it."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def status_kib(self, field_name: str) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+        raise KeyError(field_name)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = 15, timeout: float = 20.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout=timeout)
+
+
+def proxy_command() -> list[str]:
+    return [sys.executable, "-m", "proxy"]
+
+
+@pytest.fixture
+async def proxy_process(
+    token_server: FakeTokenServer, upstream: FakeUpstream, tmp_path: Path
+) -> AsyncIterator[Callable[..., Awaitable[ProxyProcess]]]:
+    """Start `python -m proxy run` against the fake servers and wait until it is ready."""
+    started: list[ProxyProcess] = []
+
+    async def start(extra_env: dict[str, str] | None = None) -> ProxyProcess:
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TOKEN_PROXY_")}
+        env.update(
+            {
+                "TOKEN_PROXY_CLIENT_ID": TEST_CLIENT_ID,
+                "TOKEN_PROXY_CLIENT_SECRET": TEST_SECRET,
+                "TOKEN_PROXY_TOKEN_URL": token_server.url,
+                "TOKEN_PROXY_UPSTREAM": upstream.url,
+                "TOKEN_PROXY_PORT": str(port),
+                "TOKEN_PROXY_LOG_LEVEL": "debug",
+                "TOKEN_PROXY_SECRETS_DIR": str(tmp_path),
+                **(extra_env or {}),
+            }
+        )
+        log_path = tmp_path / f"proxy-{port}.log"
+        with log_path.open("wb") as log_file:
+            process = subprocess.Popen(
+                proxy_command(), env=env, stdout=log_file, stderr=subprocess.STDOUT
+            )
+        proxy = ProxyProcess(process, f"http://127.0.0.1:{port}", log_path)
+        started.append(proxy)
+        async with aiohttp.ClientSession() as session:
+
+            async def ready() -> bool:
+                try:
+                    async with session.get(proxy.url + "/-/ready") as response:
+                        return response.status == 200
+                except aiohttp.ClientError:
+                    return False
+
+            deadline = time.monotonic() + 15
+            while not await ready():
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"proxy did not become ready:\n{proxy.log_text()}")
+                await asyncio.sleep(0.05)
+        return proxy
+
+    yield start
+    for proxy in started:
+        if proxy.process.poll() is None:
+            proxy.process.kill()
+            proxy.process.wait()
