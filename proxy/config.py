@@ -285,7 +285,11 @@ class Settings(BaseSettings):
                 upstream = data.get("upstream") or REGION_UPSTREAMS.get(region, "https://invalid")
                 routes = [{"prefix": "/", "upstream": upstream, "credential": "default"}]
         else:
-            stray = [key for key in (*_SHORTHAND_CREDENTIAL_KEYS, "upstream") if data.get(key)]
+            stray = [
+                key
+                for key in (*_SHORTHAND_CREDENTIAL_KEYS, "upstream")
+                if data.get(key) not in (None, "", cls.model_fields[key].default)
+            ]
             if not credentials:
                 raise ValueError(
                     "no credentials are configured; set TOKEN_PROXY_CLIENT_ID and "

@@ -1,0 +1,36 @@
+"""README.md and config.example.toml stay true to the settings model."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from proxy.config import Settings, load_settings
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.mark.parametrize("name", sorted(Settings.model_fields))
+def test_every_setting_is_documented(name: str) -> None:
+    """Each setting of the model has a row in README's reference and a line in the example."""
+    readme = (ROOT / "README.md").read_text()
+    example = (ROOT / "config.example.toml").read_text()
+    assert f"| `{name}` |" in readme
+    assert name in example
+
+
+def test_example_defaults_match_the_model() -> None:
+    """Every value the example sets is the model's default."""
+    example = tomllib.loads((ROOT / "config.example.toml").read_text())
+    for key, value in example.items():
+        assert Settings.model_fields[key].default == value, key
+
+
+def test_example_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The example file loads as it is, with the shorthand credential from the environment."""
+    monkeypatch.setenv("TOKEN_PROXY_CLIENT_ID", "id")
+    monkeypatch.setenv("TOKEN_PROXY_CLIENT_SECRET", "secret-value")
+    settings = load_settings(config_file=ROOT / "config.example.toml")
+    assert settings.routes[0].upstream == "https://us.api.blizzard.com"

@@ -1,0 +1,149 @@
+"""The logging set-up: JSON off a terminal, console on one, and redaction of secrets."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+import structlog
+
+from proxy.log import REDACTED, Redactor, configure_logging, get_logger, redactor
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def log_output() -> Iterator[io.StringIO]:
+    stream = io.StringIO()
+    configure_logging(level="debug", fmt="auto", stream=stream)
+    yield stream
+    configure_logging(level="debug", fmt="json")
+
+
+def _lines(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
+
+
+def test_sensitive_keys_are_redacted() -> None:
+    """Values under keys named like a secret, token, authorization, password or key are hidden."""
+    processor = Redactor()
+    event = processor(
+        None,
+        "info",
+        {
+            "event": "x",
+            "client_secret": "abc",
+            "access_token": "def",
+            "Authorization": "Bearer ghi",
+            "password": "jkl",
+            "api_key": "mno",
+            "headers": {"authorization": "Basic pqr", "accept": "*/*"},
+            "token_url": "https://oauth.battle.net/token",
+            "keyboard": "stays",
+        },
+    )
+    for key in ("client_secret", "access_token", "Authorization", "password", "api_key"):
+        assert event[key] == REDACTED
+    assert event["headers"] == {"authorization": REDACTED, "accept": "*/*"}
+    assert event["token_url"] == "https://oauth.battle.net/token"
+    assert event["keyboard"] == "stays"
+
+
+def test_live_values_are_scrubbed_anywhere() -> None:
+    """A registered secret or token is replaced wherever it appears, inside any string."""
+    processor = Redactor()
+    processor.add_secret("my-very-secret")
+    processor.add_token("tok-1234567890")
+    event = processor(
+        None,
+        "info",
+        {
+            "event": "failed with my-very-secret in the message",
+            "detail": ["nested tok-1234567890 value", {"deeper": b"my-very-secret"}],
+        },
+    )
+    text = json.dumps(event)
+    assert "my-very-secret" not in text
+    assert "tok-1234567890" not in text
+    assert text.count(REDACTED) == 3
+
+
+def test_short_values_are_not_scrubbed() -> None:
+    """A value too short to be a real secret is not used to shred ordinary words."""
+    processor = Redactor()
+    processor.add_secret("abc")
+    assert processor.scrub("abc def") == "abc def"
+
+
+def test_json_when_not_a_terminal(log_output: io.StringIO) -> None:
+    """Off a terminal each line is one JSON object with level, logger and timestamp."""
+    get_logger("proxy.test").info("hello", answer=42)
+    (line,) = _lines(log_output)
+    assert line["event"] == "hello"
+    assert line["answer"] == 42
+    assert line["level"] == "info"
+    assert line["logger"] == "proxy.test"
+    assert "timestamp" in line
+
+
+def test_console_on_a_terminal() -> None:
+    """On a terminal the lines are for people, not JSON."""
+    stream = _Terminal()
+    try:
+        configure_logging(level="info", fmt="auto", stream=stream)
+        get_logger("proxy.test").info("hello", answer=42)
+    finally:
+        configure_logging(level="debug", fmt="json")
+    text = stream.getvalue()
+    assert "hello" in text
+    assert "answer" in text
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text.splitlines()[0])
+
+
+def test_level_filters(log_output: io.StringIO) -> None:
+    """Lines below the configured level are dropped."""
+    configure_logging(level="warning", fmt="json", stream=log_output)
+    get_logger("proxy.test").info("quiet")
+    get_logger("proxy.test").warning("loud")
+    assert [line["event"] for line in _lines(log_output)] == ["loud"]
+
+
+def test_stdlib_loggers_are_redacted_with_tracebacks(log_output: io.StringIO) -> None:
+    """aiohttp's loggers go through the same chain: a secret in a traceback is scrubbed."""
+    redactor.add_secret("stdlib-secret-value")
+    try:
+        raise RuntimeError("boom stdlib-secret-value")
+    except RuntimeError:
+        logging.getLogger("aiohttp.server").exception("Error handling request")
+    (line,) = _lines(log_output)
+    assert line["logger"] == "aiohttp.server"
+    assert "RuntimeError" in str(line["exception"])
+    assert "stdlib-secret-value" not in log_output.getvalue()
+
+
+def test_structlog_exceptions_are_redacted(log_output: io.StringIO) -> None:
+    """A traceback logged through structlog is scrubbed of live secrets too."""
+    redactor.add_token("structlog-token-value")
+    try:
+        raise ValueError("structlog-token-value")
+    except ValueError:
+        get_logger("proxy.test").exception("failed")
+    assert "structlog-token-value" not in log_output.getvalue()
+    assert "ValueError" in log_output.getvalue()
+
+
+def test_context_is_merged(log_output: io.StringIO) -> None:
+    """Values bound in the context (the request id) appear on every line."""
+    with structlog.contextvars.bound_contextvars(request_id="rid-1"):
+        get_logger("proxy.test").info("inside")
+    get_logger("proxy.test").info("outside")
+    inside, outside = _lines(log_output)
+    assert inside["request_id"] == "rid-1"
+    assert "request_id" not in outside
