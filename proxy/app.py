@@ -99,6 +99,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 )
         except ProxyError as exc:
             response = problem_response(exc, request_id=request_id)
+            if exc.status in {400, 413}:
+                # The rest of an unread or unsafe body must not be taken for the next request.
+                response.force_close()
             if exc.status >= 500:
                 log.warning("request failed", status=exc.status, detail=exc.detail)
         except Exception:

@@ -12,7 +12,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.credentials import TokenManager
-from proxy.errors import BadRequest, PayloadTooLarge, UpstreamError
+from proxy.errors import PayloadTooLarge, UpstreamError
 from proxy.log import get_logger
 from proxy.metrics import Metrics
 from proxy.upstream import CHUNK_SIZE, AiohttpTransport, Body, UpstreamResponse
@@ -48,6 +48,7 @@ class Exchange:
     bytes_out: int = 0
     replayed: bool = False
     outcome: str = "complete"
+    body_too_large: bool = False
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
@@ -151,6 +152,10 @@ class Forwarder:
         started = time.perf_counter()
         try:
             return await self._transport.send(request.method, url, headers, body)
+        except UpstreamError:
+            if exchange.body_too_large:
+                raise self._too_large() from None
+            raise
         finally:
             exchange.upstream_seconds = time.perf_counter() - started
             self._metrics.upstream_duration.labels(route_label).observe(exchange.upstream_seconds)
@@ -161,10 +166,7 @@ class Forwarder:
             return None, True
         length = request.content_length
         if length is not None and length > self._max_body_size:
-            raise PayloadTooLarge(
-                f"the request body is {length} bytes; the limit is {self._max_body_size} "
-                "(max_body_size)"
-            )
+            raise self._too_large()
         if length is not None and length <= REPLAYABLE_BODY_LIMIT:
             data = await request.content.readexactly(length) if length else b""
             exchange.bytes_in = len(data)
@@ -175,10 +177,15 @@ class Forwarder:
         async for chunk in request.content.iter_chunked(CHUNK_SIZE):
             exchange.bytes_in += len(chunk)
             if exchange.bytes_in > self._max_body_size:
-                raise BadRequest(
-                    f"the request body exceeds {self._max_body_size} bytes (max_body_size)"
-                )
+                exchange.body_too_large = True
+                raise self._too_large()
             yield chunk
+
+    def _too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(
+            f"the request body exceeds {self._max_body_size} bytes; raise max_body_size "
+            "(TOKEN_PROXY_MAX_BODY_SIZE) if it should pass"
+        )
 
     async def _respond(
         self,

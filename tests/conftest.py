@@ -253,6 +253,7 @@ class ProxyProcess:
     process: subprocess.Popen[bytes]
     url: str
     log_path: Path
+    env: dict[str, str]
 
     @property
     def pid(self) -> int:
@@ -304,7 +305,7 @@ async def proxy_process(
             process = subprocess.Popen(
                 proxy_command(), env=env, stdout=log_file, stderr=subprocess.STDOUT
             )
-        proxy = ProxyProcess(process, f"http://127.0.0.1:{port}", log_path)
+        proxy = ProxyProcess(process, f"http://127.0.0.1:{port}", log_path, env)
         started.append(proxy)
         async with aiohttp.ClientSession() as session:
 
