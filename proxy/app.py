@@ -3,11 +3,13 @@ the access line of each request, and the long-lived resources in cleanup_ctx."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import structlog
@@ -35,6 +37,8 @@ access_log = get_logger("proxy.access")
 log = get_logger("proxy.app")
 
 PROBLEM_TYPE = "https://token-proxy.invalid/problems/"
+# nginx's code for "the client closed the connection before the response was complete".
+CLIENT_CLOSED_REQUEST = 499
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 
 
@@ -81,6 +85,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     reserved = raw.startswith("/-/")
     route_label = "-" if reserved else "none"
     exchange = Exchange()
+    status = CLIENT_CLOSED_REQUEST
     metrics.in_flight.inc()
     with structlog.contextvars.bound_contextvars(request_id=request_id):
         try:
@@ -104,30 +109,46 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 response.force_close()
             if exc.status >= 500:
                 log.warning("request failed", status=exc.status, detail=exc.detail)
+        except asyncio.CancelledError:
+            # The client went away; aiohttp cancels the handler and with it the upstream call.
+            exchange.outcome = "client_aborted"
+            raise
         except Exception:
             log.exception("unexpected error while handling a request")
             error = ProxyError("the proxy failed unexpectedly; see its log for this request id")
             response = problem_response(error, request_id=request_id)
         finally:
             metrics.in_flight.dec()
-        duration = time.perf_counter() - started
-        status = response.status
-        metrics.requests.labels(route_label, Metrics.method_label(request.method), status).inc()
-        metrics.request_duration.labels(route_label).observe(duration)
-        if not reserved:
-            access_log.info(
-                "request",
-                method=request.method,
-                route=route_label,
-                status=status,
-                duration_ms=round(duration * 1000, 2),
-                upstream_ms=round(exchange.upstream_seconds * 1000, 2),
-                bytes_in=exchange.bytes_in,
-                bytes_out=exchange.bytes_out,
-                replayed=exchange.replayed,
-                outcome=exchange.outcome,
-            )
+            if exchange.outcome != "client_aborted":
+                status = response.status
+            duration = time.perf_counter() - started
+            method = Metrics.method_label(request.method)
+            metrics.requests.labels(route_label, method, status).inc()
+            metrics.request_duration.labels(route_label).observe(duration)
+            if not reserved:
+                access_log.info(
+                    "request",
+                    method=request.method,
+                    route=route_label,
+                    status=status,
+                    duration_ms=round(duration * 1000, 2),
+                    upstream_ms=round(exchange.upstream_seconds * 1000, 2),
+                    bytes_in=exchange.bytes_in,
+                    bytes_out=exchange.bytes_out,
+                    replayed=exchange.replayed,
+                    outcome=exchange.outcome,
+                )
     return response
+
+
+def runner_options(settings: Settings) -> dict[str, Any]:
+    """How a server must run this app: our own access line, and handlers cancelled when
+    their client disconnects so that the upstream request is cancelled too."""
+    return {
+        "access_log": None,
+        "handler_cancellation": True,
+        "shutdown_timeout": settings.shutdown_timeout,
+    }
 
 
 async def _reserved(request: web.Request, raw: str) -> web.StreamResponse:

@@ -14,7 +14,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy import __version__
-from proxy.app import create_app
+from proxy.app import create_app, runner_options
 from proxy.config import Settings, load_settings
 from proxy.credentials import TokenManager
 from proxy.errors import ConfigError, TokenEndpointError
@@ -99,9 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def _serve(settings: Settings) -> None:
     app = create_app(settings)
-    runner = web.AppRunner(
-        app, access_log=None, handle_signals=False, shutdown_timeout=settings.shutdown_timeout
-    )
+    runner = web.AppRunner(app, handle_signals=False, **runner_options(settings))
     await runner.setup()
     try:
         site = web.TCPSite(runner, settings.host, settings.port)

@@ -23,7 +23,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from proxy.app import create_app
+from proxy.app import create_app, runner_options
 from proxy.config import Settings
 from proxy.log import configure_logging, redactor
 
@@ -234,9 +234,9 @@ async def start_proxy(
     async def start(
         settings: Settings | None = None, **overrides: Any
     ) -> TestClient[web.Request, web.Application]:
-        app = create_app(settings if settings is not None else make_settings(**overrides))
-        connector = aiohttp.TCPConnector(limit=0)
-        client = TestClient(TestServer(app, host="127.0.0.1"), connector=connector)
+        settings = settings if settings is not None else make_settings(**overrides)
+        server = TestServer(create_app(settings), host="127.0.0.1", **runner_options(settings))
+        client = TestClient(server, connector=aiohttp.TCPConnector(limit=0))
         await client.start_server()
         clients.append(client)
         return client
