@@ -208,6 +208,31 @@ class _TomlSource(PydanticBaseSettingsSource):
         return dict(_toml_data.get())
 
 
+_SECRET_KEYS = ("client_secret", "client_secret_file")
+
+
+class _YieldSecret(PydanticBaseSettingsSource):
+    """A source whose secret (value or file) gives way to one from any higher source, so that
+    a secret in the environment replaces a client_secret_file in the TOML file."""
+
+    def __init__(self, inner: PydanticBaseSettingsSource) -> None:
+        super().__init__(inner.settings_cls)
+        self._inner = inner
+
+    def _set_current_state(self, state: dict[str, Any]) -> None:
+        super()._set_current_state(state)
+        self._inner._set_current_state(state)
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._inner.get_field_value(field, field_name)
+
+    def __call__(self) -> dict[str, Any]:
+        data = self._inner()
+        if any(self.current_state.get(key) is not None for key in _SECRET_KEYS):
+            data = {key: value for key, value in data.items() if key not in _SECRET_KEYS}
+        return data
+
+
 class Settings(BaseSettings):
     """The whole configuration, immutable once loaded."""
 
@@ -250,7 +275,8 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, file_secret_settings, _TomlSource(settings_cls))
+        lower = (env_settings, file_secret_settings, _TomlSource(settings_cls))
+        return (init_settings, *(_YieldSecret(source) for source in lower))
 
     @field_validator("log_level", "log_format", "region", "auth_method", mode="before")
     @classmethod
@@ -265,6 +291,10 @@ class Settings(BaseSettings):
         data = dict(data)
         credentials = dict(data.get("credentials") or {})
         routes = list(data.get("routes") or [])
+        if data.get("client_id") == "":
+            raise ValueError(
+                "client_id (TOKEN_PROXY_CLIENT_ID) is empty; set it to your OAuth client id"
+            )
         if data.get("client_id") is not None:
             if "default" in credentials:
                 raise ValueError(

@@ -1,0 +1,382 @@
+"""The token-proxy command as users run it: configuration errors exit 2 with a readable message
+and no traceback, --version, and `check` against the fake token server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from proxy import __version__
+from tests.conftest import TEST_CLIENT_ID, TEST_SECRET, FakeTokenServer, free_port
+
+TIMEOUT = 30.0
+ALL_INTERFACES = "0.0.0.0"  # noqa: S104  (refused before binding)
+
+
+@dataclass(frozen=True)
+class Result:
+    """How a finished token-proxy process ended."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "proxy", *args]
+
+
+@pytest.fixture
+def clean_env(tmp_path: Path) -> dict[str, str]:
+    """os.environ without any TOKEN_PROXY_* variable and with an empty secrets directory."""
+    secrets = tmp_path / "empty-secrets"
+    secrets.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("TOKEN_PROXY_")}
+    env["TOKEN_PROXY_SECRETS_DIR"] = str(secrets)
+    return env
+
+
+def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> Result:
+    """Run token-proxy to completion (only for processes that need no fake server)."""
+    done = subprocess.run(
+        command(*args),
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    return Result(done.returncode, done.stdout, done.stderr)
+
+
+async def run_cli_async(args: list[str], env: dict[str, str], cwd: Path) -> Result:
+    """Run token-proxy without blocking the event loop the fake servers live on."""
+    process = await asyncio.create_subprocess_exec(
+        *command(*args),
+        env=env,
+        cwd=cwd,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            stdout, stderr = await process.communicate()
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode is not None
+    return Result(process.returncode, stdout.decode(), stderr.decode())
+
+
+def assert_config_error(result: Result, *names: str) -> None:
+    """Exit 2 before serving, stderr names every one of `names`, no traceback, stdout empty."""
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+    assert "configuration error" in result.stderr.lower()
+    assert "cannot listen" not in result.stderr
+    for name in names:
+        assert name in result.stderr, f"{name!r} not in stderr:\n{result.stderr}"
+
+
+def table(stdout: str) -> list[list[str]]:
+    """The rows of check's table, split on runs of whitespace."""
+    return [line.split() for line in stdout.splitlines() if line.strip()]
+
+
+# --- --version -----------------------------------------------------------------------------------
+
+
+def test_version(clean_env: dict[str, str], tmp_path: Path) -> None:
+    """`token-proxy --version` prints the installed version on stdout and exits 0."""
+    result = run_cli(["--version"], clean_env, tmp_path)
+    assert result.returncode == 0, result
+    assert __version__ in result.stdout
+    assert "0.0.0+unknown" not in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+# --- Configuration errors: exit 2, a message naming the setting, never a traceback -------------
+
+
+def test_no_configuration_says_what_to_set(clean_env: dict[str, str], tmp_path: Path) -> None:
+    """Bare `token-proxy` with nothing configured exits 2 and says which variables to set."""
+    result = run_cli([], clean_env, tmp_path)
+    assert_config_error(result, "TOKEN_PROXY_CLIENT_ID", "TOKEN_PROXY_CLIENT_SECRET")
+
+
+SHORTHAND = {"TOKEN_PROXY_CLIENT_ID": TEST_CLIENT_ID, "TOKEN_PROXY_CLIENT_SECRET": TEST_SECRET}
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "toml", "names"),
+    [
+        pytest.param(
+            [],
+            {"TOKEN_PROXY_CLIENT_ID": TEST_CLIENT_ID},
+            None,
+            ["client_secret", "TOKEN_PROXY_CLIENT_SECRET_FILE"],
+            id="client-id-without-secret",
+        ),
+        pytest.param(
+            [],
+            {
+                "TOKEN_PROXY_CLIENT_ID": TEST_CLIENT_ID,
+                "TOKEN_PROXY_CLIENT_SECRET_FILE": "{tmp}/no-such-secret",
+            },
+            None,
+            ["client_secret_file", "no-such-secret"],
+            id="unreadable-secret-file",
+        ),
+        pytest.param(
+            ["--config", "{config}"],
+            SHORTHAND,
+            'uptream = "https://eu.api.blizzard.com"\n',
+            ["uptream", "did you mean", "upstream"],
+            id="unknown-toml-key",
+        ),
+        pytest.param(
+            [],
+            {**SHORTHAND, "TOKEN_PROXY_REGOIN": "eu"},
+            None,
+            ["TOKEN_PROXY_REGOIN", "TOKEN_PROXY_REGION"],
+            id="unknown-env-var",
+        ),
+        pytest.param(
+            [],
+            {**SHORTHAND, "TOKEN_PROXY_UPSTREAM": "http://eu.api.blizzard.com"},
+            None,
+            ["upstream", "https://"],
+            id="http-upstream",
+        ),
+        pytest.param(
+            [],
+            {**SHORTHAND, "TOKEN_PROXY_TOKEN_URL": "http://oauth.battle.net/token"},
+            None,
+            ["token_url", "https://"],
+            id="http-token-url",
+        ),
+        pytest.param(
+            ["run", "--config", "{config}"],
+            {},
+            '[credentials.bnet]\nclient_id = "x"\nclient_secret = "y"\n'
+            '[[routes]]\nprefix = "/"\nupstream = "https://eu.api.blizzard.com"\n'
+            'credential = "bent"\n',
+            ["credential", "bent", "bnet"],
+            id="route-unknown-credential",
+        ),
+        pytest.param(
+            [],
+            {**SHORTHAND, "TOKEN_PROXY_REGION": "mars"},
+            None,
+            ["TOKEN_PROXY_REGION", "'eu'"],
+            id="bad-region",
+        ),
+        pytest.param(
+            [],
+            {**SHORTHAND, "TOKEN_PROXY_PORT": "70000"},
+            None,
+            ["TOKEN_PROXY_PORT", "65535"],
+            id="bad-port-env",
+        ),
+        pytest.param(
+            ["--port", "70000"],
+            SHORTHAND,
+            None,
+            ["port", "65535"],
+            id="bad-port-flag",
+        ),
+        pytest.param(
+            [],
+            {**SHORTHAND, "TOKEN_PROXY_CONFIG": "{config}"},
+            'port = 8080\nregion = "eu\n',
+            ["config.toml", "TOML", "line 2"],
+            id="toml-syntax-error",
+        ),
+        pytest.param(
+            ["--config", "{tmp}/missing.toml"],
+            SHORTHAND,
+            None,
+            ["missing.toml", "--config"],
+            id="missing-config-file",
+        ),
+        pytest.param(
+            ["--host", ALL_INTERFACES],
+            SHORTHAND,
+            None,
+            ["host", "allow_anonymous_remote"],
+            id="non-loopback-host",
+        ),
+    ],
+)
+def test_bad_configuration_exits_2(
+    *,
+    clean_env: dict[str, str],
+    tmp_path: Path,
+    args: list[str],
+    env: dict[str, str],
+    toml: str | None,
+    names: list[str],
+) -> None:
+    """Each bad configuration exits 2 before serving, naming the setting, without a traceback."""
+    config = tmp_path / "config.toml"
+    if toml is not None:
+        config.write_text(toml, encoding="utf-8")
+    fill = {"tmp": str(tmp_path), "config": str(config)}
+    clean_env.update({name: value.format(**fill) for name, value in env.items()})
+    result = run_cli([arg.format(**fill) for arg in args], clean_env, tmp_path)
+    assert_config_error(result, *names)
+    assert TEST_SECRET not in result.stderr
+
+
+def test_bad_configuration_does_not_bind(clean_env: dict[str, str], tmp_path: Path) -> None:
+    """A configuration error is reported before the port is touched: a busy port goes unnoticed."""
+    port = free_port()
+    clean_env.update({**SHORTHAND, "TOKEN_PROXY_REGION": "mars", "TOKEN_PROXY_PORT": str(port)})
+    with socket.create_server(("127.0.0.1", port)):
+        result = run_cli([], clean_env, tmp_path)
+    assert_config_error(result, "TOKEN_PROXY_REGION")
+    assert str(port) not in result.stderr
+
+
+# --- check ---------------------------------------------------------------------------------------
+
+
+def check_env(clean_env: dict[str, str], token_url: str, **extra: str) -> dict[str, str]:
+    env = dict(clean_env)
+    env.update(
+        {
+            "TOKEN_PROXY_CLIENT_ID": TEST_CLIENT_ID,
+            "TOKEN_PROXY_CLIENT_SECRET": TEST_SECRET,
+            "TOKEN_PROXY_TOKEN_URL": token_url,
+            "TOKEN_PROXY_UPSTREAM": f"http://127.0.0.1:{free_port()}",
+            **extra,
+        }
+    )
+    return env
+
+
+def assert_nothing_leaked(result: Result, token_server: FakeTokenServer) -> None:
+    for stream in (result.stdout, result.stderr):
+        assert TEST_SECRET not in stream
+        for token in token_server.issued:
+            assert token not in stream
+    assert "Traceback" not in result.stderr
+
+
+async def test_check_prints_table(
+    token_server: FakeTokenServer, clean_env: dict[str, str], tmp_path: Path
+) -> None:
+    """`check` fetches one token and prints credential, token_url, auth_method, scope, expiry."""
+    env = check_env(clean_env, token_server.url, TOKEN_PROXY_SCOPE="wow.profile")
+    result = await run_cli_async(["check", "--log-level", "debug"], env, tmp_path)
+    assert result.returncode == 0, result
+    assert len(token_server.requests) == 1
+    assert len(token_server.issued) == 1
+    rows = table(result.stdout)
+    assert len(rows) == 2, result.stdout
+    header, row = rows
+    for column in ("credential", "token_url", "auth_method", "scope", "expires_in"):
+        assert column in header
+    assert row[header.index("credential")] == "default"
+    assert row[header.index("token_url")] == token_server.url
+    assert row[header.index("auth_method")] == "client_secret_basic"
+    assert row[header.index("scope")] == "wow.profile"
+    assert row[header.index("expires_in")] == "3600"
+    assert_nothing_leaked(result, token_server)
+
+
+async def test_check_one_row_per_credential(
+    token_server: FakeTokenServer, clean_env: dict[str, str], tmp_path: Path
+) -> None:
+    """`check --config` with two credentials fetches one token each and prints a row for each."""
+    token_server.scope = "granted.scope"
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f"""
+[credentials.alpha]
+token_url = "{token_server.url}"
+client_id = "alpha-id"
+client_secret = "{TEST_SECRET}"
+
+[credentials.beta]
+token_url = "{token_server.url}"
+client_id = "beta-id"
+client_secret = "{TEST_SECRET}"
+auth_method = "client_secret_post"
+
+[[routes]]
+prefix = "/a/"
+upstream = "http://127.0.0.1:9"
+credential = "alpha"
+
+[[routes]]
+prefix = "/b/"
+upstream = "http://127.0.0.1:9"
+credential = "beta"
+""",
+        encoding="utf-8",
+    )
+    result = await run_cli_async(["check", "--config", str(config)], clean_env, tmp_path)
+    assert result.returncode == 0, result
+    assert len(token_server.issued) == 2
+    rows = table(result.stdout)
+    header, body = rows[0], rows[1:]
+    by_name = {row[header.index("credential")]: row for row in body}
+    assert set(by_name) == {"alpha", "beta"}
+    assert by_name["alpha"][header.index("auth_method")] == "client_secret_basic"
+    assert by_name["beta"][header.index("auth_method")] == "client_secret_post"
+    for row in body:
+        assert row[header.index("scope")] == "granted.scope"
+        assert row[header.index("expires_in")] == "3600"
+    assert_nothing_leaked(result, token_server)
+
+
+async def test_check_rejected_client_exits_1(
+    token_server: FakeTokenServer, clean_env: dict[str, str], tmp_path: Path
+) -> None:
+    """`check` exits 1 and reports the error by name when the token endpoint rejects the client."""
+    token_server.script.append(web.json_response({"error": "invalid_client"}, status=401))
+    env = check_env(clean_env, token_server.url)
+    result = await run_cli_async(["check", "--log-level", "debug"], env, tmp_path)
+    assert result.returncode == 1, result
+    assert len(token_server.requests) == 1
+    assert "default" in result.stdout
+    assert "invalid_client" in result.stdout
+    assert_nothing_leaked(result, token_server)
+
+
+async def test_check_unreachable_token_endpoint_exits_1(
+    token_server: FakeTokenServer, clean_env: dict[str, str], tmp_path: Path
+) -> None:
+    """`check` exits 1 without a traceback when nobody listens at the token_url."""
+    token_url = f"http://127.0.0.1:{free_port()}/token"
+    env = check_env(clean_env, token_url)
+    result = await run_cli_async(["check", "--log-level", "debug"], env, tmp_path)
+    assert result.returncode == 1, result
+    assert "default" in result.stdout
+    assert token_url in result.stdout
+    assert token_server.requests == []
+    assert_nothing_leaked(result, token_server)
+
+
+async def test_check_config_error_exits_2(
+    token_server: FakeTokenServer, clean_env: dict[str, str], tmp_path: Path
+) -> None:
+    """`check` with a bad configuration exits 2, names the setting and asks for no token."""
+    env = check_env(clean_env, token_server.url, TOKEN_PROXY_AUTH_METHOD="client_secret_jwt")
+    result = await run_cli_async(["check"], env, tmp_path)
+    assert_config_error(result, "auth_method", "client_secret_basic")
+    assert token_server.requests == []
+    assert_nothing_leaked(result, token_server)

@@ -1,0 +1,711 @@
+"""Settings: source order, the single-API shorthand and Battle.net presets, TOML credentials
+and routes, and a ConfigError that names the setting and the fix for every bad configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy.config import Settings, load_settings
+from proxy.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIENT_ID = "cfg-client-id"
+SECRET = "Cfg-S3cret-Value-Never-Shown-91b2"
+BATTLENET_TOKEN_URL = "https://oauth.battle.net/token"
+ALL_INTERFACES = "0.0.0.0"  # noqa: S104  (the address under test, never bound here)
+
+
+@pytest.fixture
+def shorthand(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The smallest valid configuration: client id and secret in the environment."""
+    monkeypatch.setenv("TOKEN_PROXY_CLIENT_ID", CLIENT_ID)
+    monkeypatch.setenv("TOKEN_PROXY_CLIENT_SECRET", SECRET)
+
+
+@pytest.fixture
+def secrets_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty secrets directory that load_settings reads (TOKEN_PROXY_SECRETS_DIR)."""
+    directory = tmp_path / "secrets"
+    directory.mkdir()
+    monkeypatch.setenv("TOKEN_PROXY_SECRETS_DIR", str(directory))
+    return directory
+
+
+def write_toml(tmp_path: Path, text: str, name: str = "config.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def config_error(**kwargs: object) -> str:
+    """Load settings that must be refused, and return the ConfigError's message."""
+    with pytest.raises(ConfigError) as info:
+        load_settings(**kwargs)  # type: ignore[arg-type]
+    message = info.value.detail
+    assert message == str(info.value)
+    assert message.strip(), "a ConfigError must say something"
+    return message
+
+
+def secret_of(settings: Settings, credential: str = "default") -> str:
+    return settings.credentials[credential].client_secret.get_secret_value()
+
+
+# --- Source order: flags > environment > secrets directory > TOML file > defaults --------------
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_defaults() -> None:
+    """With only a client id and secret, every other setting takes its documented default."""
+    settings = load_settings()
+    assert settings.host == "127.0.0.1"
+    assert settings.port == 8080
+    assert settings.region == "us"
+    assert settings.auth_method == "client_secret_basic"
+    assert settings.scope == ""
+    assert settings.connect_timeout == 5
+    assert settings.read_timeout == 60
+    assert settings.shutdown_timeout == 15
+    assert settings.log_level == "info"
+    assert settings.log_format == "auto"
+    assert settings.allow_anonymous_remote is False
+    credential = settings.credentials["default"]
+    assert credential.auth_method == "client_secret_basic"
+    assert credential.scope == ""
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_toml_overrides_defaults(tmp_path: Path) -> None:
+    """A key in the TOML file replaces the default."""
+    config = write_toml(tmp_path, 'port = 9001\nlog_level = "debug"\n')
+    settings = load_settings(config_file=config)
+    assert settings.port == 9001
+    assert settings.log_level == "debug"
+
+
+def test_secrets_dir_overrides_toml(
+    tmp_path: Path, secrets_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file token_proxy_<name> in the secrets directory beats the same key in the TOML file."""
+    monkeypatch.setenv("TOKEN_PROXY_CLIENT_ID", CLIENT_ID)
+    (secrets_dir / "token_proxy_client_secret").write_text("from-secrets-dir\n")
+    (secrets_dir / "token_proxy_port").write_text("9002")
+    config = write_toml(tmp_path, 'client_secret = "from-toml"\nport = 9001\nscope = "toml"\n')
+    settings = load_settings(config_file=config)
+    assert secret_of(settings) == "from-secrets-dir"
+    assert settings.port == 9002
+    assert settings.scope == "toml", "keys absent from the secrets directory still come from TOML"
+
+
+def test_environment_overrides_secrets_dir(
+    tmp_path: Path, secrets_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A TOKEN_PROXY_* variable beats the secrets directory and the TOML file."""
+    monkeypatch.setenv("TOKEN_PROXY_CLIENT_ID", CLIENT_ID)
+    monkeypatch.setenv("TOKEN_PROXY_CLIENT_SECRET", "from-env")
+    monkeypatch.setenv("TOKEN_PROXY_PORT", "9003")
+    (secrets_dir / "token_proxy_client_secret").write_text("from-secrets-dir\n")
+    (secrets_dir / "token_proxy_port").write_text("9002")
+    config = write_toml(tmp_path, 'client_secret = "from-toml"\nport = 9001\n')
+    settings = load_settings(config_file=config)
+    assert secret_of(settings) == "from-env"
+    assert settings.port == 9003
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_flags_override_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command-line flag beats the environment, the secrets directory and the TOML file."""
+    monkeypatch.setenv("TOKEN_PROXY_PORT", "9003")
+    monkeypatch.setenv("TOKEN_PROXY_LOG_LEVEL", "warning")
+    config = write_toml(tmp_path, 'port = 9001\nlog_level = "error"\n')
+    settings = load_settings(flags={"port": 9004, "log_level": "debug"}, config_file=config)
+    assert settings.port == 9004
+    assert settings.log_level == "debug"
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_unset_flags_do_not_hide_lower_sources(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flag passed as None (not given on the command line) leaves the environment's value."""
+    monkeypatch.setenv("TOKEN_PROXY_PORT", "9003")
+    monkeypatch.setenv("TOKEN_PROXY_HOST", "::1")
+    settings = load_settings(flags={"port": None, "host": None, "log_level": None})
+    assert settings.port == 9003
+    assert settings.host == "::1"
+    assert settings.log_level == "info"
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_config_file_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TOKEN_PROXY_CONFIG names the TOML file when no config_file is given."""
+    monkeypatch.setenv("TOKEN_PROXY_CONFIG", str(write_toml(tmp_path, "port = 9005\n")))
+    assert load_settings().port == 9005
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_config_file_argument_beats_config_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An explicit config_file (--config) is read instead of the file TOKEN_PROXY_CONFIG names."""
+    monkeypatch.setenv("TOKEN_PROXY_CONFIG", str(write_toml(tmp_path, "port = 9005\n", "env.toml")))
+    flag_file = write_toml(tmp_path, "port = 9006\n", "flag.toml")
+    assert load_settings(config_file=flag_file).port == 9006
+
+
+@pytest.mark.parametrize(
+    ("env", "toml", "expected"),
+    [
+        pytest.param(
+            {"TOKEN_PROXY_CLIENT_SECRET": "from-env"},
+            "client_secret_file = '{file}'\n",
+            "from-env",
+            id="env-secret-over-toml-secret-file",
+        ),
+        pytest.param(
+            {"TOKEN_PROXY_CLIENT_SECRET_FILE": "{file}"},
+            "client_secret = 'from-toml'\n",
+            "from-file",
+            id="env-secret-file-over-toml-secret",
+        ),
+    ],
+)
+def test_higher_source_secret_replaces_lower_source_secret_file(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    env: dict[str, str],
+    toml: str,
+    expected: str,
+) -> None:
+    """A secret given by a higher source wins over a secret (or secret file) from a lower one."""
+    secret_file = tmp_path / "secret.txt"
+    secret_file.write_text("from-file\n")
+    monkeypatch.setenv("TOKEN_PROXY_CLIENT_ID", CLIENT_ID)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value.format(file=secret_file))
+    config = write_toml(tmp_path, toml.format(file=secret_file))
+    assert secret_of(load_settings(config_file=config)) == expected
+
+
+def test_secrets_dir_secret_replaces_toml_secret_file(
+    tmp_path: Path, secrets_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client secret in the secrets directory wins over client_secret_file in the TOML file."""
+    secret_file = tmp_path / "secret.txt"
+    secret_file.write_text("from-file\n")
+    (secrets_dir / "token_proxy_client_secret").write_text("from-secrets-dir\n")
+    monkeypatch.setenv("TOKEN_PROXY_CLIENT_ID", CLIENT_ID)
+    config = write_toml(tmp_path, f"client_secret_file = '{secret_file}'\n")
+    assert secret_of(load_settings(config_file=config)) == "from-secrets-dir"
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_secrets_dir_must_be_a_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TOKEN_PROXY_SECRETS_DIR that is not a directory is a configuration error naming it."""
+    monkeypatch.setenv("TOKEN_PROXY_SECRETS_DIR", str(tmp_path / "missing"))
+    message = config_error()
+    assert "TOKEN_PROXY_SECRETS_DIR" in message
+    assert "directory" in message
+
+
+# --- Single-API shorthand and Battle.net presets -----------------------------------------------
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_shorthand_defines_default_credential_and_root_route() -> None:
+    """Client id and secret alone give one credential 'default' and one route '/' to US."""
+    settings = load_settings()
+    assert list(settings.credentials) == ["default"]
+    credential = settings.credentials["default"]
+    assert credential.client_id == CLIENT_ID
+    assert credential.client_secret.get_secret_value() == SECRET
+    assert credential.token_url == BATTLENET_TOKEN_URL
+    assert len(settings.routes) == 1
+    route = settings.routes[0]
+    assert (route.prefix, route.credential) == ("/", "default")
+    assert route.upstream == "https://us.api.blizzard.com"
+
+
+@pytest.mark.usefixtures("shorthand")
+@pytest.mark.parametrize(
+    ("region", "token_url", "upstream"),
+    [
+        ("us", BATTLENET_TOKEN_URL, "https://us.api.blizzard.com"),
+        ("eu", BATTLENET_TOKEN_URL, "https://eu.api.blizzard.com"),
+        ("kr", BATTLENET_TOKEN_URL, "https://kr.api.blizzard.com"),
+        ("tw", BATTLENET_TOKEN_URL, "https://tw.api.blizzard.com"),
+        ("cn", "https://oauth.battlenet.com.cn/token", "https://gateway.battlenet.com.cn"),
+    ],
+)
+def test_region_presets(
+    monkeypatch: pytest.MonkeyPatch, region: str, token_url: str, upstream: str
+) -> None:
+    """TOKEN_PROXY_REGION picks the Battle.net token endpoint and API host of that region."""
+    monkeypatch.setenv("TOKEN_PROXY_REGION", region)
+    settings = load_settings()
+    assert settings.region == region
+    assert settings.credentials["default"].token_url == token_url
+    assert [route.upstream.rstrip("/") for route in settings.routes] == [upstream]
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_region_from_toml(tmp_path: Path) -> None:
+    """A top-level region key in the TOML file selects the preset as the environment does."""
+    settings = load_settings(config_file=write_toml(tmp_path, 'region = "cn"\n'))
+    assert settings.credentials["default"].token_url == "https://oauth.battlenet.com.cn/token"
+    assert settings.routes[0].upstream.rstrip("/") == "https://gateway.battlenet.com.cn"
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_upstream_and_token_url_override_region(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TOKEN_PROXY_UPSTREAM and TOKEN_PROXY_TOKEN_URL replace the region's hosts."""
+    monkeypatch.setenv("TOKEN_PROXY_REGION", "cn")
+    monkeypatch.setenv("TOKEN_PROXY_UPSTREAM", "https://api.example.com/v2")
+    monkeypatch.setenv("TOKEN_PROXY_TOKEN_URL", "https://auth.example.com/oauth/token")
+    settings = load_settings()
+    assert settings.credentials["default"].token_url == "https://auth.example.com/oauth/token"
+    assert [route.upstream for route in settings.routes] == ["https://api.example.com/v2"]
+    assert settings.routes[0].credential == "default"
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_shorthand_auth_method_and_scope(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TOKEN_PROXY_AUTH_METHOD and TOKEN_PROXY_SCOPE reach the default credential."""
+    monkeypatch.setenv("TOKEN_PROXY_AUTH_METHOD", "client_secret_post")
+    monkeypatch.setenv("TOKEN_PROXY_SCOPE", "wow.profile sc2.profile")
+    credential = load_settings().credentials["default"]
+    assert credential.auth_method == "client_secret_post"
+    assert credential.scope == "wow.profile sc2.profile"
+
+
+@pytest.mark.parametrize("ending", ["\n", "\r\n"])
+def test_client_secret_file_trailing_newline_stripped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ending: str
+) -> None:
+    """TOKEN_PROXY_CLIENT_SECRET_FILE supplies the secret without its trailing newline."""
+    secret_file = tmp_path / "bnet-secret"
+    secret_file.write_bytes(f"{SECRET}{ending}".encode())
+    monkeypatch.setenv("TOKEN_PROXY_CLIENT_ID", CLIENT_ID)
+    monkeypatch.setenv("TOKEN_PROXY_CLIENT_SECRET_FILE", str(secret_file))
+    assert secret_of(load_settings()) == SECRET
+
+
+def test_shorthand_from_toml_only(tmp_path: Path) -> None:
+    """Top-level client_id and client_secret_file in the TOML file define the shorthand too."""
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET + "\n")
+    config = write_toml(
+        tmp_path,
+        f'client_id = "{CLIENT_ID}"\nclient_secret_file = "{secret_file}"\n'
+        'upstream = "https://eu.api.blizzard.com"\n',
+    )
+    settings = load_settings(config_file=config)
+    assert secret_of(settings) == SECRET
+    assert settings.routes[0].upstream == "https://eu.api.blizzard.com"
+
+
+def test_credentials_and_routes_from_toml(tmp_path: Path) -> None:
+    """[credentials.*] tables and [[routes]] entries define several APIs and credentials."""
+    bnet_secret = tmp_path / "bnet"
+    bnet_secret.write_text("bnet-secret\n")
+    config = write_toml(
+        tmp_path,
+        f"""
+[credentials.bnet]
+client_id = "bnet-id"
+client_secret_file = "{bnet_secret}"
+region = "cn"
+
+[credentials.other]
+token_url = "https://auth.example.com/token"
+client_id = "other-id"
+client_secret = "other-secret"
+auth_method = "client_secret_post"
+scope = "read write"
+extra_params = {{ audience = "https://api.example.com" }}
+
+[[routes]]
+prefix = "/cn/"
+upstream = "https://gateway.battlenet.com.cn"
+credential = "bnet"
+
+[[routes]]
+prefix = "/cn/special/"
+upstream = "https://api.example.com/v2"
+credential = "other"
+""",
+    )
+    settings = load_settings(config_file=config)
+    assert set(settings.credentials) == {"bnet", "other"}
+    bnet = settings.credentials["bnet"]
+    assert bnet.client_id == "bnet-id"
+    assert bnet.client_secret.get_secret_value() == "bnet-secret"
+    assert bnet.token_url == "https://oauth.battlenet.com.cn/token"
+    assert bnet.auth_method == "client_secret_basic"
+    other = settings.credentials["other"]
+    assert other.token_url == "https://auth.example.com/token"
+    assert other.auth_method == "client_secret_post"
+    assert other.scope == "read write"
+    assert other.extra_params == {"audience": "https://api.example.com"}
+    assert [(r.prefix, r.upstream, r.credential) for r in settings.routes] == [
+        ("/cn/", "https://gateway.battlenet.com.cn", "bnet"),
+        ("/cn/special/", "https://api.example.com/v2", "other"),
+    ]
+    assert [r.prefix for r in settings.routes_by_length] == ["/cn/special/", "/cn/"]
+
+
+def test_spec_example_toml_loads(tmp_path: Path) -> None:
+    """The TOML example of SPEC section 2 is accepted (rate limits and [[clients]] come with
+    the team-mode issues)."""
+    secret_file = tmp_path / "bnet"
+    secret_file.write_text("bnet-secret\n")
+    config = write_toml(
+        tmp_path,
+        f"""
+[credentials.bnet]
+token_url = "https://oauth.battle.net/token"
+client_id = "bnet-id"
+client_secret_file = "{secret_file}"
+auth_method = "client_secret_basic"
+scope = ""
+extra_params = {{}}
+
+[[routes]]
+prefix = "/eu/"
+upstream = "https://eu.api.blizzard.com/"
+credential = "bnet"
+""",
+    )
+    settings = load_settings(config_file=config)
+    assert secret_of(settings, "bnet") == "bnet-secret"
+    assert [r.prefix for r in settings.routes] == ["/eu/"]
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_example_config_file_loads() -> None:
+    """The shipped config.example.toml loads once a client id and secret are supplied."""
+    example = ROOT / "config.example.toml"
+    settings = load_settings(config_file=example)
+    assert settings.port == 8080
+    assert list(settings.credentials) == ["default"]
+
+
+# --- Bad configurations: ConfigError names the setting and says how to fix it -----------------
+
+
+def test_no_credentials_at_all() -> None:
+    """With nothing configured the error says which variables or table to set."""
+    message = config_error()
+    assert "TOKEN_PROXY_CLIENT_ID" in message
+    assert "TOKEN_PROXY_CLIENT_SECRET" in message
+    assert "[credentials." in message
+
+
+def test_secret_without_client_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A secret alone is refused with a message that asks for client_id."""
+    monkeypatch.setenv("TOKEN_PROXY_CLIENT_SECRET", SECRET)
+    message = config_error()
+    assert "client_id" in message.lower()
+    assert SECRET not in message
+
+
+def test_client_id_without_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client id without any secret names client_secret and the two ways to give it."""
+    monkeypatch.setenv("TOKEN_PROXY_CLIENT_ID", CLIENT_ID)
+    message = config_error()
+    assert "client_secret" in message
+    assert "TOKEN_PROXY_CLIENT_SECRET" in message
+    assert "TOKEN_PROXY_CLIENT_SECRET_FILE" in message
+
+
+def test_credential_table_without_secret(tmp_path: Path) -> None:
+    """A [credentials.NAME] table without a secret names that credential and client_secret."""
+    config = write_toml(
+        tmp_path,
+        '[credentials.bnet]\nclient_id = "x"\n'
+        '[[routes]]\nprefix = "/"\nupstream = "https://eu.api.blizzard.com"\ncredential = "bnet"\n',
+    )
+    message = config_error(config_file=config)
+    assert "bnet" in message
+    assert "client_secret" in message
+
+
+def test_client_secret_and_file_in_one_source(tmp_path: Path) -> None:
+    """client_secret and client_secret_file in the same source are refused: keep only one."""
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("from-file\n")
+    config = write_toml(
+        tmp_path,
+        f'client_id = "x"\nclient_secret = "inline"\nclient_secret_file = "{secret_file}"\n',
+    )
+    message = config_error(config_file=config)
+    assert "client_secret" in message
+    assert "client_secret_file" in message
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory", "empty"])
+def test_unreadable_secret_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """A secret file that is missing, a directory or empty is refused, naming the file."""
+    path = tmp_path / "secret"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "empty":
+        path.write_text("\n")
+    monkeypatch.setenv("TOKEN_PROXY_CLIENT_ID", CLIENT_ID)
+    monkeypatch.setenv("TOKEN_PROXY_CLIENT_SECRET_FILE", str(path))
+    message = config_error()
+    assert "client_secret_file" in message
+    assert str(path) in message
+
+
+@pytest.mark.usefixtures("shorthand")
+@pytest.mark.parametrize(
+    ("toml", "unknown", "suggestion"),
+    [
+        ('uptream = "https://eu.api.blizzard.com"\n', "uptream", "upstream"),
+        (
+            '[credentials.bnet]\nclient_id = "x"\nclient_secret = "y"\n'
+            'token_ur = "https://oauth.battle.net/token"\n',
+            "token_ur",
+            "token_url",
+        ),
+        (
+            '[[routes]]\nprefix = "/"\nupstrem = "https://eu.api.blizzard.com"\n'
+            'credential = "default"\n',
+            "upstrem",
+            "upstream",
+        ),
+    ],
+    ids=["top-level", "credential", "route"],
+)
+def test_unknown_toml_key(tmp_path: Path, toml: str, unknown: str, suggestion: str) -> None:
+    """An unknown key in the TOML file is refused with a did-you-mean suggestion."""
+    message = config_error(config_file=write_toml(tmp_path, toml))
+    assert unknown in message
+    assert "did you mean" in message
+    assert suggestion in message.split("did you mean", 1)[1]
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_unknown_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unknown TOKEN_PROXY_ variable is refused, naming it and suggesting the close one."""
+    monkeypatch.setenv("TOKEN_PROXY_UPSTRAEM", "https://eu.api.blizzard.com")
+    message = config_error()
+    assert "TOKEN_PROXY_UPSTRAEM" in message
+    assert "did you mean TOKEN_PROXY_UPSTREAM" in message
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_unknown_environment_variable_without_close_match(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An unknown TOKEN_PROXY_ variable with no close setting is refused and says to unset it."""
+    monkeypatch.setenv("TOKEN_PROXY_ZZZZZZZZ", "1")
+    message = config_error()
+    assert "TOKEN_PROXY_ZZZZZZZZ" in message
+    assert "unset" in message
+
+
+@pytest.mark.usefixtures("shorthand")
+@pytest.mark.parametrize(
+    ("variable", "value", "setting"),
+    [
+        ("TOKEN_PROXY_UPSTREAM", "http://eu.api.blizzard.com", "upstream"),
+        ("TOKEN_PROXY_TOKEN_URL", "http://oauth.battle.net/token", "token_url"),
+        ("TOKEN_PROXY_UPSTREAM", "http://127.0.0.1.example.com", "upstream"),
+        ("TOKEN_PROXY_TOKEN_URL", "http://10.0.0.1/token", "token_url"),
+    ],
+)
+def test_plain_http_to_remote_host_refused(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, setting: str
+) -> None:
+    """An http:// upstream or token_url on a non-loopback host is refused; the fix is https://."""
+    monkeypatch.setenv(variable, value)
+    message = config_error()
+    assert setting in message
+    assert "https://" in message
+
+
+@pytest.mark.parametrize(
+    ("table", "setting"),
+    [
+        (
+            '[credentials.a]\nclient_id = "x"\nclient_secret = "y"\n'
+            'token_url = "http://auth.example.com/token"\n'
+            '[[routes]]\nprefix = "/"\nupstream = "https://api.example.com"\ncredential = "a"\n',
+            "token_url",
+        ),
+        (
+            '[credentials.a]\nclient_id = "x"\nclient_secret = "y"\n'
+            'token_url = "https://auth.example.com/token"\n'
+            '[[routes]]\nprefix = "/"\nupstream = "http://api.example.com"\ncredential = "a"\n',
+            "upstream",
+        ),
+    ],
+    ids=["credential-token_url", "route-upstream"],
+)
+def test_plain_http_in_toml_tables_refused(tmp_path: Path, table: str, setting: str) -> None:
+    """Plain http to a remote host is refused inside [credentials.*] and [[routes]] as well."""
+    message = config_error(config_file=write_toml(tmp_path, table))
+    assert setting in message
+    assert "https://" in message
+
+
+@pytest.mark.usefixtures("shorthand")
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]"])
+def test_plain_http_on_loopback_allowed(monkeypatch: pytest.MonkeyPatch, host: str) -> None:
+    """http:// is accepted for upstream and token_url on 127.0.0.1, localhost and ::1."""
+    monkeypatch.setenv("TOKEN_PROXY_UPSTREAM", f"http://{host}:8081")
+    monkeypatch.setenv("TOKEN_PROXY_TOKEN_URL", f"http://{host}:8082/token")
+    settings = load_settings()
+    assert settings.credentials["default"].token_url == f"http://{host}:8082/token"
+    assert settings.routes[0].upstream == f"http://{host}:8081"
+
+
+def test_route_names_unknown_credential(tmp_path: Path) -> None:
+    """A route naming an undefined credential is refused, listing the defined ones."""
+    config = write_toml(
+        tmp_path,
+        '[credentials.bnet]\nclient_id = "x"\nclient_secret = "y"\n'
+        '[[routes]]\nprefix = "/"\nupstream = "https://eu.api.blizzard.com"\ncredential = "bent"\n',
+    )
+    message = config_error(config_file=config)
+    assert "credential" in message
+    assert "'bent'" in message
+    assert "bnet" in message
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_bad_region(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unknown region names TOKEN_PROXY_REGION and lists the valid presets."""
+    monkeypatch.setenv("TOKEN_PROXY_REGION", "mars")
+    message = config_error()
+    assert "region" in message
+    assert "TOKEN_PROXY_REGION" in message
+    for region in ("us", "eu", "kr", "tw", "cn"):
+        assert f"'{region}'" in message
+
+
+@pytest.mark.usefixtures("shorthand")
+@pytest.mark.parametrize(("value", "hint"), [("70000", "65535"), ("-1", "0"), ("http", "integer")])
+def test_bad_port_from_environment(monkeypatch: pytest.MonkeyPatch, value: str, hint: str) -> None:
+    """A port outside 0-65535 or not a number names TOKEN_PROXY_PORT and the valid range."""
+    monkeypatch.setenv("TOKEN_PROXY_PORT", value)
+    message = config_error()
+    assert "port" in message
+    assert "TOKEN_PROXY_PORT" in message
+    assert hint in message
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_bad_port_from_flag() -> None:
+    """A port flag outside 0-65535 is refused and names the port setting."""
+    message = config_error(flags={"port": 65536})
+    assert "port" in message
+    assert "65535" in message
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_toml_syntax_error(tmp_path: Path) -> None:
+    """A TOML syntax error names the file and the line to fix."""
+    config = write_toml(tmp_path, 'port = 8080\nregion = "eu\n')
+    message = config_error(config_file=config)
+    assert str(config) in message
+    assert "TOML" in message
+    assert "line 2" in message
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_missing_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TOKEN_PROXY_CONFIG that does not exist is refused, naming the setting and the path."""
+    missing = tmp_path / "nope.toml"
+    monkeypatch.setenv("TOKEN_PROXY_CONFIG", str(missing))
+    message = config_error()
+    assert "TOKEN_PROXY_CONFIG" in message
+    assert str(missing) in message
+
+
+@pytest.mark.usefixtures("shorthand")
+@pytest.mark.parametrize("host", [ALL_INTERFACES, "::", "192.168.1.10", "proxy.example.com"])
+def test_non_loopback_host_needs_allow_anonymous_remote(
+    monkeypatch: pytest.MonkeyPatch, host: str
+) -> None:
+    """Listening on a non-loopback address is refused and names allow_anonymous_remote."""
+    monkeypatch.setenv("TOKEN_PROXY_HOST", host)
+    message = config_error()
+    assert "host" in message
+    assert "allow_anonymous_remote" in message
+    assert "TOKEN_PROXY_ALLOW_ANONYMOUS_REMOTE" in message
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_non_loopback_host_from_flag_refused() -> None:
+    """A non-loopback --host flag is refused like the environment variable."""
+    message = config_error(flags={"host": ALL_INTERFACES})
+    assert "host" in message
+    assert "allow_anonymous_remote" in message
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_allow_anonymous_remote_permits_non_loopback_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """allow_anonymous_remote = true lets the proxy listen on a non-loopback address."""
+    monkeypatch.setenv("TOKEN_PROXY_HOST", ALL_INTERFACES)
+    monkeypatch.setenv("TOKEN_PROXY_ALLOW_ANONYMOUS_REMOTE", "true")
+    settings = load_settings()
+    assert settings.host == ALL_INTERFACES
+    assert settings.allow_anonymous_remote is True
+
+
+@pytest.mark.usefixtures("shorthand")
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.5", "localhost", "::1"])
+def test_loopback_hosts_need_nothing(monkeypatch: pytest.MonkeyPatch, host: str) -> None:
+    """Loopback listen addresses are accepted without allow_anonymous_remote."""
+    monkeypatch.setenv("TOKEN_PROXY_HOST", host)
+    assert load_settings().host == host
+
+
+# --- Secrets are never shown ------------------------------------------------------------------
+
+
+def test_settings_never_show_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """repr, str and JSON of Settings hide every client secret, inline or read from a file."""
+    file_secret = "File-S3cret-Value-4c1d"
+    toml_secret = "Toml-S3cret-Value-8e2f"
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(file_secret + "\n")
+    monkeypatch.setenv("TOKEN_PROXY_CLIENT_ID", CLIENT_ID)
+    monkeypatch.setenv("TOKEN_PROXY_CLIENT_SECRET_FILE", str(secret_file))
+    config = write_toml(
+        tmp_path,
+        f'[credentials.other]\nclient_id = "o"\nclient_secret = "{toml_secret}"\n'
+        'token_url = "https://auth.example.com/token"\n',
+    )
+    settings = load_settings(config_file=config)
+    assert secret_of(settings) == file_secret
+    assert secret_of(settings, "other") == toml_secret
+    for shown in (repr(settings), str(settings), settings.model_dump_json()):
+        assert file_secret not in shown
+        assert toml_secret not in shown
+    assert "**********" in repr(settings)
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_shorthand_secret_hidden_in_repr() -> None:
+    """The shorthand's client_secret is a SecretStr that repr and str of Settings mask."""
+    settings = load_settings()
+    assert settings.client_secret is not None
+    assert settings.client_secret.get_secret_value() == SECRET
+    assert SECRET not in repr(settings)
+    assert SECRET not in str(settings)
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_config_error_never_shows_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A configuration error reported alongside a secret never repeats that secret."""
+    monkeypatch.setenv("TOKEN_PROXY_REGION", "mars")
+    monkeypatch.setenv("TOKEN_PROXY_PORT", "99999")
+    config = write_toml(tmp_path, f'[credentials.x]\nclient_id = "x"\nclient_secret = "{SECRET}"\n')
+    message = config_error(config_file=config)
+    assert SECRET not in message
