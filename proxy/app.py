@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST
 from yarl import URL
 
@@ -141,6 +142,13 @@ async def handle(request: web.Request) -> web.StreamResponse:
     return response
 
 
+@web.middleware
+async def _every_request(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Send every request to `handle`, whatever the router thinks of its target (CONNECT,
+    OPTIONS *, absolute-form): the route table, not aiohttp's router, decides."""
+    return await handle(request)
+
+
 def runner_options(settings: Settings) -> dict[str, Any]:
     """How a server must run this app: our own access line, and handlers cancelled when
     their client disconnects so that the upstream request is cancelled too."""
@@ -214,10 +222,13 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Application:
     """Build the proxy application; long-lived resources open and close in cleanup_ctx."""
-    app = web.Application(handler_args={"max_field_size": 8190, "max_line_size": 8190})
+    app = web.Application(
+        middlewares=[_every_request],
+        # Request bodies are forwarded as they came: never decompressed on the way in.
+        handler_args={"max_field_size": 8190, "max_line_size": 8190, "auto_decompress": False},
+    )
     app[SETTINGS] = settings
     app[METRICS] = metrics if metrics is not None else Metrics()
     app[ROUTES] = RouteTable(settings.routes)
     app.cleanup_ctx.append(_resources)
-    app.router.add_route("*", "/{tail:.*}", handle)
     return app
