@@ -7,6 +7,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import math
 import random
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from proxy.metrics import Metrics
 log = get_logger("proxy.credentials")
 
 DEFAULT_EXPIRES_IN = 3600.0
+MAX_EXPIRES_IN = 365 * 24 * 3600.0
 REFRESH_FRACTION = 0.8
 SAFETY_MARGIN_CAP = 30.0
 SAFETY_MARGIN_FRACTION = 0.1
@@ -61,7 +63,8 @@ class Token:
 
 def backoff_delay(attempt: int, *, rng: Callable[[], float] = random.random) -> float:
     """Full jitter: uniform in [0, min(cap, base * 2**(attempt-1))]."""
-    ceiling: float = min(BACKOFF_CAP, BACKOFF_BASE * 2.0 ** max(0, attempt - 1))
+    doublings = min(max(0, attempt - 1), 32)  # 2**32 s is far past the cap, and never overflows
+    ceiling = min(BACKOFF_CAP, BACKOFF_BASE * 2.0**doublings)
     return rng() * ceiling
 
 
@@ -120,13 +123,14 @@ def _expires_in(raw: Any, status: int) -> float:
         value = float(raw)
     except (TypeError, ValueError):
         value = -1.0
-    if not value > 0 or isinstance(raw, bool):
+    if not 0 < value < math.inf or isinstance(raw, bool):
         raise TokenEndpointError(
             f"token endpoint answered an expires_in of {str(raw)[:32]!r}, not a positive number",
             error="invalid_response",
             status_code=status,
         )
-    return value
+    # A token that claims to live for more than a year is refreshed yearly all the same.
+    return min(value, MAX_EXPIRES_IN)
 
 
 def _basic_credentials(client_id: str, secret: str) -> str:

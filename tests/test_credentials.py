@@ -1,0 +1,581 @@
+"""TokenManager, Token, backoff_delay and parse_token_response against the fake token server."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from proxy.config import Credential
+from proxy.credentials import Token, TokenManager, backoff_delay, parse_token_response
+from proxy.errors import ClientRejected, TokenEndpointError, TokenUnavailable
+from proxy.metrics import Metrics
+from tests.conftest import TEST_CLIENT_ID, TEST_SECRET, FakeTokenServer, free_port, wait_for
+
+# An id and a secret with every character RFC 6749 2.3.1 form-urlencoding changes.
+ODD_ID = "my:id+x y%z"
+ODD_SECRET = "p:a+s s%w/rd=&?"
+
+
+def make_credential(token_server: FakeTokenServer, **overrides: Any) -> Credential:
+    values: dict[str, Any] = {
+        "client_id": TEST_CLIENT_ID,
+        "client_secret": TEST_SECRET,
+        "token_url": token_server.url,
+    }
+    values.update(overrides)
+    return Credential.model_validate(values)
+
+
+@asynccontextmanager
+async def token_manager(
+    credential: Credential,
+    *,
+    start: bool = False,
+    wait_timeout: float = 5.0,
+    request_timeout: float = 5.0,
+    rng: Callable[[], float] = lambda: 0.0,
+) -> AsyncIterator[TokenManager]:
+    async with aiohttp.ClientSession() as session:
+        manager = TokenManager(
+            name="default",
+            credential=credential,
+            session=session,
+            metrics=Metrics(),
+            request_timeout=request_timeout,
+            wait_timeout=wait_timeout,
+            rng=rng,
+        )
+        if start:
+            manager.start()
+        try:
+            yield manager
+        finally:
+            await manager.close()
+
+
+def json_body(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload).encode()
+
+
+# --- 1. the token request -------------------------------------------------------------------
+
+
+async def test_token_request_is_form_post_with_client_credentials_grant(
+    token_server: FakeTokenServer,
+) -> None:
+    """The token request is a form-urlencoded POST with just grant_type=client_credentials."""
+    async with token_manager(make_credential(token_server)) as manager:
+        token = await manager.fetch()
+    assert len(token_server.requests) == 1  # the fake token server only routes POST
+    sent = token_server.requests[0]
+    assert sent.headers["Content-Type"].split(";")[0] == "application/x-www-form-urlencoded"
+    assert sent.form == {"grant_type": "client_credentials"}
+    assert token.value == token_server.issued[0]
+
+
+async def test_basic_auth_form_urlencodes_id_and_secret(token_server: FakeTokenServer) -> None:
+    """client_secret_basic form-urlencodes id and secret before Base64 (RFC 6749 2.3.1)."""
+    credential = make_credential(
+        token_server, client_id=ODD_ID, client_secret=ODD_SECRET, auth_method="client_secret_basic"
+    )
+    async with token_manager(credential) as manager:
+        await manager.fetch()
+    sent = token_server.requests[0]
+    scheme, _, encoded = sent.headers["Authorization"].partition(" ")
+    assert scheme == "Basic"
+    assert base64.b64decode(encoded).decode() == "my%3Aid%2Bx+y%25z:p%3Aa%2Bs+s%25w%2Frd%3D%26%3F"
+    assert sent.basic_credentials == (ODD_ID, ODD_SECRET)
+    assert "client_secret" not in sent.form
+    assert "client_id" not in sent.form
+
+
+async def test_basic_auth_leaves_plain_ids_unchanged(token_server: FakeTokenServer) -> None:
+    """A Battle.net-style hex id and alphanumeric secret go into the Basic header as they are."""
+    credential = make_credential(
+        token_server, client_id="0123456789abcdef0123456789abcdef", client_secret="AbCdEf0123456789"
+    )
+    async with token_manager(credential) as manager:
+        await manager.fetch()
+    encoded = token_server.requests[0].headers["Authorization"].removeprefix("Basic ")
+    assert base64.b64decode(encoded) == b"0123456789abcdef0123456789abcdef:AbCdEf0123456789"
+
+
+async def test_client_secret_post_sends_credentials_in_form(token_server: FakeTokenServer) -> None:
+    """client_secret_post sends client_id and client_secret in the form, no Authorization."""
+    credential = make_credential(
+        token_server, client_id=ODD_ID, client_secret=ODD_SECRET, auth_method="client_secret_post"
+    )
+    async with token_manager(credential) as manager:
+        await manager.fetch()
+    sent = token_server.requests[0]
+    assert "Authorization" not in sent.headers
+    assert sent.form == {
+        "grant_type": "client_credentials",
+        "client_id": ODD_ID,
+        "client_secret": ODD_SECRET,
+    }
+
+
+@pytest.mark.parametrize("auth_method", ["client_secret_basic", "client_secret_post"])
+async def test_scope_sent_only_when_set(token_server: FakeTokenServer, auth_method: str) -> None:
+    """scope is absent from the form when unset, and sent as configured when set."""
+    async with token_manager(make_credential(token_server, auth_method=auth_method)) as manager:
+        await manager.fetch()
+    scoped = make_credential(token_server, auth_method=auth_method, scope="wow.profile sc2.profile")
+    async with token_manager(scoped) as manager:
+        await manager.fetch()
+    assert "scope" not in token_server.requests[0].form
+    assert token_server.requests[1].form["scope"] == "wow.profile sc2.profile"
+
+
+async def test_extra_params_are_sent(token_server: FakeTokenServer) -> None:
+    """Every extra_params entry is sent in the token request's form, next to grant_type."""
+    credential = make_credential(
+        token_server, extra_params={"audience": "https://api.example.com", "resource": "a b&c"}
+    )
+    async with token_manager(credential) as manager:
+        await manager.fetch()
+    assert token_server.requests[0].form == {
+        "grant_type": "client_credentials",
+        "audience": "https://api.example.com",
+        "resource": "a b&c",
+    }
+
+
+async def test_fetch_reports_lifetime_and_scope(token_server: FakeTokenServer) -> None:
+    """fetch() returns the issued token with the server's expires_in and scope."""
+    token_server.expires_in = 86399
+    token_server.scope = "wow.profile"
+    async with token_manager(make_credential(token_server)) as manager:
+        before = time.monotonic()
+        token = await manager.fetch()
+    assert token.value == token_server.issued[0]
+    assert token.lifetime == 86399
+    assert token.scope == "wow.profile"
+    assert before <= token.obtained_at <= time.monotonic()
+
+
+async def test_fetch_without_expires_in_means_one_hour(token_server: FakeTokenServer) -> None:
+    """A token answer without expires_in gives the token a 3600 s lifetime."""
+    token_server.expires_in = None
+    async with token_manager(make_credential(token_server)) as manager:
+        token = await manager.fetch()
+    assert token.lifetime == 3600
+
+
+# --- 2. parsing the answer ------------------------------------------------------------------
+
+
+def test_parse_missing_expires_in_means_3600() -> None:
+    """parse_token_response gives 3600 s when expires_in is missing (RFC 6749 5.1 default here)."""
+    body = json_body({"access_token": "abc", "token_type": "bearer"})
+    assert parse_token_response(200, "application/json", body) == ("abc", 3600.0, None)
+
+
+def test_parse_reads_expires_in_and_scope() -> None:
+    """parse_token_response returns the token, its expires_in and its scope."""
+    body = json_body(
+        {"access_token": "abc", "token_type": "Bearer", "expires_in": 86399, "scope": "x y"}
+    )
+    assert parse_token_response(200, "application/json", body) == ("abc", 86399.0, "x y")
+
+
+@pytest.mark.parametrize(
+    ("status", "content_type", "body"),
+    [
+        (502, "text/html", b"<html><body><h1>502 Bad Gateway</h1></body></html>"),
+        (200, "text/html", b"<!doctype html><title>Login</title>"),
+        (200, "text/plain", b"access_token=abc&token_type=bearer"),
+        (503, "", b""),
+        (500, "application/json", b"\xff\xfe\x00garbage"),
+        (200, "application/json", b'["access_token", "abc"]'),
+        (200, "application/json", b"null"),
+    ],
+)
+def test_parse_non_json_answer_raises_with_status(
+    status: int, content_type: str, body: bytes
+) -> None:
+    """An answer that is not a JSON object raises TokenEndpointError carrying the status code."""
+    with pytest.raises(TokenEndpointError) as caught:
+        parse_token_response(status, content_type, body)
+    assert caught.value.status_code == status
+    assert str(status) in str(caught.value)
+    assert not caught.value.rejects_client
+
+
+@pytest.mark.parametrize(
+    ("error", "rejects"),
+    [
+        ("invalid_client", True),
+        ("unauthorized_client", True),
+        ("invalid_request", False),
+        ("invalid_grant", False),
+        ("invalid_scope", False),
+        ("unsupported_grant_type", False),
+    ],
+)
+@pytest.mark.parametrize("status", [400, 401])
+def test_parse_error_response_is_reported_by_name(error: str, rejects: bool, status: int) -> None:
+    """An RFC 6749 5.2 error is reported by name and description; only client errors reject."""
+    body = json_body({"error": error, "error_description": "Client authentication failed"})
+    with pytest.raises(TokenEndpointError) as caught:
+        parse_token_response(status, "application/json", body)
+    assert caught.value.error == error
+    assert error in str(caught.value)
+    assert "Client authentication failed" in str(caught.value)
+    assert caught.value.status_code == status
+    assert caught.value.rejects_client is rejects
+
+
+def test_parse_error_in_200_answer_is_an_error() -> None:
+    """A 200 answer that carries an error member is an error, not a token."""
+    body = json_body({"error": "invalid_scope", "access_token": "abc", "token_type": "bearer"})
+    with pytest.raises(TokenEndpointError) as caught:
+        parse_token_response(200, "application/json", body)
+    assert caught.value.error == "invalid_scope"
+
+
+def test_parse_success_shape_with_error_status_is_refused() -> None:
+    """A token-shaped body under a non-200 status is not taken as a token."""
+    body = json_body({"access_token": "abc", "token_type": "bearer", "expires_in": 60})
+    with pytest.raises(TokenEndpointError) as caught:
+        parse_token_response(500, "application/json", body)
+    assert caught.value.status_code == 500
+
+
+@pytest.mark.parametrize("token_type", ["mac", "DPoP", "N_A", "", 7])
+def test_parse_refuses_non_bearer_token_type(token_type: object) -> None:
+    """A token_type other than bearer (any case) is refused: only bearer tokens can be forwarded."""
+    body = json_body({"access_token": "abc", "token_type": token_type, "expires_in": 60})
+    with pytest.raises(TokenEndpointError) as caught:
+        parse_token_response(200, "application/json", body)
+    assert caught.value.error == "unsupported_token_type"
+
+
+@pytest.mark.parametrize("token_type", ["bearer", "Bearer", "BEARER"])
+def test_parse_accepts_bearer_in_any_case(token_type: str) -> None:
+    """token_type is matched case-insensitively (RFC 6749 5.1)."""
+    body = json_body({"access_token": "abc", "token_type": token_type, "expires_in": 60})
+    assert parse_token_response(200, "application/json", body)[0] == "abc"
+
+
+@pytest.mark.parametrize("expires_in", [0, -1, -3600, "soon", True, [60], {"s": 60}])
+def test_parse_refuses_non_positive_expires_in(expires_in: object) -> None:
+    """expires_in that is not a positive number is refused."""
+    body = json_body({"access_token": "abc", "token_type": "bearer", "expires_in": expires_in})
+    with pytest.raises(TokenEndpointError) as caught:
+        parse_token_response(200, "application/json", body)
+    assert caught.value.error == "invalid_response"
+
+
+def test_parse_refuses_nan_expires_in() -> None:
+    """expires_in NaN (which Python's json accepts) is refused."""
+    body = b'{"access_token": "abc", "token_type": "bearer", "expires_in": NaN}'
+    with pytest.raises(TokenEndpointError):
+        parse_token_response(200, "application/json", body)
+
+
+@pytest.mark.parametrize("access_token", [None, "", 42])
+def test_parse_refuses_missing_access_token(access_token: object) -> None:
+    """A 200 answer without a non-empty string access_token is refused."""
+    payload: dict[str, Any] = {"token_type": "bearer", "expires_in": 60}
+    if access_token is not None:
+        payload["access_token"] = access_token
+    with pytest.raises(TokenEndpointError) as caught:
+        parse_token_response(200, "application/json", json_body(payload))
+    assert caught.value.error == "invalid_response"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        lambda: web.Response(status=502, text="<html>Bad Gateway</html>", content_type="text/html"),
+        lambda: web.json_response(
+            {"error": "invalid_client", "error_description": "Client authentication failed"},
+            status=401,
+        ),
+        lambda: web.Response(status=401, text="Unauthorized"),
+        lambda: web.json_response({"access_token": "abc", "token_type": "mac"}),
+        lambda: web.json_response({"access_token": "abc", "expires_in": -5}),
+    ],
+)
+@pytest.mark.parametrize("auth_method", ["client_secret_basic", "client_secret_post"])
+async def test_fetch_errors_never_contain_the_secret(
+    token_server: FakeTokenServer, answer: Callable[[], web.Response], auth_method: str
+) -> None:
+    """A failed token request raises TokenEndpointError whose message holds neither the secret
+    nor the encoded Basic credentials."""
+    token_server.script.append(answer())
+    credential = make_credential(token_server, auth_method=auth_method)
+    async with token_manager(credential) as manager:
+        with pytest.raises(TokenEndpointError) as caught:
+            await manager.fetch()
+    basic = base64.b64encode(f"{TEST_CLIENT_ID}:{TEST_SECRET}".encode()).decode()
+    text = f"{caught.value} {caught.value!r} {caught.value.detail} {caught.value.error}"
+    assert TEST_SECRET not in text
+    assert basic not in text
+
+
+async def test_fetch_unreachable_endpoint_is_a_token_endpoint_error() -> None:
+    """An unreachable token endpoint raises TokenEndpointError (not a crash) without the secret."""
+    credential = Credential.model_validate(
+        {
+            "client_id": TEST_CLIENT_ID,
+            "client_secret": TEST_SECRET,
+            "token_url": f"http://127.0.0.1:{free_port()}/token",
+        }
+    )
+    async with token_manager(credential) as manager:
+        with pytest.raises(TokenEndpointError) as caught:
+            await manager.fetch()
+    assert caught.value.error == "connection_error"
+    assert not caught.value.rejects_client
+    assert TEST_SECRET not in str(caught.value)
+
+
+async def test_fetch_times_out_as_token_endpoint_error(token_server: FakeTokenServer) -> None:
+    """A token endpoint that does not answer within request_timeout raises TokenEndpointError."""
+    token_server.release = asyncio.Event()
+    try:
+        async with token_manager(make_credential(token_server), request_timeout=0.2) as manager:
+            with pytest.raises(TokenEndpointError) as caught:
+                await manager.fetch()
+    finally:
+        token_server.release.set()
+    assert caught.value.error == "timeout"
+
+
+# --- 3. token lifetime ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("lifetime", "margin"),
+    [(86399.0, 30.0), (3600.0, 30.0), (300.0, 30.0), (299.0, 29.9), (100.0, 10.0), (4.0, 0.4)],
+)
+def test_token_usable_window_keeps_safety_margin(lifetime: float, margin: float) -> None:
+    """A token is usable until min(30 s, 10 % of lifetime) before its expiry, never after."""
+    token = Token(value="t", obtained_at=1000.0, lifetime=lifetime)
+    end = 1000.0 + lifetime - margin
+    assert token.expires_at == pytest.approx(1000.0 + lifetime)
+    assert token.usable_until == pytest.approx(end)
+    assert token.usable(1000.0)
+    assert token.usable(end - 0.01)
+    assert not token.usable(end + 1e-6)
+    assert not token.usable(1000.0 + lifetime)
+    assert not token.usable(1000.0 + lifetime + 1)
+
+
+@pytest.mark.parametrize("lifetime", [86399.0, 3600.0, 100.0, 4.0])
+def test_token_refresh_at_80_percent(lifetime: float) -> None:
+    """A token's refresh is due at 80 % of its lifetime, while it is still usable."""
+    token = Token(value="t", obtained_at=500.0, lifetime=lifetime)
+    assert token.refresh_at == pytest.approx(500.0 + 0.8 * lifetime)
+    assert token.usable(token.refresh_at)
+
+
+def test_token_repr_hides_value() -> None:
+    """The token value never appears in a Token's repr."""
+    token = Token(value="very-secret-token-value", obtained_at=0.0, lifetime=60.0)
+    assert "very-secret-token-value" not in repr(token)
+
+
+# --- 4. backoff -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("attempt", "ceiling"),
+    [
+        (1, 1.0),
+        (2, 2.0),
+        (3, 4.0),
+        (4, 8.0),
+        (5, 16.0),
+        (6, 32.0),
+        (7, 60.0),
+        (8, 60.0),
+        (50, 60.0),
+    ],
+)
+def test_backoff_delay_bounds(attempt: int, ceiling: float) -> None:
+    """Full jitter: the delay spans [0, min(60, 2**(attempt-1))] exactly."""
+    assert backoff_delay(attempt, rng=lambda: 1.0) == pytest.approx(ceiling)
+    assert backoff_delay(attempt, rng=lambda: 0.0) == 0.0
+    assert backoff_delay(attempt, rng=lambda: 0.5) == pytest.approx(ceiling / 2)
+
+
+@pytest.mark.parametrize("attempt", [1023, 1024, 1025, 5000, 100_000])
+def test_backoff_delay_stays_capped_after_many_failures(attempt: int) -> None:
+    """However many attempts have failed in a row, the delay stays capped at 60 s (no overflow)."""
+    assert backoff_delay(attempt, rng=lambda: 1.0) == pytest.approx(60.0)
+
+
+def test_backoff_delay_default_rng_jitters_within_bounds() -> None:
+    """With the default rng the delays are spread over [0, ceiling], not a fixed value."""
+    delays = [backoff_delay(4) for _ in range(300)]
+    assert all(0.0 <= delay <= 8.0 for delay in delays)
+    assert max(delays) - min(delays) > 2.0
+
+
+# --- the manager's lifecycle ----------------------------------------------------------------
+
+
+async def test_manager_fetches_eagerly_and_shares_one_token(token_server: FakeTokenServer) -> None:
+    """Once started, the manager fetches one token and hands the same one to every caller."""
+    async with token_manager(make_credential(token_server), start=True) as manager:
+        await wait_for(lambda: manager.ready)
+        tokens = await asyncio.gather(*(manager.token() for _ in range(50)))
+    assert {token.value for token in tokens} == {token_server.issued[0]}
+    assert len(token_server.requests) == 1
+
+
+async def test_manager_single_flight_while_first_token_pending(
+    token_server: FakeTokenServer,
+) -> None:
+    """Many callers waiting for the first token cause a single token request."""
+    token_server.release = asyncio.Event()
+    async with token_manager(make_credential(token_server), start=True) as manager:
+        waiters = [asyncio.create_task(manager.token()) for _ in range(100)]
+        try:
+            await wait_for(lambda: len(token_server.requests) >= 1)
+            assert not any(waiter.done() for waiter in waiters)
+        finally:
+            token_server.release.set()
+        tokens = await asyncio.gather(*waiters)
+    assert {token.value for token in tokens} == {token_server.issued[0]}
+    assert len(token_server.requests) == 1
+
+
+async def test_manager_refreshes_at_80_percent(token_server: FakeTokenServer) -> None:
+    """The background refresh starts once 80 % of the token's lifetime has passed."""
+    token_server.expires_in = 2
+    async with token_manager(make_credential(token_server), start=True) as manager:
+        first = await manager.token()
+        await wait_for(lambda: len(token_server.issued) == 2, timeout=5)
+        second = await manager.token()
+    assert second.value == token_server.issued[1]
+    gap = second.obtained_at - first.obtained_at
+    assert 1.6 - 0.01 <= gap < 1.6 + 0.3
+    assert second.obtained_at < first.usable_until
+
+
+async def test_manager_waits_then_raises_token_unavailable(token_server: FakeTokenServer) -> None:
+    """With no token obtainable, token() waits wait_timeout and raises TokenUnavailable."""
+    token_server.release = asyncio.Event()
+    try:
+        async with token_manager(
+            make_credential(token_server), start=True, wait_timeout=0.3
+        ) as manager:
+            started = time.monotonic()
+            with pytest.raises(TokenUnavailable) as caught:
+                await manager.token()
+            elapsed = time.monotonic() - started
+            assert not manager.ready
+    finally:
+        token_server.release.set()
+    assert 0.3 - 0.01 <= elapsed < 2.0
+    assert caught.value.retry_after >= 1
+    assert caught.value.status == 503
+
+
+async def test_manager_recovers_after_a_failed_fetch(token_server: FakeTokenServer) -> None:
+    """A failed token request is retried, and a waiting caller gets the next token."""
+    token_server.script.append(web.Response(status=503, text="busy", content_type="text/html"))
+    async with token_manager(make_credential(token_server), start=True) as manager:
+        token = await manager.token()
+        state = manager.state()
+    assert token.value == token_server.issued[0]
+    assert len(token_server.requests) == 2
+    assert state["ready"] is True
+    assert state["consecutive_failures"] == 0
+    assert state["last_error"] is None
+
+
+async def test_manager_rejected_client_fails_fast(token_server: FakeTokenServer) -> None:
+    """invalid_client makes token() raise ClientRejected at once, and state() names the error."""
+    token_server.script.append(
+        web.json_response(
+            {"error": "invalid_client", "error_description": "Client authentication failed"},
+            status=401,
+        )
+    )
+    async with token_manager(
+        make_credential(token_server), start=True, wait_timeout=10.0, rng=lambda: 0.5
+    ) as manager:
+        started = time.monotonic()
+        with pytest.raises(ClientRejected) as caught:
+            await manager.token()
+        elapsed = time.monotonic() - started
+        state = manager.state()
+        # A second caller, after the failure is known, is refused without waiting.
+        started = time.monotonic()
+        with pytest.raises(ClientRejected):
+            await manager.token()
+        again = time.monotonic() - started
+    assert elapsed < 2.0
+    assert again < 0.1
+    assert "rejected the client credentials" in caught.value.detail
+    assert caught.value.retry_after >= 1
+    assert state["last_error"] == "invalid_client"
+    assert state["ready"] is False
+    assert state["consecutive_failures"] == 1
+    assert TEST_SECRET not in json.dumps(state)
+    assert TEST_SECRET not in str(caught.value)
+
+
+async def test_manager_invalidate_drops_only_the_current_token(
+    token_server: FakeTokenServer,
+) -> None:
+    """invalidate(current) drops it and fetches one new token; a stale one is ignored."""
+    async with token_manager(make_credential(token_server), start=True) as manager:
+        first = await manager.token()
+        manager.invalidate(first)
+        assert not manager.ready
+        manager.invalidate(first)
+        second = await manager.token()
+        assert second.value == token_server.issued[1]
+        manager.invalidate(first)  # stale: already replaced
+        assert manager.ready
+        assert (await manager.token()) is second
+    assert len(token_server.requests) == 2
+
+
+async def test_manager_survives_infinite_expires_in(token_server: FakeTokenServer) -> None:
+    """An expires_in that parses as infinity (1e999) neither kills the refresh task nor strands
+    waiting callers: token() still returns a token."""
+    token_server.script.append(
+        web.Response(
+            text='{"access_token": "tok-infinite-lifetime", "token_type": "bearer", '
+            '"expires_in": 1e999}',
+            content_type="application/json",
+        )
+    )
+    async with token_manager(make_credential(token_server), start=True, wait_timeout=2) as manager:
+        token = await manager.token()
+    assert token.value
+
+
+async def test_manager_keeps_retrying_after_1100_failures(
+    token_server: FakeTokenServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The refresh loop outlives a long outage: after 1100 failed token requests in a row it
+    still retries, and the next good answer becomes the token."""
+    token_server.script.extend(
+        web.Response(status=503, text="down", content_type="text/html") for _ in range(1100)
+    )
+    caplog.set_level(logging.ERROR, logger="proxy.credentials")  # 1100 warnings say nothing new
+    async with token_manager(make_credential(token_server), start=True, wait_timeout=3) as manager:
+        # 2**1024 overflows a float: the 1025th failure is where a naive backoff breaks.
+        await wait_for(lambda: len(token_server.requests) >= 1025, timeout=15)
+        token = await manager.token()
+    assert token.value == token_server.issued[0]
+    assert len(token_server.requests) == 1101
