@@ -97,8 +97,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 route_label = match.route.prefix
                 response = await app[FORWARDER].forward(
                     request,
+                    route=match.route,
                     url=URL(match.target, encoded=True),
-                    route_label=route_label,
                     tokens=app[TOKENS][match.route.credential],
                     request_id=request_id,
                     exchange=exchange,
@@ -207,7 +207,11 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     }
     app[TOKENS] = managers
     app[FORWARDER] = Forwarder(
-        transport=transport, metrics=app[METRICS], max_body_size=settings.max_body_size
+        transport=transport,
+        metrics=app[METRICS],
+        routes=settings.routes,
+        max_body_size=settings.max_body_size,
+        slot_wait=settings.connect_timeout,
     )
     for manager in managers.values():
         manager.start()

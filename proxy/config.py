@@ -171,6 +171,7 @@ class Route(_Model):
     prefix: str
     upstream: str
     credential: str
+    max_connections: int | None = Field(default=None, ge=1)
 
     @field_validator("prefix")
     @classmethod

@@ -8,6 +8,7 @@ ProxyError
 ├── PayloadTooLarge        413 request body over max_body_size
 ├── TokenUnavailable       503 no usable token within the wait (Retry-After)
 │   └── ClientRejected     503 the token endpoint rejected the client credentials
+├── UpstreamBusy           503 every connection the route may use stayed busy (Retry-After)
 ├── TokenEndpointError     a token request failed (logged, retried; never served directly)
 └── UpstreamError          502 upstream unreachable or broken
     └── UpstreamTimeout    504 no byte from upstream within read_timeout
@@ -90,6 +91,18 @@ class TokenUnavailable(ProxyError):
 class ClientRejected(TokenUnavailable):
     title = "Client credentials rejected"
     type_slug = "client-rejected"
+
+
+class UpstreamBusy(ProxyError):
+    """Every upstream connection a route may use stayed busy for connect_timeout."""
+
+    status = 503
+    title = "Upstream connections busy"
+    type_slug = "upstream-busy"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
 
 
 class TokenEndpointError(ProxyError):

@@ -3,16 +3,19 @@ single replay with a fresh token when upstream answers 401."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from proxy.credentials import TokenManager
-from proxy.errors import PayloadTooLarge, UpstreamError
+from proxy.config import Route
+from proxy.credentials import Token, TokenManager
+from proxy.errors import PayloadTooLarge, UpstreamBusy, UpstreamError
 from proxy.log import get_logger
 from proxy.metrics import Metrics
 from proxy.upstream import CHUNK_SIZE, AiohttpTransport, Body, UpstreamResponse
@@ -91,24 +94,83 @@ class Forwarder:
     """Forwards requests for every route through one transport."""
 
     def __init__(
-        self, *, transport: AiohttpTransport, metrics: Metrics, max_body_size: int
+        self,
+        *,
+        transport: AiohttpTransport,
+        metrics: Metrics,
+        routes: Sequence[Route],
+        max_body_size: int,
+        slot_wait: float,
     ) -> None:
         self._transport = transport
         self._metrics = metrics
         self._max_body_size = max_body_size
+        self._slot_wait = slot_wait
+        self._slots = {
+            route.prefix: asyncio.Semaphore(route.max_connections)
+            for route in routes
+            if route.max_connections is not None
+        }
 
     async def forward(
         self,
         request: web.Request,
         *,
+        route: Route,
         url: URL,
-        route_label: str,
         tokens: TokenManager,
         request_id: str,
         exchange: Exchange,
     ) -> web.StreamResponse:
         body, replayable = await self._request_body(request, exchange)
         token = await tokens.token()
+        async with self._slot(route):
+            return await self._exchange(
+                request,
+                url=url,
+                route_label=route.prefix,
+                tokens=tokens,
+                token=token,
+                body=body,
+                replayable=replayable,
+                request_id=request_id,
+                exchange=exchange,
+            )
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, route: Route) -> AsyncIterator[None]:
+        """Hold one of the route's upstream connections for the whole exchange."""
+        slots = self._slots.get(route.prefix)
+        if slots is None:
+            yield
+            return
+        try:
+            async with asyncio.timeout(self._slot_wait):
+                await slots.acquire()
+        except TimeoutError:
+            raise UpstreamBusy(
+                f"all {route.max_connections} upstream connections of route {route.prefix!r} "
+                f"stayed busy for {self._slot_wait:g} s; raise max_connections of that route "
+                "if upstream can take more"
+            ) from None
+        try:
+            yield
+        finally:
+            slots.release()
+
+    async def _exchange(
+        self,
+        request: web.Request,
+        *,
+        url: URL,
+        route_label: str,
+        tokens: TokenManager,
+        token: Token,
+        body: Body,
+        replayable: bool,
+        request_id: str,
+        exchange: Exchange,
+    ) -> web.StreamResponse:
         response = await self._send(
             request,
             url=url,

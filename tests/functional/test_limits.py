@@ -1,0 +1,70 @@
+"""Per-route limits on concurrent upstream connections."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from proxy.config import Settings
+from tests.conftest import (
+    TEST_CLIENT_ID,
+    TEST_SECRET,
+    FakeTokenServer,
+    FakeUpstream,
+    ProxyFactory,
+    wait_for,
+)
+
+
+async def test_route_connection_limit(
+    start_proxy: ProxyFactory, token_server: FakeTokenServer, upstream: FakeUpstream
+) -> None:
+    """A route with max_connections = 2 never has more than 2 requests upstream at once; a
+    request that waits longer than connect_timeout gets 503 problem+json with Retry-After."""
+    release = asyncio.Event()
+    active = 0
+    peak = 0
+
+    async def held(request: web.Request) -> web.Response:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        try:
+            await asyncio.wait_for(release.wait(), 10)
+        finally:
+            active -= 1
+        return web.json_response({"ok": True})
+
+    upstream.handlers["/held"] = held
+    settings = Settings.model_validate(
+        {
+            "credentials": {
+                "c": {
+                    "client_id": TEST_CLIENT_ID,
+                    "client_secret": TEST_SECRET,
+                    "token_url": token_server.url,
+                }
+            },
+            "routes": [
+                {"prefix": "/", "upstream": upstream.url, "credential": "c", "max_connections": 2}
+            ],
+            "connect_timeout": 0.3,
+        }
+    )
+    client = await start_proxy(settings)
+    first = [asyncio.create_task(client.get("/held")) for _ in range(2)]
+    await wait_for(lambda: active == 2)
+    refused = await client.get("/held")
+    assert refused.status == 503
+    assert refused.content_type == "application/problem+json"
+    assert refused.headers["Retry-After"] == "1"
+    assert "max_connections" in (await refused.json())["detail"]
+    release.set()
+    for task in first:
+        response = await task
+        assert response.status == 200
+        response.release()
+    burst = await asyncio.gather(*(client.get("/held") for _ in range(6)))
+    assert [response.status for response in burst] == [200] * 6
+    assert peak == 2
