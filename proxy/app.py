@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -124,22 +125,51 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 status = response.status
             duration = time.perf_counter() - started
             method = Metrics.method_label(request.method)
-            metrics.requests.labels(route_label, method, status).inc()
+            metrics.requests.labels(route_label, method, status, exchange.client).inc()
             metrics.request_duration.labels(route_label).observe(duration)
             if not reserved:
-                access_log.info(
-                    "request",
-                    method=request.method,
-                    route=route_label,
-                    status=status,
-                    duration_ms=round(duration * 1000, 2),
-                    upstream_ms=round(exchange.upstream_seconds * 1000, 2),
-                    bytes_in=exchange.bytes_in,
-                    bytes_out=exchange.bytes_out,
-                    replayed=exchange.replayed,
-                    outcome=exchange.outcome,
-                )
+                app[ACCESS_LOG].record(request, route_label, status, duration, exchange)
     return response
+
+
+class AccessLog:
+    """One line per forwarded request; off, or sampled, for high volume. Errors (status 400
+    and above) are always written."""
+
+    def __init__(self, *, enabled: bool, sample: float, rng: Callable[[], float] = random.random):
+        self._enabled = enabled
+        self._sample = sample
+        self._rng = rng
+
+    def record(
+        self,
+        request: web.Request,
+        route_label: str,
+        status: int,
+        duration: float,
+        exchange: Exchange,
+    ) -> None:
+        if not self._enabled:
+            return
+        if status < 400 and self._sample < 1.0 and self._rng() >= self._sample:
+            return
+        access_log.info(
+            "request",
+            method=request.method,
+            route=route_label,
+            client=exchange.client,
+            status=status,
+            duration_ms=round(duration * 1000, 2),
+            upstream_ms=round(exchange.upstream_seconds * 1000, 2),
+            bytes_in=exchange.bytes_in,
+            bytes_out=exchange.bytes_out,
+            token_age_s=None if exchange.token_age is None else round(exchange.token_age, 1),
+            replayed=exchange.replayed,
+            outcome=exchange.outcome,
+        )
+
+
+ACCESS_LOG = web.AppKey("access_log", AccessLog)
 
 
 @web.middleware
@@ -167,10 +197,24 @@ async def _reserved(request: web.Request, raw: str) -> web.StreamResponse:
         return web.json_response({"status": "ok", "version": __version__})
     if path == "/-/ready":
         return _ready(request.app)
-    if path == "/-/metrics":
-        metrics = request.app[METRICS]
-        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    if path == "/-/metrics" and request.app[SETTINGS].metrics_port is None:
+        return metrics_response(request.app[METRICS])
     raise NoRoute(f"{path} is not an endpoint of the proxy; see /-/healthy, /-/ready, /-/metrics")
+
+
+def metrics_response(metrics: Metrics) -> web.Response:
+    return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def create_metrics_app(metrics: Metrics) -> web.Application:
+    """The separate listener of metrics_port: /-/metrics only."""
+
+    async def serve(request: web.Request) -> web.Response:
+        return metrics_response(metrics)
+
+    app = web.Application()
+    app.router.add_get("/-/metrics", serve)
+    return app
 
 
 def _ready(app: web.Application) -> web.Response:
@@ -234,5 +278,6 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     app[SETTINGS] = settings
     app[METRICS] = metrics if metrics is not None else Metrics()
     app[ROUTES] = RouteTable(settings.routes)
+    app[ACCESS_LOG] = AccessLog(enabled=settings.access_log, sample=settings.access_log_sample)
     app.cleanup_ctx.append(_resources)
     return app

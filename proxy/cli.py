@@ -14,7 +14,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy import __version__
-from proxy.app import create_app, runner_options
+from proxy.app import METRICS, create_app, create_metrics_app, runner_options
 from proxy.config import Settings, load_settings
 from proxy.credentials import TokenManager
 from proxy.errors import ConfigError, TokenEndpointError
@@ -88,9 +88,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         asyncio.run(_serve(settings))
     except OSError as exc:
+        ports = str(settings.port)
+        if settings.metrics_port is not None:
+            ports += f" and metrics_port {settings.metrics_port}"
         print(
-            f"token-proxy: cannot listen on {settings.host}:{settings.port} ({exc.strerror}); "
-            "choose another address with --host/--port or TOKEN_PROXY_HOST/TOKEN_PROXY_PORT",
+            f"token-proxy: cannot listen on {settings.host} port {ports} ({exc.strerror}); "
+            "choose another address with --host/--port or TOKEN_PROXY_HOST/TOKEN_PROXY_PORT "
+            "(TOKEN_PROXY_METRICS_PORT for metrics)",
             file=sys.stderr,
         )
         return EXIT_CONFIG
@@ -100,15 +104,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _serve(settings: Settings) -> None:
     app = create_app(settings)
     runner = web.AppRunner(app, handle_signals=False, **runner_options(settings))
+    runners = [runner]
     await runner.setup()
     try:
-        site = web.TCPSite(runner, settings.host, settings.port)
-        await site.start()
+        await web.TCPSite(runner, settings.host, settings.port).start()
+        if settings.metrics_port is not None:
+            metrics_runner = web.AppRunner(create_metrics_app(app[METRICS]), access_log=None)
+            runners.append(metrics_runner)
+            await metrics_runner.setup()
+            await web.TCPSite(metrics_runner, settings.host, settings.metrics_port).start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        addresses = [f"{host}:{port}" for host, port, *_ in runner.addresses]
+        addresses = [f"{host}:{port}" for r in runners for host, port, *_ in r.addresses]
         log.info(
             "token-proxy listening",
             version=__version__,
@@ -118,7 +127,8 @@ async def _serve(settings: Settings) -> None:
         await stop.wait()
         log.info("shutting down", grace_seconds=settings.shutdown_timeout)
     finally:
-        await runner.cleanup()
+        for each in reversed(runners):
+            await each.cleanup()
     log.info("stopped")
 
 

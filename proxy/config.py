@@ -263,6 +263,9 @@ class Settings(BaseSettings):
     max_body_size: int = Field(default=100 * 1024 * 1024, ge=0)
     log_level: LogLevel = "info"
     log_format: LogFormat = "auto"
+    access_log: bool = True
+    access_log_sample: float = Field(default=1.0, gt=0, le=1)
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
     allow_anonymous_remote: bool = False
     credentials: dict[str, Credential] = Field(default_factory=dict)
     routes: tuple[Route, ...] = ()

@@ -232,6 +232,10 @@ class TokenManager:
         except TimeoutError:
             raise self._unavailable() from None
 
+    def age(self, token: Token) -> float:
+        """Seconds since `token` was requested."""
+        return self._clock() - token.obtained_at
+
     def invalidate(self, token: Token) -> None:
         """Drop `token` after upstream rejected it, and fetch a new one now (once)."""
         if self._token is token:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ class Exchange:
     bytes_out: int = 0
     replayed: bool = False
     outcome: str = "complete"
+    token_age: float | None = None
+    client: str = "-"
     body_too_large: bool = False
 
 
@@ -171,32 +174,27 @@ class Forwarder:
         request_id: str,
         exchange: Exchange,
     ) -> web.StreamResponse:
-        response = await self._send(
+        send = functools.partial(
+            self._send,
             request,
             url=url,
-            token=token.value,
+            tokens=tokens,
             request_id=request_id,
             body=body,
             route_label=route_label,
             exchange=exchange,
         )
+        response = await send(token=token)
         if response.status == 401:
             tokens.invalidate(token)
             if replayable:
                 response.close()
-                token = await tokens.token()
                 self._metrics.replays.labels(route_label).inc()
                 exchange.replayed = True
                 log.info("upstream answered 401; replaying once with a new token")
-                response = await self._send(
-                    request,
-                    url=url,
-                    token=token.value,
-                    request_id=request_id,
-                    body=body,
-                    route_label=route_label,
-                    exchange=exchange,
-                )
+                response = await send(token=await tokens.token())
+        elif response.status == 429:
+            self._metrics.rate_limited.labels(tokens.name).inc()
         return await self._respond(request, response, request_id, exchange)
 
     async def _send(
@@ -204,13 +202,15 @@ class Forwarder:
         request: web.Request,
         *,
         url: URL,
-        token: str,
+        tokens: TokenManager,
+        token: Token,
         request_id: str,
         body: Body,
         route_label: str,
         exchange: Exchange,
     ) -> UpstreamResponse:
-        headers = upstream_headers(request.headers, token=token, request_id=request_id)
+        headers = upstream_headers(request.headers, token=token.value, request_id=request_id)
+        exchange.token_age = tokens.age(token)
         started = time.perf_counter()
         try:
             return await self._transport.send(request.method, url, headers, body)

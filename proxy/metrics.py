@@ -18,8 +18,8 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "token_proxy_requests",
-            "Requests answered, by route prefix, method and status.",
-            ["route", "method", "status"],
+            "Requests answered, by route prefix, method, status and team client.",
+            ["route", "method", "status", "client"],
             registry=r,
         )
         self.request_duration = Histogram(
@@ -67,6 +67,13 @@ class Metrics:
             "token_proxy_upstream_401_replays",
             "Requests replayed with a new token after upstream answered 401.",
             ["route"],
+            registry=r,
+        )
+
+        self.rate_limited = Counter(
+            "token_proxy_rate_limited",
+            "Requests refused for a rate limit, upstream's 429 included, by credential.",
+            ["credential"],
             registry=r,
         )
 
