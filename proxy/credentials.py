@@ -12,6 +12,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote_plus
 
@@ -319,9 +320,15 @@ class TokenManager:
             credential=self.name,
             expires_in=round(token.lifetime),
             scope=token.scope,
-            refresh_in=round(token.refresh_at - self._clock(), 1),
         )
         self._notify()
+        refresh_in = token.refresh_at - self._clock()
+        log.info(
+            "token refresh scheduled",
+            credential=self.name,
+            refresh_in=round(refresh_in, 1),
+            refresh_at=datetime.fromtimestamp(time.time() + refresh_in, UTC).isoformat(),
+        )
 
     def _record_failure(self, exc: TokenEndpointError) -> float:
         self._failures += 1
