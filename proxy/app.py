@@ -22,9 +22,10 @@ from yarl import URL
 from proxy import __version__
 from proxy.config import Settings
 from proxy.credentials import TokenManager
-from proxy.errors import MethodNotAllowed, NoRoute, ProxyError, TokenUnavailable
+from proxy.errors import BadRequest, MethodNotAllowed, NoRoute, ProxyError, TokenUnavailable
 from proxy.forward import Exchange, Forwarder
-from proxy.log import get_logger
+from proxy.inbound import Gate
+from proxy.log import get_logger, redactor
 from proxy.metrics import Metrics
 from proxy.routing import RouteTable
 from proxy.upstream import AiohttpTransport
@@ -34,6 +35,7 @@ METRICS = web.AppKey("metrics", Metrics)
 ROUTES = web.AppKey("routes", RouteTable)
 TOKENS = web.AppKey("tokens", dict[str, TokenManager])
 FORWARDER = web.AppKey("forwarder", Forwarder)
+GATE = web.AppKey("gate", Gate)
 
 access_log = get_logger("proxy.access")
 log = get_logger("proxy.app")
@@ -94,8 +96,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
             if reserved:
                 response = await _reserved(request, raw)
             else:
+                _check_framing(request)
                 match = app[ROUTES].match(raw)
                 route_label = match.route.prefix
+                exchange.client = app[GATE].identify(request.headers)
+                structlog.contextvars.bind_contextvars(client=exchange.client)
                 response = await app[FORWARDER].forward(
                     request,
                     route=match.route,
@@ -130,6 +135,30 @@ async def handle(request: web.Request) -> web.StreamResponse:
             if not reserved:
                 app[ACCESS_LOG].record(request, route_label, status, duration, exchange)
     return response
+
+
+_FORBIDDEN_IN_HEADERS = ("\r", "\n", "\x00")
+
+
+def _check_framing(request: web.Request) -> None:
+    """Refuse what could make the proxy and upstream disagree on where a request ends
+    (RFC 9112 6.1-6.3): such a request is never forwarded, and its connection is closed."""
+    headers = request.headers
+    lengths = headers.getall("Content-Length", ())
+    codings = headers.getall("Transfer-Encoding", ())
+    if lengths and codings:
+        raise BadRequest("Content-Length together with Transfer-Encoding is refused")
+    if len(lengths) > 1 or any(not value.strip().isdigit() for value in lengths):
+        raise BadRequest("a single, plain Content-Length is required")
+    if codings:
+        named = [part.strip().lower() for value in codings for part in value.split(",")]
+        if named != ["chunked"]:
+            raise BadRequest(
+                f"transfer coding {', '.join(named)!r} is not supported; only chunked is"
+            )
+    for value in headers.values():
+        if any(char in value for char in _FORBIDDEN_IN_HEADERS):
+            raise BadRequest("a header value holds CR, LF or NUL")
 
 
 class AccessLog:
@@ -278,6 +307,10 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     app[SETTINGS] = settings
     app[METRICS] = metrics if metrics is not None else Metrics()
     app[ROUTES] = RouteTable(settings.routes)
+    app[GATE] = Gate(settings.clients)
+    for client in settings.clients:
+        if client.key is not None:
+            redactor.add_secret(client.key.get_secret_value())
     app[ACCESS_LOG] = AccessLog(enabled=settings.access_log, sample=settings.access_log_sample)
     app.cleanup_ctx.append(_resources)
     return app

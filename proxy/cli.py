@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import signal
 import sys
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from aiohttp import web
 
 from proxy import __version__
 from proxy.app import METRICS, create_app, create_metrics_app, runner_options
-from proxy.config import Settings, load_settings
+from proxy.config import MIN_KEY_LENGTH, Settings, load_settings
 from proxy.credentials import TokenManager
 from proxy.errors import ConfigError, TokenEndpointError
 from proxy.log import configure_logging, get_logger, redactor
@@ -24,7 +25,7 @@ from proxy.metrics import Metrics
 EXIT_OK = 0
 EXIT_TOKEN_FAILED = 1
 EXIT_CONFIG = 2
-_COMMANDS = {"run", "check"}
+_COMMANDS = {"run", "check", "hash-key"}
 
 log = get_logger("proxy.cli")
 
@@ -37,10 +38,14 @@ def _parser() -> argparse.ArgumentParser:
         "directory and a TOML file, in that order.",
     )
     parser.add_argument("--version", action="version", version=f"token-proxy {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="{run,check}")
+    commands = parser.add_subparsers(dest="command", metavar="{run,check,hash-key}")
     run = commands.add_parser("run", help="serve the proxy (the default command)")
     check = commands.add_parser(
         "check", help="validate the configuration and fetch one token per credential"
+    )
+    commands.add_parser(
+        "hash-key",
+        help="print the sha256 of a team key read from stdin, for key_sha256 in [[clients]]",
     )
     for sub in (run, check):
         sub.add_argument("--config", type=Path, help="TOML file (env: TOKEN_PROXY_CONFIG)")
@@ -79,6 +84,8 @@ def _load(args: argparse.Namespace) -> Settings | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
+    if args.command == "hash-key":
+        return _hash_key()
     settings = _load(args)
     if settings is None:
         return EXIT_CONFIG
@@ -98,6 +105,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_CONFIG
+    return EXIT_OK
+
+
+def _hash_key() -> int:
+    if sys.stdin.isatty():
+        print("Type the team key, then Enter:", file=sys.stderr)
+    key = sys.stdin.readline().rstrip("\r\n")
+    if len(key) < MIN_KEY_LENGTH:
+        print(
+            f"token-proxy: the key must be at least {MIN_KEY_LENGTH} characters; use a random "
+            "one, e.g. `openssl rand -hex 32 | tee key.txt | token-proxy hash-key`",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    print(hashlib.sha256(key.encode()).hexdigest())
     return EXIT_OK
 
 
@@ -124,6 +146,12 @@ async def _serve(settings: Settings) -> None:
             addresses=addresses,
             routes={route.prefix: route.upstream for route in settings.routes},
         )
+        if settings.exposed_anonymously:
+            log.warning(
+                "listening on a non-loopback address without [[clients]]: anyone who can "
+                "reach it can use the credentials (allow_anonymous_remote = true)",
+                host=settings.host,
+            )
         await stop.wait()
         log.info("shutting down", grace_seconds=settings.shutdown_timeout)
     finally:

@@ -5,8 +5,11 @@ message that names the setting and says how to fix it."""
 from __future__ import annotations
 
 import difflib
+import hashlib
 import ipaddress
 import os
+import re
+import ssl
 import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
@@ -172,6 +175,20 @@ class Route(_Model):
     upstream: str
     credential: str
     max_connections: int | None = Field(default=None, ge=1)
+    ca_bundle: Path | None = None
+
+    @field_validator("ca_bundle")
+    @classmethod
+    def _ca_bundle(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            try:
+                ssl.create_default_context(cafile=str(value))
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(
+                    f"ca_bundle {str(value)!r} is not a readable PEM file of CA certificates "
+                    f"({exc}); fix the path, or remove the key to use the system's"
+                ) from None
+        return value
 
     @field_validator("prefix")
     @classmethod
@@ -194,6 +211,65 @@ class Route(_Model):
     def match_prefix(self) -> str:
         """The prefix without its trailing slash: '' for the root route."""
         return self.prefix.rstrip("/")
+
+
+MIN_KEY_LENGTH = 16
+_CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+class Client(_Model):
+    """A team member's tool allowed to use the proxy, known by the sha256 of its key."""
+
+    name: str
+    key: SecretStr | None = None
+    key_sha256: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _CLIENT_NAME.fullmatch(value):
+            raise ValueError(
+                f"client name {value!r} must be 1 to 64 letters, digits, '.', '_' or '-' "
+                "(it becomes a metric label)"
+            )
+        return value
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_KEY_LENGTH:
+            raise ValueError(
+                f"key is shorter than {MIN_KEY_LENGTH} characters; use a random one, "
+                "e.g. from `openssl rand -hex 32`"
+            )
+        return value
+
+    @field_validator("key_sha256")
+    @classmethod
+    def _key_sha256(cls, value: str | None) -> str | None:
+        if value is not None:
+            value = value.strip().lower()
+            if not _SHA256_HEX.fullmatch(value):
+                raise ValueError(
+                    "key_sha256 must be 64 hex digits; make it with `token-proxy hash-key`"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _one_key(self) -> Client:
+        if (self.key is None) == (self.key_sha256 is None):
+            raise ValueError(f"client {self.name!r}: set exactly one of key or key_sha256")
+        return self
+
+    @property
+    def digest(self) -> bytes:
+        """The sha256 of the client's key, the only form in which it is compared."""
+        if self.key_sha256 is not None:
+            return bytes.fromhex(self.key_sha256)
+        if self.key is None:
+            raise RuntimeError("a client without a key cannot be built")
+        return hashlib.sha256(self.key.get_secret_value().encode()).digest()
 
 
 _toml_data: ContextVar[dict[str, Any]] = ContextVar("_toml_data", default={})  # noqa: B039  (read-only default)
@@ -269,6 +345,7 @@ class Settings(BaseSettings):
     allow_anonymous_remote: bool = False
     credentials: dict[str, Credential] = Field(default_factory=dict)
     routes: tuple[Route, ...] = ()
+    clients: tuple[Client, ...] = ()
 
     @classmethod
     def settings_customise_sources(
@@ -358,14 +435,27 @@ class Settings(BaseSettings):
         duplicates = sorted({p or "/" for p in prefixes if prefixes.count(p) > 1})
         if duplicates:
             raise ValueError(f"routes: prefix {duplicates[0]!r} is used by more than one route")
-        if not is_loopback_host(self.host) and not self.allow_anonymous_remote:
+        names = [client.name for client in self.clients]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"clients: the name {repeated[0]!r} is used more than once")
+        digests = [client.digest for client in self.clients]
+        if len(set(digests)) != len(digests):
+            raise ValueError("clients: two clients share one key; give each its own")
+        if self.exposed_anonymously and not self.allow_anonymous_remote:
             raise ValueError(
-                f"host (TOKEN_PROXY_HOST) = {self.host!r} is not a loopback address, so anyone "
-                "who can reach it could use your credentials; listen on 127.0.0.1, or set "
+                f"host (TOKEN_PROXY_HOST) = {self.host!r} is not a loopback address and no "
+                "[[clients]] are configured, so anyone who can reach it could use your "
+                "credentials; listen on 127.0.0.1, add [[clients]] with team keys, or set "
                 "allow_anonymous_remote = true (TOKEN_PROXY_ALLOW_ANONYMOUS_REMOTE=true) "
                 "if that is really intended"
             )
         return self
+
+    @property
+    def exposed_anonymously(self) -> bool:
+        """Listening beyond loopback with no team keys to keep strangers out."""
+        return not is_loopback_host(self.host) and not self.clients
 
     @property
     def routes_by_length(self) -> tuple[Route, ...]:
@@ -420,6 +510,8 @@ def _known_keys(parent: tuple[int | str, ...]) -> list[str]:
         return list(Credential.model_fields)
     if parent[0] == "routes":
         return list(Route.model_fields)
+    if parent[0] == "clients":
+        return list(Client.model_fields)
     return []
 
 

@@ -3,6 +3,7 @@
 ProxyError
 ├── ConfigError            bad configuration (CLI exit 2, never served)
 ├── BadRequest             400 malformed or unsafe request
+├── Unauthorized           401 team key missing or wrong (WWW-Authenticate)
 ├── NoRoute                404 no route matches the path
 ├── MethodNotAllowed       405 a reserved /-/ path asked with a method other than GET or HEAD
 ├── PayloadTooLarge        413 request body over max_body_size
@@ -46,6 +47,18 @@ class BadRequest(ProxyError):
     status = 400
     title = "Bad request"
     type_slug = "bad-request"
+
+
+class Unauthorized(ProxyError):
+    """Team mode: the request carries no team key, or one that is not known."""
+
+    status = 401
+    title = "Team key missing or wrong"
+    type_slug = "unauthorized"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="token-proxy"'}
 
 
 class NoRoute(ProxyError):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ssl
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -109,6 +110,12 @@ class Forwarder:
         self._metrics = metrics
         self._max_body_size = max_body_size
         self._slot_wait = slot_wait
+        # Certificate verification is always on; a route may name its own CA bundle.
+        self._ssl = {
+            route.prefix: ssl.create_default_context(cafile=str(route.ca_bundle))
+            for route in routes
+            if route.ca_bundle is not None
+        }
         self._slots = {
             route.prefix: asyncio.Semaphore(route.max_connections)
             for route in routes
@@ -213,7 +220,9 @@ class Forwarder:
         exchange.token_age = tokens.age(token)
         started = time.perf_counter()
         try:
-            return await self._transport.send(request.method, url, headers, body)
+            return await self._transport.send(
+                request.method, url, headers, body, ssl_context=self._ssl.get(route_label)
+            )
         except UpstreamError:
             if exchange.body_too_large:
                 raise self._too_large() from None

@@ -67,20 +67,16 @@ class AiohttpTransport:
         connect_timeout: float,
         read_timeout: float,
         max_connections: int,
-        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=connect_timeout, sock_read=read_timeout
         )
         self._read_timeout = read_timeout
         self._max_connections = max_connections
-        self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=self._max_connections, ttl_dns_cache=300, ssl=self._ssl
-        )
+        connector = aiohttp.TCPConnector(limit=self._max_connections, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=self._timeout,
@@ -96,13 +92,24 @@ class AiohttpTransport:
             await session.close()
 
     async def send(
-        self, method: str, url: URL, headers: CIMultiDict[str], body: Body
+        self,
+        method: str,
+        url: URL,
+        headers: CIMultiDict[str],
+        body: Body,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> UpstreamResponse:
         if self._session is None:
             raise RuntimeError("the upstream transport is not started")
         try:
             response = await self._session.request(
-                method, url, headers=headers, data=body, allow_redirects=False
+                method,
+                url,
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+                ssl=ssl_context if ssl_context is not None else True,
             )
         except TimeoutError:
             raise UpstreamTimeout(
