@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import itertools
 import os
 import secrets
@@ -23,12 +24,56 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from proxy.app import create_app, runner_options
+from proxy.app import SETTINGS, create_app, runner_options
 from proxy.config import Settings
 from proxy.log import configure_logging, redactor
 
 TEST_CLIENT_ID = "test-client-id"
 TEST_SECRET = "Sup3r-S3cret-Value-Never-Logged-7f3a"
+
+
+class LeakWatch:
+    """Everything the suite saw the proxy produce, and every token issued: at the end of the
+    session none of the texts may contain the test secret or any token."""
+
+    def __init__(self) -> None:
+        self.texts: list[tuple[str, str]] = []
+        self.tokens: set[str] = set()
+        self.log = io.StringIO()
+
+    def add(self, where: str, text: str) -> None:
+        self.texts.append((where, text))
+
+    def leaks(self) -> list[str]:
+        basic = base64.b64encode(f"{TEST_CLIENT_ID}:{TEST_SECRET}".encode()).decode()
+        needles = {"the test secret": TEST_SECRET, "the Basic credentials": basic}
+        needles.update({f"token {token[:6]}…": token for token in self.tokens})
+        found = []
+        for where, text in [*self.texts, ("in-process logs", self.log.getvalue())]:
+            found += [f"{name} in {where}" for name, needle in needles.items() if needle in text]
+        return found
+
+
+LEAKS = LeakWatch()
+
+
+class _Tee(io.StringIO):
+    """The suite's log stream: to stderr, as usual, and into LeakWatch."""
+
+    def write(self, text: str) -> int:
+        LEAKS.log.write(text)
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+def configure_test_logging() -> None:
+    """Debug-level JSON logs, tracebacks included, watched for leaks."""
+    configure_logging(level="debug", fmt="json", stream=_Tee())
 
 
 @dataclass
@@ -73,6 +118,7 @@ class FakeTokenServer:
             return self.script.pop(0)
         token = f"tok{next(self._counter)}-{secrets.token_hex(12)}"
         self.issued.append(token)
+        LEAKS.tokens.add(token)
         payload: dict[str, Any] = {"access_token": token, "token_type": "bearer"}
         if self.expires_in is not None:
             payload["expires_in"] = self.expires_in
@@ -166,8 +212,12 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _logging() -> None:
-    configure_logging(level="debug", fmt="json")
+def _no_leaks() -> Iterator[None]:
+    """The session-wide leak check: fails the run if any secret or token escaped."""
+    configure_test_logging()
+    yield
+    leaks = LEAKS.leaks()
+    assert not leaks, f"secrets or tokens leaked: {leaks}"
 
 
 @pytest.fixture(autouse=True)
@@ -235,7 +285,9 @@ async def start_proxy(
         settings: Settings | None = None, **overrides: Any
     ) -> TestClient[web.Request, web.Application]:
         settings = settings if settings is not None else make_settings(**overrides)
-        server = TestServer(create_app(settings), host="127.0.0.1", **runner_options(settings))
+        app = create_app(settings)
+        app.on_response_prepare.append(_watch_response)
+        server = TestServer(app, host="127.0.0.1", **runner_options(settings))
         client = TestClient(server, connector=aiohttp.TCPConnector(limit=0))
         await client.start_server()
         clients.append(client)
@@ -243,7 +295,17 @@ async def start_proxy(
 
     yield start
     for client in clients:
+        if client.app is not None and client.app[SETTINGS].metrics_port is None:
+            async with client.get("/-/metrics") as metrics:
+                LEAKS.add("/-/metrics", await metrics.text())
         await client.close()
+
+
+async def _watch_response(request: web.Request, response: web.StreamResponse) -> None:
+    headers = "\n".join(f"{name}: {value}" for name, value in response.headers.items())
+    body = response.body if isinstance(response, web.Response) else None
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else ""
+    LEAKS.add(f"the response to {request.method} {request.raw_path}", f"{headers}\n{text}")
 
 
 @dataclass
@@ -328,3 +390,4 @@ async def proxy_process(
         if proxy.process.poll() is None:
             proxy.process.kill()
             proxy.process.wait()
+        LEAKS.add(f"the log of proxy process {proxy.pid}", proxy.log_text())

@@ -11,6 +11,7 @@ import pytest
 import structlog
 
 from proxy.log import REDACTED, Redactor, configure_logging, get_logger, redactor
+from tests.conftest import configure_test_logging
 
 
 class _Terminal(io.StringIO):
@@ -23,7 +24,7 @@ def log_output() -> Iterator[io.StringIO]:
     stream = io.StringIO()
     configure_logging(level="debug", fmt="auto", stream=stream)
     yield stream
-    configure_logging(level="debug", fmt="json")
+    configure_test_logging()
 
 
 def _lines(stream: io.StringIO) -> list[dict[str, object]]:
@@ -99,7 +100,7 @@ def test_console_on_a_terminal() -> None:
         configure_logging(level="info", fmt="auto", stream=stream)
         get_logger("proxy.test").info("hello", answer=42)
     finally:
-        configure_logging(level="debug", fmt="json")
+        configure_test_logging()
     text = stream.getvalue()
     assert "hello" in text
     assert "answer" in text
