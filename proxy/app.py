@@ -22,11 +22,19 @@ from yarl import URL
 from proxy import __version__
 from proxy.config import Settings
 from proxy.credentials import TokenManager
-from proxy.errors import BadRequest, MethodNotAllowed, NoRoute, ProxyError, TokenUnavailable
+from proxy.errors import (
+    BadRequest,
+    MethodNotAllowed,
+    NoRoute,
+    ProxyError,
+    RateLimited,
+    TokenUnavailable,
+)
 from proxy.forward import Exchange, Forwarder
 from proxy.inbound import Gate
 from proxy.log import get_logger, redactor
 from proxy.metrics import Metrics
+from proxy.ratelimit import RateLimits
 from proxy.routing import RouteTable
 from proxy.upstream import AiohttpTransport
 
@@ -36,6 +44,7 @@ ROUTES = web.AppKey("routes", RouteTable)
 TOKENS = web.AppKey("tokens", dict[str, TokenManager])
 FORWARDER = web.AppKey("forwarder", Forwarder)
 GATE = web.AppKey("gate", Gate)
+LIMITS = web.AppKey("limits", RateLimits)
 
 access_log = get_logger("proxy.access")
 log = get_logger("proxy.app")
@@ -87,8 +96,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     request_id = request_id_of(request)
     raw = request.raw_path
     reserved = raw.startswith("/-/")
-    route_label = "-" if reserved else "none"
-    exchange = Exchange()
+    exchange = Exchange(route="-" if reserved else "none")
     status = CLIENT_CLOSED_REQUEST
     metrics.in_flight.inc()
     with structlog.contextvars.bound_contextvars(request_id=request_id):
@@ -96,19 +104,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             if reserved:
                 response = await _reserved(request, raw)
             else:
-                _check_framing(request)
-                match = app[ROUTES].match(raw)
-                route_label = match.route.prefix
-                exchange.client = app[GATE].identify(request.headers)
-                structlog.contextvars.bind_contextvars(client=exchange.client)
-                response = await app[FORWARDER].forward(
-                    request,
-                    route=match.route,
-                    url=URL(match.target, encoded=True),
-                    tokens=app[TOKENS][match.route.credential],
-                    request_id=request_id,
-                    exchange=exchange,
-                )
+                response = await _proxy(request, raw, request_id, exchange)
         except ProxyError as exc:
             response = problem_response(exc, request_id=request_id)
             if exc.status in {400, 413}:
@@ -130,10 +126,49 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 status = response.status
             duration = time.perf_counter() - started
             method = Metrics.method_label(request.method)
-            metrics.requests.labels(route_label, method, status, exchange.client).inc()
-            metrics.request_duration.labels(route_label).observe(duration)
+            metrics.requests.labels(exchange.route, method, status, exchange.client).inc()
+            metrics.request_duration.labels(exchange.route).observe(duration)
             if not reserved:
-                app[ACCESS_LOG].record(request, route_label, status, duration, exchange)
+                app[ACCESS_LOG].record(request, status, duration, exchange)
+    return response
+
+
+async def _proxy(
+    request: web.Request, raw: str, request_id: str, exchange: Exchange
+) -> web.StreamResponse:
+    """The one-way flow: framing, routing, team key, rate limit, then the upstream exchange."""
+    app = request.app
+    metrics = app[METRICS]
+    _check_framing(request)
+    match = app[ROUTES].match(raw)
+    exchange.route = match.route.prefix
+    exchange.client = app[GATE].identify(request.headers)
+    structlog.contextvars.bind_contextvars(client=exchange.client)
+    credential = match.route.credential
+    try:
+        await app[LIMITS].acquire(credential=credential, client=exchange.client)
+    except RateLimited:
+        metrics.rate_limited.labels(credential).inc()
+        raise
+    response = await app[FORWARDER].forward(
+        request,
+        route=match.route,
+        url=URL(match.target, encoded=True),
+        tokens=app[TOKENS][credential],
+        request_id=request_id,
+        exchange=exchange,
+    )
+    if response.status == 429:
+        metrics.rate_limited.labels(credential).inc()
+        paused = app[LIMITS].upstream_said_slow_down(
+            credential, response.headers.get("Retry-After")
+        )
+        if paused is not None:
+            log.warning(
+                "upstream answered 429; holding the credential's requests back",
+                credential=credential,
+                seconds=round(paused, 1),
+            )
     return response
 
 
@@ -173,7 +208,6 @@ class AccessLog:
     def record(
         self,
         request: web.Request,
-        route_label: str,
         status: int,
         duration: float,
         exchange: Exchange,
@@ -185,7 +219,7 @@ class AccessLog:
         access_log.info(
             "request",
             method=request.method,
-            route=route_label,
+            route=exchange.route,
             client=exchange.client,
             status=status,
             duration_ms=round(duration * 1000, 2),
@@ -308,6 +342,16 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     app[METRICS] = metrics if metrics is not None else Metrics()
     app[ROUTES] = RouteTable(settings.routes)
     app[GATE] = Gate(settings.clients)
+    app[LIMITS] = RateLimits(
+        credentials={
+            name: (credential.rate_limits, credential.rate_limit_max_wait)
+            for name, credential in settings.credentials.items()
+        },
+        clients={
+            client.name: (client.rate_limit, client.rate_limit_max_wait)
+            for client in settings.clients
+        },
+    )
     for client in settings.clients:
         if client.key is not None:
             redactor.add_secret(client.key.get_secret_value())

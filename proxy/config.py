@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+import limits
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -57,6 +58,24 @@ REGION_UPSTREAMS: dict[str, str] = {
     "tw": "https://tw.api.blizzard.com",
     "cn": "https://gateway.battlenet.com.cn",
 }
+
+BATTLENET_TOKEN_HOSTS = frozenset({"oauth.battle.net", "oauth.battlenet.com.cn"})
+# Battle.net's published API quota for a client.
+BATTLENET_RATE_LIMIT = ("100/second", "36000/hour")
+
+
+def check_rate_limits(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Validate limits such as "100/second" or "36000/hour" with the `limits` library's parser."""
+    for value in values:
+        try:
+            limits.parse(value)
+        except ValueError:
+            raise ValueError(
+                f'rate limit {value!r} is not understood; write it like "100/second", '
+                '"20/minute" or "36000/hour"'
+            ) from None
+    return values
+
 
 # Keys that only make sense for the single-API shorthand (no [credentials.*] of their own).
 _SHORTHAND_CREDENTIAL_KEYS = (
@@ -118,6 +137,25 @@ class Credential(_Model):
     auth_method: AuthMethod = "client_secret_basic"
     scope: str = ""
     extra_params: dict[str, str] = Field(default_factory=dict)
+    rate_limit: tuple[str, ...] | None = None
+    rate_limit_max_wait: float = Field(default=5.0, ge=0)
+    region_routes: tuple[RegionName, ...] = ()
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_limit(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return None if value is None else check_rate_limits(value)
+
+    @property
+    def is_battlenet(self) -> bool:
+        return urlsplit(self.token_url).hostname in BATTLENET_TOKEN_HOSTS
+
+    @property
+    def rate_limits(self) -> tuple[str, ...]:
+        """The limits in force: as set, or Battle.net's published quota for Battle.net."""
+        if self.rate_limit is not None:
+            return self.rate_limit
+        return BATTLENET_RATE_LIMIT if self.is_battlenet else ()
 
     @model_validator(mode="before")
     @classmethod
@@ -144,6 +182,17 @@ class Credential(_Model):
     @classmethod
     def _token_url(cls, value: str) -> str:
         return check_url(value, what="token_url")
+
+    @model_validator(mode="after")
+    def _regions_share_a_token_url(self) -> Credential:
+        mixed = [r for r in self.region_routes if REGION_TOKEN_URLS[r] != self.token_url]
+        if self.region_routes and mixed:
+            raise ValueError(
+                f"region_routes {', '.join(mixed)} need the token URL "
+                f"{REGION_TOKEN_URLS[mixed[0]]}, not {self.token_url}; give them a credential "
+                "of their own (Battle.net China has its own accounts)"
+            )
+        return self
 
     @field_validator("client_secret")
     @classmethod
@@ -224,6 +273,13 @@ class Client(_Model):
     name: str
     key: SecretStr | None = None
     key_sha256: str | None = None
+    rate_limit: tuple[str, ...] = ()
+    rate_limit_max_wait: float = Field(default=5.0, ge=0)
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_limit(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return check_rate_limits(value)
 
     @field_validator("name")
     @classmethod
@@ -413,6 +469,17 @@ class Settings(BaseSettings):
                     "shorthand); set client_id too, or move them into a [credentials.NAME] "
                     "table and a [[routes]] entry"
                 )
+        for name, table in credentials.items():
+            regions = table.get("region_routes", ()) if isinstance(table, dict) else ()
+            for region in regions if isinstance(regions, list | tuple) else ():
+                if region in REGION_UPSTREAMS:
+                    routes.append(
+                        {
+                            "prefix": f"/{region}/",
+                            "upstream": REGION_UPSTREAMS[region],
+                            "credential": name,
+                        }
+                    )
         if not routes:
             raise ValueError(
                 "no routes are configured; add a [[routes]] table with prefix, upstream "

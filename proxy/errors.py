@@ -7,6 +7,7 @@ ProxyError
 ├── NoRoute                404 no route matches the path
 ├── MethodNotAllowed       405 a reserved /-/ path asked with a method other than GET or HEAD
 ├── PayloadTooLarge        413 request body over max_body_size
+├── RateLimited            429 no rate-limit slot within rate_limit_max_wait (Retry-After)
 ├── TokenUnavailable       503 no usable token within the wait (Retry-After)
 │   └── ClientRejected     503 the token endpoint rejected the client credentials
 ├── UpstreamBusy           503 every connection the route may use stayed busy (Retry-After)
@@ -85,6 +86,20 @@ class PayloadTooLarge(ProxyError):
     status = 413
     title = "Request body too large"
     type_slug = "payload-too-large"
+
+
+class RateLimited(ProxyError):
+    status = 429
+    title = "Rate limit wait exceeded"
+    type_slug = "rate-limited"
+
+    def __init__(self, detail: str, *, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
 
 
 class TokenUnavailable(ProxyError):

@@ -48,6 +48,7 @@ REPLAYABLE_BODY_LIMIT = 1024 * 1024
 class Exchange:
     """What the access log reports of one forwarded request."""
 
+    route: str = "none"
     upstream_seconds: float = 0.0
     bytes_in: int = 0
     bytes_out: int = 0
@@ -133,8 +134,9 @@ class Forwarder:
         exchange: Exchange,
     ) -> web.StreamResponse:
         body, replayable = await self._request_body(request, exchange)
-        token = await tokens.token()
         async with self._slot(route):
+            # The token is taken only once a slot is held, so it cannot age while queueing.
+            token = await tokens.token()
             return await self._exchange(
                 request,
                 url=url,
@@ -200,8 +202,6 @@ class Forwarder:
                 exchange.replayed = True
                 log.info("upstream answered 401; replaying once with a new token")
                 response = await send(token=await tokens.token())
-        elif response.status == 429:
-            self._metrics.rate_limited.labels(tokens.name).inc()
         return await self._respond(request, response, request_id, exchange)
 
     async def _send(
