@@ -34,3 +34,19 @@ def test_example_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TOKEN_PROXY_CLIENT_SECRET", "secret-value")
     settings = load_settings(config_file=ROOT / "config.example.toml")
     assert settings.routes[0].upstream == "https://us.api.blizzard.com"
+
+
+def test_team_example_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """README's complete team.toml loads once its placeholders are filled in."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("`team.toml`, complete:", 1)[1].split("```toml\n", 1)[1]
+    text = block.split("```", 1)[0]
+    text = text.replace("<64 hex digits printed by hash-key>", "ab" * 32)
+    text = text.replace("<64 hex digits>", "cd" * 32)
+    (tmp_path / "team.toml").write_text(text)
+    (tmp_path / "bnet.secret").write_text("the-bnet-secret\n")
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(config_file=Path("team.toml"))
+    assert sorted(route.prefix for route in settings.routes) == ["/eu/", "/kr/", "/tw/", "/us/"]
+    assert [client.name for client in settings.clients] == ["dashboard", "nightly-export"]
+    assert settings.credentials["bnet"].rate_limits == ("100/second", "36000/hour")
