@@ -123,23 +123,48 @@ class _Model(BaseModel):
 class Credential(_Model):
     """One OAuth client: where its token comes from and how the client authenticates."""
 
-    client_id: str = Field(min_length=1)
-    client_secret: SecretStr
-    client_secret_file: Path | None = None
-    region: RegionName | None = None
-    token_url: str
+    client_id: str = Field(min_length=1, description="OAuth client id (required)")
+    client_secret: SecretStr = Field(description="OAuth client secret (this or the file)")
+    client_secret_file: Path | None = Field(
+        default=None, description="file holding the secret; a trailing newline is stripped"
+    )
+    region: RegionName | None = Field(
+        default=None, description="Battle.net preset for `token_url`: `us`, `eu`, `kr`, `tw`, `cn`"
+    )
+    token_url: str = Field(
+        description="token endpoint",
+        json_schema_extra={"shown_default": "the region's, else `https://oauth.battle.net/token`"},
+    )
 
     @field_validator("region", "auth_method", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
 
-    auth_method: AuthMethod = "client_secret_basic"
-    scope: str = ""
-    extra_params: dict[str, str] = Field(default_factory=dict)
-    rate_limit: tuple[str, ...] | None = None
-    rate_limit_max_wait: float = Field(default=5.0, ge=0)
-    region_routes: tuple[RegionName, ...] = ()
+    auth_method: AuthMethod = Field(
+        default="client_secret_basic",
+        description="`client_secret_basic` or `client_secret_post`",
+    )
+    scope: str = Field(default="", description="space-separated scopes, sent only when set")
+    extra_params: dict[str, str] = Field(
+        default_factory=dict,
+        description='more form fields for the token request, e.g. `{ audience = "..." }`',
+    )
+    rate_limit: tuple[str, ...] | None = Field(
+        default=None,
+        description="limits shared by every request with this credential, e.g. "
+        '`["100/second", "36000/hour"]`; `[]` for none',
+        json_schema_extra={
+            "shown_default": "Battle.net's quota for a Battle.net `token_url`, else none"
+        },
+    )
+    rate_limit_max_wait: float = Field(
+        default=5.0, ge=0, description="seconds a request may queue for the limit, then 429"
+    )
+    region_routes: tuple[RegionName, ...] = Field(
+        default=(),
+        description="Battle.net regions to route for this credential: `/us/`, `/eu/`, ...",
+    )
 
     @field_validator("rate_limit")
     @classmethod
@@ -220,11 +245,18 @@ def _read_secret_file(path: Path) -> str:
 class Route(_Model):
     """A path prefix forwarded to one upstream with one credential's token."""
 
-    prefix: str
-    upstream: str
-    credential: str
-    max_connections: int | None = Field(default=None, ge=1)
-    ca_bundle: Path | None = None
+    prefix: str = Field(description="path prefix, stripped before forwarding; longest wins")
+    upstream: str = Field(description="upstream base URL; https, except loopback hosts")
+    credential: str = Field(description="name of the `[credentials.NAME]` whose token to send")
+    max_connections: int | None = Field(
+        default=None,
+        ge=1,
+        description="requests upstream at once on this route; more wait up to "
+        "`connect_timeout`, then 503",
+    )
+    ca_bundle: Path | None = Field(
+        default=None, description="PEM file of CAs to verify this upstream with"
+    )
 
     @field_validator("ca_bundle")
     @classmethod
@@ -270,11 +302,19 @@ _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 class Client(_Model):
     """A team member's tool allowed to use the proxy, known by the sha256 of its key."""
 
-    name: str
-    key: SecretStr | None = None
-    key_sha256: str | None = None
-    rate_limit: tuple[str, ...] = ()
-    rate_limit_max_wait: float = Field(default=5.0, ge=0)
+    name: str = Field(description="shown in logs and metrics; letters, digits, `.`, `_`, `-`")
+    key: SecretStr | None = Field(
+        default=None, description="the team key itself (16+ characters), or:"
+    )
+    key_sha256: str | None = Field(
+        default=None, description="hex sha256 of the key, from `token-proxy hash-key`"
+    )
+    rate_limit: tuple[str, ...] = Field(
+        default=(), description='this client\'s own limits, e.g. `["20/second"]`'
+    )
+    rate_limit_max_wait: float = Field(
+        default=5.0, ge=0, description="seconds its requests may queue, then 429"
+    )
 
     @field_validator("rate_limit")
     @classmethod
@@ -376,32 +416,102 @@ class Settings(BaseSettings):
         case_sensitive=False,
     )
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=8080, ge=0, le=65535)
-    client_id: str | None = None
-    client_secret: SecretStr | None = None
-    client_secret_file: Path | None = None
-    region: RegionName = "us"
-    upstream: str | None = None
-    token_url: str | None = None
-    auth_method: AuthMethod = "client_secret_basic"
-    scope: str = ""
-    connect_timeout: float = Field(default=5.0, gt=0)
-    read_timeout: float = Field(default=60.0, gt=0)
-    token_timeout: float = Field(default=10.0, gt=0)
-    token_wait_timeout: float = Field(default=10.0, gt=0)
-    shutdown_timeout: float = Field(default=15.0, ge=0)
-    max_connections: int = Field(default=256, ge=1)
-    max_body_size: int = Field(default=100 * 1024 * 1024, ge=0)
-    log_level: LogLevel = "info"
-    log_format: LogFormat = "auto"
-    access_log: bool = True
-    access_log_sample: float = Field(default=1.0, gt=0, le=1)
-    metrics_port: int | None = Field(default=None, ge=0, le=65535)
-    allow_anonymous_remote: bool = False
-    credentials: dict[str, Credential] = Field(default_factory=dict)
-    routes: tuple[Route, ...] = ()
-    clients: tuple[Client, ...] = ()
+    host: str = Field(
+        default="127.0.0.1",
+        description="listen address; beyond loopback it needs `[[clients]]` or "
+        "`allow_anonymous_remote`",
+    )
+    port: int = Field(default=8080, ge=0, le=65535, description="listen port")
+    client_id: str | None = Field(
+        default=None,
+        description="OAuth client id; defines the credential `default` and the route `/` "
+        "(the single-API shorthand)",
+    )
+    client_secret: SecretStr | None = Field(
+        default=None, description="OAuth client secret (required with `client_id`, or:)"
+    )
+    client_secret_file: Path | None = Field(
+        default=None, description="file holding the secret; a trailing newline is stripped"
+    )
+    region: RegionName = Field(
+        default="us", description="Battle.net preset: `us`, `eu`, `kr`, `tw`, `cn`"
+    )
+    upstream: str | None = Field(
+        default=None,
+        description="upstream base URL of the route `/`",
+        json_schema_extra={
+            "shown_default": "`https://{region}.api.blizzard.com` "
+            "(`cn`: `https://gateway.battlenet.com.cn`)"
+        },
+    )
+    token_url: str | None = Field(
+        default=None,
+        description="token endpoint",
+        json_schema_extra={
+            "shown_default": "`https://oauth.battle.net/token` "
+            "(`cn`: `https://oauth.battlenet.com.cn/token`)"
+        },
+    )
+    auth_method: AuthMethod = Field(
+        default="client_secret_basic",
+        description="`client_secret_basic` (HTTP Basic, as Battle.net documents) or "
+        "`client_secret_post`",
+    )
+    scope: str = Field(default="", description="space-separated scopes, sent only when set")
+    connect_timeout: float = Field(
+        default=5.0, gt=0, description="seconds to connect upstream, then 502"
+    )
+    read_timeout: float = Field(
+        default=60.0, gt=0, description="seconds without a byte from upstream, then 504"
+    )
+    token_timeout: float = Field(default=10.0, gt=0, description="seconds for one token request")
+    token_wait_timeout: float = Field(
+        default=10.0, gt=0, description="seconds a request waits for a token, then 503"
+    )
+    shutdown_timeout: float = Field(
+        default=15.0,
+        ge=0,
+        description="seconds in-flight requests get to finish on SIGTERM or SIGINT",
+    )
+    max_connections: int = Field(
+        default=256, ge=1, description="pooled upstream connections in all"
+    )
+    max_body_size: int = Field(
+        default=100 * 1024 * 1024,
+        ge=0,
+        description="largest request body in bytes (100 MiB), 413 beyond",
+    )
+    log_level: LogLevel = Field(default="info", description="`debug`, `info`, `warning`, `error`")
+    log_format: LogFormat = Field(
+        default="auto",
+        description="`auto` (console on a terminal, JSON otherwise), `json`, `console`",
+    )
+    access_log: bool = Field(default=True, description="one log line per forwarded request")
+    access_log_sample: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="share of successful requests logged (errors, status 400 and above, "
+        "always are)",
+    )
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="serve `/-/metrics` on this port of `host` instead of the main port",
+    )
+    allow_anonymous_remote: bool = Field(
+        default=False,
+        description="allow a non-loopback `host` without `[[clients]]`: anyone who reaches "
+        "it can use your credentials (logs a warning)",
+    )
+    credentials: dict[str, Credential] = Field(
+        default_factory=dict, description="`[credentials.NAME]` tables, below"
+    )
+    routes: tuple[Route, ...] = Field(default=(), description="`[[routes]]` tables, below")
+    clients: tuple[Client, ...] = Field(
+        default=(), description="`[[clients]]` tables: team keys, below"
+    )
 
     @classmethod
     def settings_customise_sources(

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from proxy.config import Settings, load_settings
+from scripts.config_reference import current, render
 
 ROOT = Path(__file__).parent.parent
 
@@ -50,3 +51,9 @@ def test_team_example_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert sorted(route.prefix for route in settings.routes) == ["/eu/", "/kr/", "/tw/", "/us/"]
     assert [client.name for client in settings.clients] == ["dashboard", "nightly-export"]
     assert settings.credentials["bnet"].rate_limits == ("100/second", "36000/hour")
+
+
+def test_reference_is_current() -> None:
+    """README's configuration reference is what scripts/config_reference.py makes of the model."""
+    readme = (ROOT / "README.md").read_text()
+    assert current(readme) == render(), "README's reference is stale: run `make reference`"
