@@ -18,7 +18,7 @@ _SENSITIVE_KEY = re.compile(
     r"secret|token|authorization|password|passwd|(^|_)(api_?)?key($|_)", re.I
 )
 # Keys that match the pattern above but carry no secret: the names of what we log on purpose.
-_SAFE_KEYS = frozenset({"token_url", "token_age", "token_type", "token_fetches"})
+_SAFE_KEYS = frozenset({"token_url", "token_age_s", "token_type", "token_fetches"})
 # A secret shorter than this is not scrubbed by value: it would shred ordinary words.
 _MIN_SCRUB_LENGTH = 6
 _REMEMBERED_TOKENS = 64
