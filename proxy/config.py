@@ -334,6 +334,8 @@ class Client(_Model):
     @field_validator("key")
     @classmethod
     def _key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value() != value.get_secret_value().strip():
+            raise ValueError("key starts or ends with white space, which no client can send")
         if value is not None and len(value.get_secret_value()) < MIN_KEY_LENGTH:
             raise ValueError(
                 f"key is shorter than {MIN_KEY_LENGTH} characters; use a random one, "

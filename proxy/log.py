@@ -11,6 +11,7 @@ from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 REDACTED = "[redacted]"
@@ -75,6 +76,20 @@ class Redactor:
 
 redactor = Redactor()
 
+
+class _QuietBadRequests(logging.Filter):
+    """aiohttp logs every request its parser rejects at error level with a traceback, which
+    lets any client flood the log: keep one plain info line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg = f"refused a malformed request: {type(exc).__name__}: {exc.message}"
+            record.args = ()
+            record.exc_info = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 _LEVELS["error"] = logging.ERROR
 
@@ -122,6 +137,9 @@ def configure_logging(
     root.setLevel(_LEVELS[level])
     # aiohttp's access logger is replaced by our own access line; its other loggers stay on.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _QuietBadRequests) for f in server_log.filters):
+        server_log.addFilter(_QuietBadRequests())
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

@@ -31,6 +31,10 @@ class RouteTable:
                 "only origin-form request targets (/path?query) are accepted; "
                 "point your client at the proxy as if it were the API"
             )
+        if "#" in raw_target:
+            # Origin-form has no fragment (RFC 9112 3.2.1); what follows '#' would be dropped
+            # on the way upstream, and with it whatever the safety checks saw.
+            raise BadRequest("a request target must not carry a fragment ('#')")
         path, sep, query = raw_target.partition("?")
         for prefix, base, route in self._routes:
             if prefix and path != prefix and not path.startswith(prefix + "/"):

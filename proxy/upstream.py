@@ -68,9 +68,14 @@ class AiohttpTransport:
         read_timeout: float,
         max_connections: int,
     ) -> None:
+        # `connect` bounds name resolution and the wait for a pooled connection too.
         self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=connect_timeout, sock_read=read_timeout
+            total=None,
+            connect=connect_timeout,
+            sock_connect=connect_timeout,
+            sock_read=read_timeout,
         )
+        self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
@@ -111,6 +116,11 @@ class AiohttpTransport:
                 allow_redirects=False,
                 ssl=ssl_context if ssl_context is not None else True,
             )
+        except aiohttp.ConnectionTimeoutError:
+            raise UpstreamError(
+                f"could not resolve or connect to {url.host}:{url.port} within connect_timeout "
+                f"({self._connect_timeout:g} s)"
+            ) from None
         except TimeoutError:
             raise UpstreamTimeout(
                 f"upstream sent no response within read_timeout ({self._read_timeout:g} s)"

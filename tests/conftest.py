@@ -287,7 +287,11 @@ async def start_proxy(
         settings = settings if settings is not None else make_settings(**overrides)
         app = create_app(settings)
         app.on_response_prepare.append(_watch_response)
-        server = TestServer(app, host="127.0.0.1", **runner_options(settings))
+        server = TestServer(app, host="127.0.0.1")
+        # TestServer turns handler_cancellation on itself; the rest is passed as the CLI does.
+        options = runner_options(settings)
+        del options["handler_cancellation"]
+        await server.start_server(**options)
         client = TestClient(server, connector=aiohttp.TCPConnector(limit=0))
         await client.start_server()
         clients.append(client)

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 import structlog
+from aiohttp.http_exceptions import LineTooLong
 
 from proxy.log import REDACTED, Redactor, configure_logging, get_logger, redactor
 from tests.conftest import configure_test_logging
@@ -148,3 +149,16 @@ def test_context_is_merged(log_output: io.StringIO) -> None:
     inside, outside = _lines(log_output)
     assert inside["request_id"] == "rid-1"
     assert "request_id" not in outside
+
+
+def test_parser_rejections_are_one_quiet_line(log_output: io.StringIO) -> None:
+    """A request aiohttp's parser rejects gives one info line without a traceback, so that a
+    client cannot flood the log at error level."""
+    try:
+        raise LineTooLong("header", "8190", "9000")
+    except LineTooLong:
+        logging.getLogger("aiohttp.server").exception("Error handling request from %s", "x")
+    (line,) = _lines(log_output)
+    assert line["level"] == "info"
+    assert "exception" not in line
+    assert "LineTooLong" in str(line["event"])
