@@ -8,7 +8,6 @@ import json
 import random
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -17,7 +16,6 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST
-from yarl import URL
 
 from proxy import __version__
 from proxy.config import Settings
@@ -36,7 +34,7 @@ from proxy.log import get_logger, redactor
 from proxy.metrics import Metrics
 from proxy.ratelimit import RateLimits
 from proxy.routing import RouteTable
-from proxy.upstream import AiohttpTransport
+from proxy.upstream import make_transport
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
@@ -85,7 +83,8 @@ def request_id_of(request: web.Request) -> str:
     given = request.headers.get("X-Request-ID")
     if given is not None and _REQUEST_ID.fullmatch(given):
         return given
-    return uuid.uuid4().hex
+    # Unique enough to find a request in the logs; nothing depends on it being unguessable.
+    return f"{random.getrandbits(128):032x}"
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
@@ -99,37 +98,38 @@ async def handle(request: web.Request) -> web.StreamResponse:
     exchange = Exchange(route="-" if reserved else "none")
     status = CLIENT_CLOSED_REQUEST
     metrics.in_flight.inc()
-    with structlog.contextvars.bound_contextvars(request_id=request_id):
-        try:
-            if reserved:
-                response = await _reserved(request, raw)
-            else:
-                response = await _proxy(request, raw, request_id, exchange)
-        except ProxyError as exc:
-            response = problem_response(exc, request_id=request_id)
-            if exc.status in {400, 413}:
-                # The rest of an unread or unsafe body must not be taken for the next request.
-                response.force_close()
-            if exc.status >= 500:
-                log.warning("request failed", status=exc.status, detail=exc.detail)
-        except asyncio.CancelledError:
-            # The client went away; aiohttp cancels the handler and with it the upstream call.
-            exchange.outcome = "client_aborted"
-            raise
-        except Exception:
-            log.exception("unexpected error while handling a request")
-            error = ProxyError("the proxy failed unexpectedly; see its log for this request id")
-            response = problem_response(error, request_id=request_id)
-        finally:
-            metrics.in_flight.dec()
-            if exchange.outcome != "client_aborted":
-                status = response.status
-            duration = time.perf_counter() - started
-            method = Metrics.method_label(request.method)
-            metrics.requests.labels(exchange.route, method, status, exchange.client).inc()
-            metrics.request_duration.labels(exchange.route).observe(duration)
-            if not reserved:
-                app[ACCESS_LOG].record(request, status, duration, exchange)
+    bound = structlog.contextvars.bind_contextvars(request_id=request_id, client="-")
+    try:
+        if reserved:
+            response = await _reserved(request, raw)
+        else:
+            response = await _proxy(request, raw, request_id, exchange)
+    except ProxyError as exc:
+        response = problem_response(exc, request_id=request_id)
+        if exc.status in {400, 413}:
+            # The rest of an unread or unsafe body must not be taken for the next request.
+            response.force_close()
+        if exc.status >= 500:
+            log.warning("request failed", status=exc.status, detail=exc.detail)
+    except asyncio.CancelledError:
+        # The client went away; aiohttp cancels the handler and with it the upstream call.
+        exchange.outcome = "client_aborted"
+        raise
+    except Exception:
+        log.exception("unexpected error while handling a request")
+        error = ProxyError("the proxy failed unexpectedly; see its log for this request id")
+        response = problem_response(error, request_id=request_id)
+    finally:
+        metrics.in_flight.dec()
+        if exchange.outcome != "client_aborted":
+            status = response.status
+        duration = time.perf_counter() - started
+        method = Metrics.method_label(request.method)
+        metrics.requests.labels(exchange.route, method, status, exchange.client).inc()
+        metrics.request_duration.labels(exchange.route).observe(duration)
+        if not reserved:
+            app[ACCESS_LOG].record(request, status, duration, exchange)
+        structlog.contextvars.reset_contextvars(**bound)
     return response
 
 
@@ -146,18 +146,17 @@ async def _proxy(
     structlog.contextvars.bind_contextvars(client=exchange.client)
     credential = match.route.credential
     try:
-        await app[LIMITS].acquire(credential=credential, client=exchange.client)
+        response = await app[FORWARDER].forward(
+            request,
+            route=match.route,
+            url=match.target,
+            tokens=app[TOKENS][credential],
+            request_id=request_id,
+            exchange=exchange,
+        )
     except RateLimited:
         metrics.rate_limited.labels(credential).inc()
         raise
-    response = await app[FORWARDER].forward(
-        request,
-        route=match.route,
-        url=URL(match.target, encoded=True),
-        tokens=app[TOKENS][credential],
-        request_id=request_id,
-        exchange=exchange,
-    )
     if response.status == 429:
         metrics.rate_limited.labels(credential).inc()
         paused = app[LIMITS].upstream_said_slow_down(
@@ -191,9 +190,9 @@ def _check_framing(request: web.Request) -> None:
             raise BadRequest(
                 f"transfer coding {', '.join(named)!r} is not supported; only chunked is"
             )
-    for value in headers.values():
-        if any(char in value for char in _FORBIDDEN_IN_HEADERS):
-            raise BadRequest("a header value holds CR, LF or NUL")
+    values = "".join(headers.values())
+    if any(char in values for char in _FORBIDDEN_IN_HEADERS):
+        raise BadRequest("a header value holds CR, LF or NUL")
 
 
 class AccessLog:
@@ -291,7 +290,8 @@ def _ready(app: web.Application) -> web.Response:
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    transport = AiohttpTransport(
+    transport = make_transport(
+        settings.upstream_client,
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,
         max_connections=settings.max_connections,
@@ -316,6 +316,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[FORWARDER] = Forwarder(
         transport=transport,
         metrics=app[METRICS],
+        limits=app[LIMITS],
         routes=settings.routes,
         max_body_size=settings.max_body_size,
         slot_wait=settings.connect_timeout,
@@ -357,4 +358,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
             redactor.add_secret(client.key.get_secret_value())
     app[ACCESS_LOG] = AccessLog(enabled=settings.access_log, sample=settings.access_log_sample)
     app.cleanup_ctx.append(_resources)
+    # The middleware sends every request to `handle`; this route only spares the router the
+    # cost of building a 404 for targets it cannot match.
+    app.router.add_route("*", "/{tail:.*}", handle)
     return app

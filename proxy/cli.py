@@ -8,7 +8,7 @@ import asyncio
 import hashlib
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -93,7 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         return asyncio.run(_check(settings))
     try:
-        asyncio.run(_serve(settings))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(_serve(settings))
     except OSError as exc:
         ports = str(settings.port)
         if settings.metrics_port is not None:
@@ -123,6 +124,16 @@ def _hash_key() -> int:
     return EXIT_OK
 
 
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when it is installed (the `speed` extra), else asyncio's own."""
+    try:
+        import uvloop  # noqa: PLC0415  (optional dependency)
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
 async def _serve(settings: Settings) -> None:
     app = create_app(settings)
     runner = web.AppRunner(app, handle_signals=False, **runner_options(settings))
@@ -143,6 +154,8 @@ async def _serve(settings: Settings) -> None:
         log.info(
             "token-proxy listening",
             version=__version__,
+            loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
+            upstream_client=settings.upstream_client,
             addresses=addresses,
             routes={route.prefix: route.upstream for route in settings.routes},
         )

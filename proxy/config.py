@@ -478,6 +478,11 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         default=256, ge=1, description="pooled upstream connections in all"
     )
+    upstream_client: Literal["lean", "aiohttp"] = Field(
+        default="lean",
+        description="`lean` (the fast keep-alive HTTP/1.1 client) or `aiohttp` (its "
+        "ClientSession, for what the lean one does not do)",
+    )
     max_body_size: int = Field(
         default=100 * 1024 * 1024,
         ge=0,

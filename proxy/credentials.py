@@ -32,6 +32,8 @@ SAFETY_MARGIN_CAP = 30.0
 SAFETY_MARGIN_FRACTION = 0.1
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 60.0
+# At most one token is dropped for an upstream 401 in this many seconds, per credential.
+INVALIDATE_COOLDOWN = 10.0
 MAX_TOKEN_RESPONSE = 1024 * 1024
 _DESCRIPTION_LIMIT = 200
 
@@ -170,6 +172,7 @@ class TokenManager:
         self._failures = 0
         self._last_error: TokenEndpointError | None = None
         self._next_attempt_at: float | None = None
+        self._invalidated_at: float | None = None
         secret = credential.client_secret.get_secret_value()
         redactor.add_secret(secret)
         redactor.add_secret(quote_plus(secret))
@@ -237,12 +240,21 @@ class TokenManager:
         """Seconds since `token` was requested."""
         return self._clock() - token.obtained_at
 
-    def invalidate(self, token: Token) -> None:
-        """Drop `token` after upstream rejected it, and fetch a new one now (once)."""
-        if self._token is token:
-            self._token = None
-            log.info("token rejected upstream, fetching a new one", credential=self.name)
-            self._wake.set()
+    def invalidate(self, token: Token) -> bool:
+        """Upstream rejected `token`: drop it and fetch a new one now (once). True when a newer
+        token is on its way or already here, so that a replay can carry it."""
+        if self._token is not token:
+            return True
+        now = self._clock()
+        if self._invalidated_at is not None and now - self._invalidated_at < INVALIDATE_COOLDOWN:
+            # The token that replaced a rejected one is rejected too: the API refuses this
+            # credential for that path (a user-token endpoint, say), and new tokens won't help.
+            return False
+        self._invalidated_at = now
+        self._token = None
+        log.info("token rejected upstream, fetching a new one", credential=self.name)
+        self._wake.set()
+        return True
 
     async def fetch(self) -> Token:
         """One token request, as RFC 6749 4.4 describes it; raises TokenEndpointError."""

@@ -13,14 +13,14 @@ from dataclasses import dataclass
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from proxy.config import Route
 from proxy.credentials import Token, TokenManager
 from proxy.errors import PayloadTooLarge, UpstreamBusy, UpstreamError
 from proxy.log import get_logger
 from proxy.metrics import Metrics
-from proxy.upstream import CHUNK_SIZE, AiohttpTransport, Body, UpstreamResponse
+from proxy.ratelimit import RateLimits
+from proxy.upstream import CHUNK_SIZE, Body, Transport, UpstreamResponse
 
 log = get_logger("proxy.forward")
 
@@ -101,14 +101,16 @@ class Forwarder:
     def __init__(
         self,
         *,
-        transport: AiohttpTransport,
+        transport: Transport,
         metrics: Metrics,
+        limits: RateLimits,
         routes: Sequence[Route],
         max_body_size: int,
         slot_wait: float,
     ) -> None:
         self._transport = transport
         self._metrics = metrics
+        self._limits = limits
         self._max_body_size = max_body_size
         self._slot_wait = slot_wait
         # Certificate verification is always on; a route may name its own CA bundle.
@@ -128,26 +130,34 @@ class Forwarder:
         request: web.Request,
         *,
         route: Route,
-        url: URL,
+        url: str,
         tokens: TokenManager,
         request_id: str,
         exchange: Exchange,
     ) -> web.StreamResponse:
         body, replayable = await self._request_body(request, exchange)
+        route_label = route.prefix
+        send = functools.partial(
+            self._send,
+            request,
+            url=url,
+            tokens=tokens,
+            request_id=request_id,
+            body=body,
+            route_label=route_label,
+            exchange=exchange,
+        )
         async with self._slot(route):
-            # The token is taken only once a slot is held, so it cannot age while queueing.
-            token = await tokens.token()
-            return await self._exchange(
-                request,
-                url=url,
-                route_label=route.prefix,
-                tokens=tokens,
-                token=token,
-                body=body,
-                replayable=replayable,
-                request_id=request_id,
-                exchange=exchange,
-            )
+            response, token = await send()
+            if response.status == 401:
+                renewed = tokens.invalidate(token)
+                if replayable and renewed:
+                    response.close()
+                    self._metrics.replays.labels(route_label).inc()
+                    exchange.replayed = True
+                    log.info("upstream answered 401; replaying once with a new token")
+                    response, _ = await send()
+            return await self._respond(request, response, request_id, exchange)
 
     @contextlib.asynccontextmanager
     async def _slot(self, route: Route) -> AsyncIterator[None]:
@@ -170,57 +180,26 @@ class Forwarder:
         finally:
             slots.release()
 
-    async def _exchange(
-        self,
-        request: web.Request,
-        *,
-        url: URL,
-        route_label: str,
-        tokens: TokenManager,
-        token: Token,
-        body: Body,
-        replayable: bool,
-        request_id: str,
-        exchange: Exchange,
-    ) -> web.StreamResponse:
-        send = functools.partial(
-            self._send,
-            request,
-            url=url,
-            tokens=tokens,
-            request_id=request_id,
-            body=body,
-            route_label=route_label,
-            exchange=exchange,
-        )
-        response = await send(token=token)
-        if response.status == 401:
-            tokens.invalidate(token)
-            if replayable:
-                response.close()
-                self._metrics.replays.labels(route_label).inc()
-                exchange.replayed = True
-                log.info("upstream answered 401; replaying once with a new token")
-                response = await send(token=await tokens.token())
-        return await self._respond(request, response, request_id, exchange)
-
     async def _send(
         self,
         request: web.Request,
         *,
-        url: URL,
+        url: str,
         tokens: TokenManager,
-        token: Token,
         request_id: str,
         body: Body,
         route_label: str,
         exchange: Exchange,
-    ) -> UpstreamResponse:
-        headers = upstream_headers(request.headers, token=token.value, request_id=request_id)
-        exchange.token_age = tokens.age(token)
+    ) -> tuple[UpstreamResponse, Token]:
+        """One trip upstream: a rate-limit slot, the current token, then the request."""
+        settle = await self._limits.acquire(credential=tokens.name, client=exchange.client)
         started = time.perf_counter()
         try:
-            return await self._transport.send(
+            token = await tokens.token()
+            headers = upstream_headers(request.headers, token=token.value, request_id=request_id)
+            exchange.token_age = tokens.age(token)
+            started = time.perf_counter()
+            response = await self._transport.send(
                 request.method, url, headers, body, ssl_context=self._ssl.get(route_label)
             )
         except UpstreamError:
@@ -228,8 +207,10 @@ class Forwarder:
                 raise self._too_large() from None
             raise
         finally:
+            await settle()
             exchange.upstream_seconds = time.perf_counter() - started
             self._metrics.upstream_duration.labels(route_label).observe(exchange.upstream_seconds)
+        return response, token
 
     async def _request_body(self, request: web.Request, exchange: Exchange) -> tuple[Body, bool]:
         """The body to send: None, buffered bytes (replayable) or a stream (sent once)."""
@@ -265,20 +246,19 @@ class Forwarder:
         request_id: str,
         exchange: Exchange,
     ) -> web.StreamResponse:
-        async with response:
+        with contextlib.closing(response):
             out = web.StreamResponse(
                 status=response.status,
                 reason=response.reason,
                 headers=downstream_headers(response.headers, request_id=request_id),
             )
-            await out.prepare(request)
-            if request.method == "HEAD":
-                await out.write_eof()
-                return out
             try:
-                async for chunk in response.chunks():
-                    exchange.bytes_out += len(chunk)
-                    await out.write(chunk)
+                await out.prepare(request)
+                if request.method != "HEAD":
+                    async for chunk in response.chunks():
+                        exchange.bytes_out += len(chunk)
+                        await out.write(chunk)
+                await out.write_eof()
             except UpstreamError as exc:
                 # Headers are sent: closing the connection is the only honest way to say the
                 # body is incomplete; ending it normally would pass a truncated body as whole.
@@ -288,12 +268,9 @@ class Forwarder:
                     detail=exc.detail,
                 )
                 _close_client(request)
-                return out
             except ConnectionError:
                 exchange.outcome = "client_aborted"
                 _close_client(request)
-                return out
-            await out.write_eof()
             return out
 
 

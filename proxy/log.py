@@ -90,14 +90,18 @@ class _QuietBadRequests(logging.Filter):
             record.levelno, record.levelname = logging.INFO, "INFO"
         return True
 
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 _LEVELS["error"] = logging.ERROR
 
 
 def configure_logging(
-    *, level: str = "info", fmt: str = "auto", stream: TextIO | None = None
+    *, level: str = "info", fmt: str = "auto", stream: TextIO | None = None, cache: bool = True
 ) -> None:
-    """Route structlog and the standard library (aiohttp's loggers too) to one stderr handler."""
+    """Configure structlog once: our loggers render straight to the stream (cached, no stdlib
+    round trip, it is the hot path of the access line), and the standard library's loggers,
+    aiohttp's among them, through the same processors by a stdlib handler. Tests that
+    configure more than once pass cache=False (structlog cannot reconfigure cached loggers)."""
     stream = sys.stderr if stream is None else stream
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     renderer: Processor
@@ -107,27 +111,30 @@ def configure_logging(
         renderer = structlog.dev.ConsoleRenderer(
             colors=stream.isatty(), exception_formatter=structlog.dev.plain_traceback
         )
-    shared: list[Processor] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.stdlib.add_log_level,
-        structlog.stdlib.add_logger_name,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-    ]
+    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    # Tracebacks become text before redaction, so that they are scrubbed too.
+    final: list[Processor] = [structlog.processors.format_exc_info, redactor, renderer]
     structlog.configure(
         processors=[
-            structlog.stdlib.filter_by_level,
-            *shared,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+            _name_key,
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            timestamper,
+            *final,
         ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=True,
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
+        cache_logger_on_first_use=cache,
     )
-    final: list[Processor] = [structlog.stdlib.ProcessorFormatter.remove_processors_meta]
-    if use_json:
-        final.append(structlog.processors.format_exc_info)
-    final += [redactor, renderer]
-    formatter = structlog.stdlib.ProcessorFormatter(foreign_pre_chain=shared, processors=final)
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.contextvars.merge_contextvars,
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            timestamper,
+        ],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *final],
+    )
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
     root = logging.getLogger()
@@ -142,6 +149,14 @@ def configure_logging(
         server_log.addFilter(_QuietBadRequests())
 
 
-def get_logger(name: str) -> structlog.stdlib.BoundLogger:
-    logger: structlog.stdlib.BoundLogger = structlog.stdlib.get_logger(name)
+def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
+    """A logger whose lines carry `logger=name`."""
+    # "logger" itself cannot be passed: it is get_logger's own parameter name.
+    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger(logger_name=name)
     return logger
+
+
+def _name_key(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    """Name the logger under the same key the standard library's lines use."""
+    event_dict["logger"] = event_dict.pop("logger_name", None)
+    return event_dict

@@ -5,10 +5,11 @@ their max wait, then get 429. An upstream 429 pauses the credential for its Retr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import limits
 from limits.aio.storage import MemoryStorage
@@ -21,7 +22,11 @@ MAX_UPSTREAM_PAUSE = 300.0
 
 
 class RateLimiter:
-    """One queue in front of a set of limits such as 100/second and 36000/hour."""
+    """One queue in front of a set of limits such as 100/second and 36000/hour.
+
+    A request holds a pending slot from the moment it is let through until upstream has
+    answered (or failed), and only then is it counted in the windows, at that later time. So
+    however long connecting takes, no window of upstream arrivals holds more than the limit."""
 
     def __init__(
         self,
@@ -39,11 +44,14 @@ class RateLimiter:
         self._clock = clock
         self._turn = asyncio.Lock()  # its waiters are served in arrival order
         self._paused_until = 0.0
+        self._pending = 0
+        self._settled = asyncio.Event()
 
-    async def acquire(self) -> None:
-        """Wait for a free slot in every window, or raise RateLimited after max_wait."""
+    async def acquire(self) -> Callable[[], Awaitable[None]]:
+        """Wait for a slot in every window, or raise RateLimited after max_wait. Returns the
+        callable to await once upstream has answered."""
         if not self._items and self._paused_until <= self._clock():
-            return
+            return _nothing
         deadline = self._clock() + self._max_wait
         try:
             async with asyncio.timeout(self._max_wait):
@@ -55,36 +63,49 @@ class RateLimiter:
                 now = self._clock()
                 free_at = self._paused_until
                 if free_at <= now:
-                    if await self._take():
-                        return
+                    if await self._room():
+                        self._pending += 1
+                        return self._settle
                     free_at = await self._next_free()
                 if free_at > deadline:
                     raise await self._refusal(free_at)
-                await asyncio.sleep(max(0.0, free_at - now))
+                # A pending request that settles may free a slot before the window moves.
+                self._settled.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, free_at - now)):
+                        await self._settled.wait()
         finally:
             self._turn.release()
 
     def pause(self, seconds: float) -> None:
         """Hold every request of this limiter back for `seconds` (an upstream 429)."""
-        self._paused_until = max(
-            self._paused_until, self._clock() + min(seconds, MAX_UPSTREAM_PAUSE)
-        )
+        until = self._clock() + min(seconds, MAX_UPSTREAM_PAUSE)
+        self._paused_until = max(self._paused_until, until)
 
-    async def _take(self) -> bool:
-        # The turn lock makes test-then-hit atomic within this process.
+    async def _room(self) -> bool:
+        cost = self._pending + 1
         for item in self._items:
-            if not await self._strategy.test(item, self.name):
+            if cost > item.amount or not await self._strategy.test(item, self.name, cost=cost):
                 return False
-        for item in self._items:
-            await self._strategy.hit(item, self.name)
         return True
 
+    async def _settle(self) -> None:
+        # Counted in the windows before it stops being pending, so that no check in between
+        # sees the request in neither.
+        for item in self._items:
+            await self._strategy.hit(item, self.name)
+        self._pending -= 1
+        self._settled.set()
+
     async def _next_free(self) -> float:
-        free_at = self._clock()
+        now = self._clock()
+        free_at = now
         for item in self._items:
             stats = await self._strategy.get_window_stats(item, self.name)
-            if stats.remaining <= 0:
-                free_at = max(free_at, stats.reset_time)
+            if stats.remaining - self._pending <= 0:
+                # With only pending requests in the way, the next settle frees a slot; the
+                # window's own reset time bounds the wait either way.
+                free_at = max(free_at, stats.reset_time if stats.remaining <= 0 else now + 1.0)
         return free_at
 
     async def _refusal(self, free_at: float | None = None) -> RateLimited:
@@ -96,6 +117,10 @@ class RateLimiter:
             f"{self._max_wait:g} s (rate_limit_max_wait)",
             retry_after=max(1, math.ceil(free_at - now)),
         )
+
+
+async def _nothing() -> None:
+    return None
 
 
 class RateLimits:
@@ -126,13 +151,25 @@ class RateLimits:
             if rates
         }
 
-    async def acquire(self, *, credential: str, client: str) -> None:
+    async def acquire(self, *, credential: str, client: str) -> Callable[[], Awaitable[None]]:
+        """Wait for the client's and the credential's slots; await the result once upstream
+        has answered, to count the request in their windows."""
+        settles: list[Callable[[], Awaitable[None]]] = []
         client_limiter = self._clients.get(client)
         if client_limiter is not None:
-            await client_limiter.acquire()
-        credential_limiter = self._credentials.get(credential)
-        if credential_limiter is not None:
-            await credential_limiter.acquire()
+            settles.append(await client_limiter.acquire())
+        try:
+            settles.append(await self._credentials[credential].acquire())
+        except BaseException:
+            for settle in settles:
+                await settle()
+            raise
+
+        async def settle_all() -> None:
+            for settle in settles:
+                await settle()
+
+        return settle_all
 
     def upstream_said_slow_down(self, credential: str, retry_after: str | None) -> float | None:
         """Pause the credential for an upstream 429's Retry-After; returns the pause."""
@@ -146,7 +183,7 @@ class RateLimits:
 def parse_retry_after(value: str) -> float | None:
     """RFC 9110 10.2.3: delay-seconds or an HTTP-date; None when it is neither."""
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)

@@ -1,17 +1,19 @@
-"""The upstream transport behind one small interface, so the forwarder never sees aiohttp's
-client: this one wraps a pooled aiohttp ClientSession and translates its errors."""
+"""The upstream transport behind one small interface, so the forwarder never sees which client
+talks to upstream: the lean httptools client (proxy.http1, the default) or a pooled aiohttp
+ClientSession (`upstream_client = "aiohttp"`), each translating its errors to ours."""
 
 from __future__ import annotations
 
 import ssl
 from collections.abc import AsyncIterable, AsyncIterator
-from types import TracebackType
+from typing import Protocol
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.http1 import LeanClient
 
 CHUNK_SIZE = 64 * 1024
 # Headers aiohttp would add on its own; a transparent proxy sends only what the client sent.
@@ -20,7 +22,37 @@ _NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 Body = bytes | AsyncIterable[bytes] | None
 
 
-class UpstreamResponse:
+class UpstreamResponse(Protocol):
+    """One upstream answer: status, headers, a body stream; close() releases it."""
+
+    status: int
+    reason: str | None
+    headers: CIMultiDictProxy[str]
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+    def close(self) -> None: ...
+
+
+class Transport(Protocol):
+    """Sends one request upstream; `url` is the full URL, its path and query sent as they are."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        headers: CIMultiDict[str],
+        body: Body,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> UpstreamResponse: ...
+
+
+class AiohttpResponse:
     """Status, headers and a body stream of one upstream answer; close() releases it."""
 
     __slots__ = ("_response", "headers", "reason", "status")
@@ -45,17 +77,6 @@ class UpstreamResponse:
     def close(self) -> None:
         """Release the connection; one whose body was not read to the end is never reused."""
         self._response.close()
-
-    async def __aenter__(self) -> UpstreamResponse:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class AiohttpTransport:
@@ -99,18 +120,20 @@ class AiohttpTransport:
     async def send(
         self,
         method: str,
-        url: URL,
+        url: str,
         headers: CIMultiDict[str],
         body: Body,
         *,
         ssl_context: ssl.SSLContext | None = None,
     ) -> UpstreamResponse:
-        if self._session is None:
+        session = self._session
+        if session is None:
             raise RuntimeError("the upstream transport is not started")
+        target = URL(url, encoded=True)
         try:
-            response = await self._session.request(
+            response = await session.request(
                 method,
-                url,
+                target,
                 headers=headers,
                 data=body,
                 allow_redirects=False,
@@ -118,8 +141,8 @@ class AiohttpTransport:
             )
         except aiohttp.ConnectionTimeoutError:
             raise UpstreamError(
-                f"could not resolve or connect to {url.host}:{url.port} within connect_timeout "
-                f"({self._connect_timeout:g} s)"
+                f"could not resolve or connect to {target.host}:{target.port} within "
+                f"connect_timeout ({self._connect_timeout:g} s)"
             ) from None
         except TimeoutError:
             raise UpstreamTimeout(
@@ -127,12 +150,59 @@ class AiohttpTransport:
             ) from None
         except aiohttp.ClientConnectorCertificateError as exc:
             raise UpstreamError(
-                f"TLS certificate of {url.host} could not be verified ({exc.certificate_error})"
+                f"TLS certificate of {target.host} could not be verified ({exc.certificate_error})"
             ) from None
         except aiohttp.ClientConnectorError as exc:
             raise UpstreamError(
-                f"cannot connect to {url.host}:{url.port} ({exc.strerror})"
+                f"cannot connect to {target.host}:{target.port} ({exc.strerror})"
             ) from None
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"upstream exchange failed ({type(exc).__name__})") from None
-        return UpstreamResponse(response)
+        return AiohttpResponse(response)
+
+
+class LeanTransport:
+    """The lean keep-alive HTTP/1.1 client of proxy.http1 behind the Transport interface."""
+
+    def __init__(self, *, connect_timeout: float, read_timeout: float, max_connections: int):
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._max_connections = max_connections
+        self._client: LeanClient | None = None
+
+    async def start(self) -> None:
+        self._client = LeanClient(
+            connect_timeout=self._connect_timeout,
+            read_timeout=self._read_timeout,
+            max_connections=self._max_connections,
+        )
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        headers: CIMultiDict[str],
+        body: Body,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> UpstreamResponse:
+        if self._client is None:
+            raise RuntimeError("the upstream transport is not started")
+        return await self._client.send(method, url, headers, body, ssl_context=ssl_context)
+
+
+def make_transport(
+    kind: str, *, connect_timeout: float, read_timeout: float, max_connections: int
+) -> Transport:
+    """The transport named by the upstream_client setting."""
+    transport_class = AiohttpTransport if kind == "aiohttp" else LeanTransport
+    return transport_class(
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        max_connections=max_connections,
+    )

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import io
 import itertools
+import json
 import os
 import secrets
 import socket
@@ -24,9 +26,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+import proxy.app as app_module
 from proxy.app import SETTINGS, create_app, runner_options
 from proxy.config import Settings
 from proxy.log import configure_logging, redactor
+from proxy.upstream import make_transport
 
 TEST_CLIENT_ID = "test-client-id"
 TEST_SECRET = "Sup3r-S3cret-Value-Never-Logged-7f3a"
@@ -58,10 +62,16 @@ LEAKS = LeakWatch()
 
 
 class _Tee(io.StringIO):
-    """The suite's log stream: to stderr, as usual, and into LeakWatch."""
+    """The suite's log stream: to stderr, as usual, into LeakWatch, and into `copy`."""
+
+    def __init__(self, copy: io.StringIO | None = None) -> None:
+        super().__init__()
+        self.copy = copy
 
     def write(self, text: str) -> int:
         LEAKS.log.write(text)
+        if self.copy is not None:
+            self.copy.write(text)
         return sys.stderr.write(text)
 
     def flush(self) -> None:
@@ -71,9 +81,41 @@ class _Tee(io.StringIO):
         return False
 
 
-def configure_test_logging() -> None:
-    """Debug-level JSON logs, tracebacks included, watched for leaks."""
-    configure_logging(level="debug", fmt="json", stream=_Tee())
+def configure_test_logging(copy: io.StringIO | None = None) -> None:
+    """Debug-level JSON logs, tracebacks included, watched for leaks (and copied to `copy`)."""
+    configure_logging(level="debug", fmt="json", stream=_Tee(copy), cache=False)
+
+
+_LEVEL_RANK = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+
+
+class CapturedLog:
+    """The JSON lines the in-process proxy logged during a test, as it writes them."""
+
+    def __init__(self) -> None:
+        self.stream = io.StringIO()
+
+    def text(self) -> str:
+        return self.stream.getvalue()
+
+    def lines(self, *, min_level: str = "debug", prefix: str = "proxy") -> list[dict[str, Any]]:
+        found = []
+        for line in self.text().splitlines():
+            event: dict[str, Any] = json.loads(line)
+            if not str(event.get("logger") or "").startswith(prefix):
+                continue
+            if _LEVEL_RANK.get(str(event.get("level")), 0) >= _LEVEL_RANK[min_level]:
+                found.append(event)
+        return found
+
+
+@pytest.fixture
+def proxy_log() -> Iterator[CapturedLog]:
+    """Capture the log lines of this test (rendered and redacted, as the proxy writes them)."""
+    captured = CapturedLog()
+    configure_test_logging(captured.stream)
+    yield captured
+    configure_test_logging()
 
 
 @dataclass
@@ -201,6 +243,29 @@ async def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(interval)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--upstream-client",
+        choices=["lean", "aiohttp"],
+        default="lean",
+        help="the upstream transport every proxy of the suite uses (default: lean)",
+    )
+
+
+@pytest.fixture(scope="session")
+def upstream_client(request: pytest.FixtureRequest) -> str:
+    """The transport under test: `make test` runs the functional suite with both."""
+    kind: str = request.config.getoption("--upstream-client")
+    return kind
+
+
+@pytest.fixture(autouse=True)
+def _force_transport(monkeypatch: pytest.MonkeyPatch, upstream_client: str) -> None:
+    """Every in-process proxy uses the transport under test, however its settings were made."""
+    forced = functools.partial(make_transport, upstream_client)
+    monkeypatch.setattr(app_module, "make_transport", lambda _kind, **options: forced(**options))
 
 
 @pytest.fixture(autouse=True)
@@ -346,10 +411,11 @@ def proxy_command() -> list[str]:
 
 @pytest.fixture
 async def proxy_process(
-    token_server: FakeTokenServer, upstream: FakeUpstream, tmp_path: Path
+    token_server: FakeTokenServer, upstream: FakeUpstream, tmp_path: Path, upstream_client: str
 ) -> AsyncIterator[Callable[..., Awaitable[ProxyProcess]]]:
     """Start `python -m proxy run` against the fake servers and wait until it is ready."""
     started: list[ProxyProcess] = []
+    transport = upstream_client
 
     async def start(extra_env: dict[str, str] | None = None) -> ProxyProcess:
         port = free_port()
@@ -362,6 +428,7 @@ async def proxy_process(
                 "TOKEN_PROXY_UPSTREAM": upstream.url,
                 "TOKEN_PROXY_PORT": str(port),
                 "TOKEN_PROXY_LOG_LEVEL": "debug",
+                "TOKEN_PROXY_UPSTREAM_CLIENT": transport,
                 "TOKEN_PROXY_SECRETS_DIR": str(tmp_path),
                 **(extra_env or {}),
             }

@@ -23,7 +23,7 @@ class _Terminal(io.StringIO):
 @pytest.fixture
 def log_output() -> Iterator[io.StringIO]:
     stream = io.StringIO()
-    configure_logging(level="debug", fmt="auto", stream=stream)
+    configure_logging(level="debug", fmt="auto", stream=stream, cache=False)
     yield stream
     configure_test_logging()
 
@@ -98,7 +98,7 @@ def test_console_on_a_terminal() -> None:
     """On a terminal the lines are for people, not JSON."""
     stream = _Terminal()
     try:
-        configure_logging(level="info", fmt="auto", stream=stream)
+        configure_logging(level="info", fmt="auto", stream=stream, cache=False)
         get_logger("proxy.test").info("hello", answer=42)
     finally:
         configure_test_logging()
@@ -111,7 +111,7 @@ def test_console_on_a_terminal() -> None:
 
 def test_level_filters(log_output: io.StringIO) -> None:
     """Lines below the configured level are dropped."""
-    configure_logging(level="warning", fmt="json", stream=log_output)
+    configure_logging(level="warning", fmt="json", stream=log_output, cache=False)
     get_logger("proxy.test").info("quiet")
     get_logger("proxy.test").warning("loud")
     assert [line["event"] for line in _lines(log_output)] == ["loud"]

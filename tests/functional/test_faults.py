@@ -9,7 +9,6 @@ import base64
 import contextlib
 import itertools
 import json
-import logging
 import os
 import shutil
 import signal
@@ -23,7 +22,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
@@ -34,6 +32,7 @@ from proxy.credentials import BACKOFF_CAP, TokenManager
 from tests.conftest import (
     TEST_CLIENT_ID,
     TEST_SECRET,
+    CapturedLog,
     FakeTokenServer,
     FakeUpstream,
     ProxyFactory,
@@ -84,34 +83,6 @@ def problem_of(status: int, headers: dict[str, str], body: bytes) -> dict[str, A
         assert isinstance(problem[key], str)
         assert problem[key]
     return problem
-
-
-def proxy_formatter() -> logging.Formatter:
-    """The formatter the proxy's log handler uses (redaction included)."""
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler.formatter, structlog.stdlib.ProcessorFormatter):
-            return handler.formatter
-    raise AssertionError("the proxy's logging is not configured")
-
-
-def proxy_records(caplog: pytest.LogCaptureFixture, *, min_level: int) -> list[logging.LogRecord]:
-    return [
-        record
-        for record in caplog.records
-        if record.name.startswith("proxy") and record.levelno >= min_level
-    ]
-
-
-def rendered(records: list[logging.LogRecord]) -> list[str]:
-    """The records as the proxy writes them to its log."""
-    formatter = proxy_formatter()
-    return [formatter.format(record) for record in records]
-
-
-def event_of(record: logging.LogRecord) -> dict[str, Any]:
-    """The structlog event dict a record carries."""
-    assert isinstance(record.msg, dict), record.msg
-    return dict(record.msg)
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:
@@ -300,7 +271,7 @@ async def test_refresh_failures_while_token_valid_are_invisible_and_backed_off(
     start_proxy: ProxyFactory,
     token_server: FakeTokenServer,
     upstream: FakeUpstream,
-    caplog: pytest.LogCaptureFixture,
+    proxy_log: CapturedLog,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """While refreshes fail and the token is still usable, clients get 200 without delay, each
@@ -357,19 +328,19 @@ async def test_refresh_failures_while_token_valid_are_invisible_and_backed_off(
         ceiling = min(BACKOFF_CAP, 2.0 ** (k - 1))
         assert after - before <= ceiling + 0.25, f"retry {k + 1} came {after - before:.2f} s late"
 
-    def warnings() -> list[logging.LogRecord]:
-        return proxy_records(caplog, min_level=logging.WARNING)
+    def warnings() -> list[dict[str, Any]]:
+        return proxy_log.lines(min_level="warning")
 
     await wait_for(lambda: len(warnings()) >= failed, timeout=3)
     found = warnings()
     assert len(found) <= len(token_server.requests) - 1, "more than one warning per attempt"
-    for record, line in zip(found, rendered(found), strict=True):
-        assert record.name == "proxy.credentials", line
-        assert record.levelno == logging.WARNING, line
-        assert record.exc_info is None, line
-        assert "\n" not in line
+    for event in found:
+        line = json.dumps(event)
+        assert event["logger"] == "proxy.credentials", line
+        assert event["level"] == "warning", line
+        assert "exception" not in event, line
         assert "503" in line, f"the warning does not name the error: {line}"
-        assert event_of(record).get("credential") == "default"
+        assert event.get("credential") == "default"
 
 
 # --- 2. token expired and the endpoint down --------------------------------------------------
@@ -432,7 +403,7 @@ async def test_rejected_client_logs_error_without_secret_and_retries_slowly(
     start_proxy: ProxyFactory,
     token_server: FakeTokenServer,
     upstream: FakeUpstream,
-    caplog: pytest.LogCaptureFixture,
+    proxy_log: CapturedLog,
 ) -> None:
     """invalid_client is logged once at error level naming the credential but never the secret,
     requests get 503 saying the credentials were rejected, and the next retry is 30-60 s away."""
@@ -444,17 +415,16 @@ async def test_rejected_client_logs_error_without_secret_and_retries_slowly(
     )
     client = await start_proxy()
 
-    def errors() -> list[logging.LogRecord]:
-        return proxy_records(caplog, min_level=logging.ERROR)
+    def errors() -> list[dict[str, Any]]:
+        return proxy_log.lines(min_level="error")
 
     await wait_for(lambda: bool(errors()), timeout=5)
-    [record] = errors()
-    assert record.name == "proxy.credentials"
-    assert record.levelno == logging.ERROR
-    assert event_of(record).get("credential") == "default"
-    [line] = rendered([record])
-    assert "invalid_client" in line
-    everything = "\n".join(rendered(proxy_records(caplog, min_level=logging.DEBUG)))
+    [event] = errors()
+    assert event["logger"] == "proxy.credentials"
+    assert event["level"] == "error"
+    assert event.get("credential") == "default"
+    assert "invalid_client" in json.dumps(event)
+    everything = proxy_log.text()
     assert TEST_SECRET not in everything
     basic = base64.b64encode(f"{TEST_CLIENT_ID}:{TEST_SECRET}".encode()).decode()
     assert basic not in everything
@@ -878,7 +848,7 @@ async def test_app_cleanup_stops_the_refresh_task_and_closes_every_connection(
     make_settings: SettingsFactory,
     token_server: FakeTokenServer,
     upstream: FakeUpstream,
-    caplog: pytest.LogCaptureFixture,
+    proxy_log: CapturedLog,
 ) -> None:
     """Stopping the app cancels the token refresh task and closes the token and upstream
     sessions: no task or connection it started outlives it, and no token is fetched after."""
@@ -909,4 +879,4 @@ async def test_app_cleanup_stops_the_refresh_task_and_closes_every_connection(
     # connections to them close; the refresh task ends when it is cancelled.
     await wait_for(lambda: not survivors(), timeout=5)
     assert len(token_server.requests) == closed_at
-    assert proxy_records(caplog, min_level=logging.ERROR) == []
+    assert proxy_log.lines(min_level="error") == []

@@ -412,3 +412,21 @@ async def test_upstream_401_forever_is_not_looped(
         f"Bearer {token_server.issued[1]}",
     ]
     assert len(token_server.requests) == 2
+
+
+async def test_path_that_rejects_every_token_does_not_churn_tokens(
+    start_proxy: ProxyFactory, token_server: FakeTokenServer, upstream: FakeUpstream
+) -> None:
+    """A path that answers 401 to every token (a user-token endpoint, say) gets one new token
+    and one replay, then its 401s pass through without fetching a token per request."""
+
+    async def always_401(request: web.Request) -> web.Response:
+        return web.json_response({"error": "needs a user token"}, status=401)
+
+    upstream.handlers["/profile/user/wow"] = always_401
+    client = await start_proxy()
+    for _ in range(5):
+        async with client.get("/profile/user/wow") as response:
+            assert response.status == 401
+    assert len(token_server.requests) == 2  # the first token, and one after the first 401
+    assert len(upstream.requests) == 6  # one replay, then each request once

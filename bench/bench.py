@@ -1,0 +1,928 @@
+"""What every token-proxy feature costs: requests/s, latency and memory against three baselines.
+
+Run it as `bench/run` (or `make bench`); bench/README.md explains what it measures and how to
+read the table. Everything listens on 127.0.0.1, every load is bounded in time, and every
+process started here is stopped on exit, also on Ctrl-C or SIGTERM.
+
+Cases, each measured with wrk at 8 and 64 connections after a warm-up:
+  a  direct to the upstream (nginx `return 200`, or an aiohttp app when nginx is missing)
+  b  through token-proxy (`python -m proxy`, default settings: access log and metrics on)
+  c  through bench/reference_proxy.py (plain aiohttp, static token: the baseline)
+  d  through nginx as a reverse proxy with a keepalive upstream pool (when nginx is installed)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import aiohttp
+from aiohttp import web
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+LOOPBACK = "127.0.0.1"
+PATH = "/data/wow/token/index?namespace=dynamic-us&locale=en_US"
+BIG_PATH = "/big"
+SMALL_BODY = (
+    '{"_links":{"self":{"href":"https://us.api.blizzard.com/data/wow/token/'
+    '?namespace=dynamic-us"}},"last_updated_timestamp":1700000000000,"price":2712340000}'
+)
+CONNECTIONS = (8, 64)
+WRK_THREADS = 2
+MIB = 1024 * 1024
+CHUNK = MIB
+START_TIMEOUT = 20.0  # seconds for a server to accept connections (token-proxy: to be ready)
+STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL
+STREAM_TIMEOUT = 300.0  # seconds for the whole streaming download
+SAMPLE_INTERVAL = 0.05  # seconds between two VmRSS readings
+LOG_TAIL_LINES = 20
+
+TARGET_VS_REFERENCE = 2.0  # b/c requests/s at 64 connections, at least
+TARGET_VS_NGINX = 0.40  # b/d requests/s at 64 connections, at least
+TARGET_P99_ADDED_MS = 1.0  # b.p99 - a.p99 at 8 connections, at most
+TARGET_RSS_MIB = 80.0  # token-proxy peak RSS under load, at most
+TARGET_STREAM_GROWTH_MIB = 32.0  # token-proxy RSS growth while streaming 1 GiB, at most
+
+INSTALL_HINT = {
+    "wrk": "install it with `sudo apt-get install wrk` (Debian/Ubuntu)",
+    "nginx": "install it with `sudo apt-get install nginx-light` (Debian/Ubuntu) to add the "
+    "nginx upstream and case d",
+}
+
+
+class BenchError(Exception):
+    """The benchmark cannot go on (a tool is missing, a server did not start)."""
+
+
+def note(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+# --- processes -------------------------------------------------------------------------------
+
+
+class Processes:
+    """The servers started by this run; `stop_all` ends each one and its process group."""
+
+    def __init__(self) -> None:
+        self._started: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(
+        self, name: str, argv: Sequence[str], *, log: Path, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        with log.open("ab") as out:
+            # Fixed argument lists, no shell; a session of its own so that Ctrl-C reaches this
+            # script only, which then stops the servers in order.
+            process = subprocess.Popen(  # noqa: S603
+                list(argv),
+                env=env,
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+            )
+        self._started.append((name, process))
+        return process
+
+    def stop_all(self) -> None:
+        for _, process in reversed(self._started):
+            _signal_group(process, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for name, process in reversed(self._started):
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                note(f"{name} did not exit within {STOP_TIMEOUT:g} s of SIGTERM; killing it")
+                _signal_group(process, signal.SIGKILL)
+                process.wait()
+            # Workers left behind in the group by a parent that exited first.
+            _signal_group(process, signal.SIGKILL)
+        self._started.clear()
+
+
+def _signal_group(process: subprocess.Popen[bytes], signum: signal.Signals) -> None:
+    # start_new_session=True made the process the leader of a group numbered by its pid.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signum)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+
+def wait_listening(name: str, process: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        if process.poll() is not None:
+            raise BenchError(
+                f"{name} exited with status {process.returncode} at start; "
+                f"the end of its log ({log}):\n{log_tail(log)}"
+            )
+        with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), 0.5):
+            return
+        if time.monotonic() > deadline:
+            raise BenchError(f"{name} did not listen on port {port} within {START_TIMEOUT:g} s")
+        time.sleep(0.05)
+
+
+def http_status(port: int, path: str) -> int | None:
+    connection = http.client.HTTPConnection(LOOPBACK, port, timeout=2)
+    try:
+        connection.request("GET", path)
+        return connection.getresponse().status
+    except OSError:
+        return None
+    finally:
+        connection.close()
+
+
+def wait_ready(name: str, process: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    status: int | None = None
+    while True:
+        if process.poll() is not None:
+            raise BenchError(
+                f"{name} exited with status {process.returncode} at start; "
+                f"the end of its log ({log}):\n{log_tail(log)}"
+            )
+        status = http_status(port, "/-/ready")
+        if status == 200:
+            return
+        if time.monotonic() > deadline:
+            raise BenchError(
+                f"{name} was not ready within {START_TIMEOUT:g} s (last /-/ready: {status}); "
+                f"the end of its log ({log}):\n{log_tail(log)}"
+            )
+        time.sleep(0.1)
+
+
+# --- memory ----------------------------------------------------------------------------------
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (token-proxy may run worker processes)."""
+    found = [pid]
+    for each in found:
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{each}/task").iterdir():
+                children = (task / "children").read_text().split()
+                found.extend(int(child) for child in children if int(child) not in found)
+    return found
+
+
+def memory_kib(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) in KiB, summed over `pid` and its descendants."""
+    rss = hwm = 0
+    for each in process_tree(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{each}/status").read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key == "VmRSS":
+                    rss += int(value.split()[0])
+                elif key == "VmHWM":
+                    hwm += int(value.split()[0])
+    return rss, hwm
+
+
+class RssSampler:
+    """The highest VmRSS of a process tree, read every SAMPLE_INTERVAL in a thread."""
+
+    def __init__(self, pid: int) -> None:
+        self._pid = pid
+        self.peak_kib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_kib = max(self.peak_kib, memory_kib(self._pid)[0])
+            self._stop.wait(SAMPLE_INTERVAL)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_kib = max(self.peak_kib, memory_kib(self._pid)[0])
+
+
+def mib(kib: float) -> float:
+    return kib / 1024
+
+
+# --- wrk -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    errors: int  # non-2xx/3xx answers and socket errors
+
+
+_TIME_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+_PERCENTILE = re.compile(r"^\s*(50|99)(?:\.0+)?%\s+([\d.]+)(us|ms|s|m|h)\s*$", re.MULTILINE)
+_RATE = re.compile(r"^Requests/sec:\s+([\d.]+)", re.MULTILINE)
+_TOTAL = re.compile(r"^\s*(\d+) requests in", re.MULTILINE)
+_NON_2XX = re.compile(r"Non-2xx or 3xx responses:\s+(\d+)")
+_SOCKET_ERRORS = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
+
+
+def parse_wrk(output: str) -> WrkResult:
+    """Read requests/s, p50 and p99 (in ms) and the error counts from `wrk --latency` output."""
+    percentiles = {
+        match[1]: float(match[2]) * _TIME_UNITS_MS[match[3]]
+        for match in _PERCENTILE.finditer(output)
+    }
+    rate = _RATE.search(output)
+    total = _TOTAL.search(output)
+    if rate is None or total is None or set(percentiles) != {"50", "99"}:
+        raise BenchError(f"cannot read wrk's output:\n{output}")
+    non_2xx = _NON_2XX.search(output)
+    socket_errors = _SOCKET_ERRORS.search(output)
+    errors = int(non_2xx[1]) if non_2xx else 0
+    errors += sum(int(n) for n in socket_errors.groups()) if socket_errors else 0
+    return WrkResult(
+        requests_per_s=float(rate[1]),
+        p50_ms=percentiles["50"],
+        p99_ms=percentiles["99"],
+        requests=int(total[1]),
+        errors=errors,
+    )
+
+
+def run_wrk(wrk: str, url: str, connections: int, seconds: int) -> WrkResult:
+    argv = [wrk, f"-t{WRK_THREADS}", f"-c{connections}", f"-d{seconds}s", "--latency", url]
+    # A fixed argument list, no shell; wrk stops itself after `seconds`.
+    done = subprocess.run(  # noqa: S603
+        argv, capture_output=True, text=True, timeout=seconds + 30, check=False
+    )
+    if done.returncode != 0:
+        raise BenchError(f"wrk failed ({done.returncode}): {done.stderr.strip() or done.stdout}")
+    return parse_wrk(done.stdout)
+
+
+# --- servers ---------------------------------------------------------------------------------
+
+
+def nginx_prelude(directory: Path) -> str:
+    """The part every nginx.conf here shares: one worker, everything inside `directory`."""
+    return f"""
+daemon off;
+worker_processes 1;
+pid {directory}/nginx.pid;
+error_log {directory}/error.log warn;
+events {{ worker_connections 4096; }}
+"""
+
+
+def nginx_http_common(directory: Path) -> str:
+    return f"""
+    client_body_temp_path {directory}/client_body;
+    proxy_temp_path {directory}/proxy;
+    fastcgi_temp_path {directory}/fastcgi;
+    uwsgi_temp_path {directory}/uwsgi;
+    scgi_temp_path {directory}/scgi;
+    keepalive_requests 1000000;
+    sendfile on;
+    tcp_nopush on;
+"""
+
+
+def upstream_nginx_conf(directory: Path, port: int, webroot: Path) -> str:
+    return (
+        nginx_prelude(directory)
+        + f"""
+http {{
+{nginx_http_common(directory)}
+    access_log off;
+    server {{
+        listen {LOOPBACK}:{port};
+        location = {BIG_PATH} {{
+            root {webroot};
+            default_type application/octet-stream;
+        }}
+        location / {{
+            default_type application/json;
+            return 200 '{SMALL_BODY}';
+        }}
+    }}
+}}
+"""
+    )
+
+
+def proxy_nginx_conf(directory: Path, port: int, upstream_port: int) -> str:
+    return (
+        nginx_prelude(directory)
+        + f"""
+http {{
+{nginx_http_common(directory)}
+    access_log {directory}/access.log;
+    upstream up {{
+        server {LOOPBACK}:{upstream_port};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen {LOOPBACK}:{port};
+        location / {{
+            proxy_pass http://up;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Authorization "Bearer static";
+        }}
+    }}
+}}
+"""
+    )
+
+
+def start_nginx(processes: Processes, nginx: str, directory: Path, conf: str, port: int) -> None:
+    name = directory.name
+    directory.mkdir(mode=0o755)
+    conf_path = directory / "nginx.conf"
+    conf_path.write_text(conf)
+    log = directory / "stderr.log"
+    argv = [nginx, "-p", str(directory), "-c", str(conf_path), "-e", str(directory / "error.log")]
+    process = processes.start(name, argv, log=log)
+    wait_listening(name, process, port, directory / "error.log")
+
+
+def serve_upstream(port: int, big_size: int) -> None:
+    """The upstream when nginx is missing: the small JSON everywhere, zeros at BIG_PATH."""
+    zeros = bytes(CHUNK)
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        response.content_length = big_size
+        await response.prepare(request)
+        left = big_size
+        while left > 0:
+            await response.write(zeros[: min(left, CHUNK)])
+            left -= CHUNK
+        await response.write_eof()
+        return response
+
+    async def small(request: web.Request) -> web.Response:
+        return web.Response(text=SMALL_BODY, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get(BIG_PATH, big)
+    app.router.add_route("*", "/{tail:.*}", small)
+    web.run_app(app, host=LOOPBACK, port=port, access_log=None, print=None)
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    key: str
+    name: str
+    port: int
+
+
+@dataclass
+class StreamResult:
+    size: int
+    seconds: float
+    hwm_before_kib: int
+    hwm_after_kib: int
+    rss_before_kib: int
+    rss_peak_kib: int
+
+    @property
+    def growth_mib(self) -> float:
+        return mib(
+            max(self.hwm_after_kib - self.hwm_before_kib, self.rss_peak_kib - self.rss_before_kib)
+        )
+
+
+@dataclass
+class Report:
+    upstream: str
+    results: dict[tuple[str, int], WrkResult | str]
+    idle_kib: tuple[int, int] = (0, 0)
+    load_before: float = 0.0
+    load_rss_kib: int | None = None
+    load_hwm_kib: int | None = None
+    stream: StreamResult | str | None = None
+    loop: str = "unknown"
+
+
+async def download(url: str) -> int:
+    size = 0
+    timeout = aiohttp.ClientTimeout(total=STREAM_TIMEOUT)
+    async with (
+        aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as session,
+        session.get(url) as response,
+    ):
+        if response.status != 200:
+            raise BenchError(f"GET {url} answered {response.status}")
+        async for chunk in response.content.iter_chunked(CHUNK):
+            size += len(chunk)
+    return size
+
+
+def measure_stream(pid: int, port: int, expected: int) -> StreamResult:
+    rss_before, hwm_before = memory_kib(pid)
+    started = time.perf_counter()
+    with RssSampler(pid) as sampler:
+        size = asyncio.run(download(f"http://{LOOPBACK}:{port}{BIG_PATH}"))
+    seconds = time.perf_counter() - started
+    if size != expected:
+        raise BenchError(f"streamed {size} bytes through token-proxy, expected {expected}")
+    return StreamResult(
+        size=size,
+        seconds=seconds,
+        hwm_before_kib=hwm_before,
+        hwm_after_kib=memory_kib(pid)[1],
+        rss_before_kib=rss_before,
+        rss_peak_kib=sampler.peak_kib,
+    )
+
+
+def loop_from_log(log: Path) -> str:
+    """The event loop token-proxy says it runs (`loop=...` in its startup line), or unknown."""
+    with contextlib.suppress(OSError), log.open(errors="replace") as lines:
+        for number, line in enumerate(lines):
+            if number > 200:
+                break
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if isinstance(entry, dict) and "loop" in entry:
+                    return str(entry["loop"])
+            match = re.search(r"\bloop=\"?([\w.:<>-]+)", line)
+            if match:
+                return match[1]
+    return "unknown"
+
+
+@dataclass(frozen=True)
+class Options:
+    seconds: int
+    warmup: int
+    stream_size: int
+    use_nginx: bool
+    proxy_env: dict[str, str]
+    workers: int | None
+    keep: bool
+
+
+def proxy_env(
+    *, port: int, token_port: int, upstream_port: int, secrets_dir: Path, options: Options
+) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("TOKEN_PROXY_")}
+    env.update(
+        {
+            "TOKEN_PROXY_HOST": LOOPBACK,
+            "TOKEN_PROXY_PORT": str(port),
+            "TOKEN_PROXY_CLIENT_ID": "bench",
+            "TOKEN_PROXY_CLIENT_SECRET": "bench-secret",
+            "TOKEN_PROXY_TOKEN_URL": f"http://{LOOPBACK}:{token_port}/token",
+            "TOKEN_PROXY_UPSTREAM": f"http://{LOOPBACK}:{upstream_port}",
+            "TOKEN_PROXY_LOG_FORMAT": "json",
+            "TOKEN_PROXY_SECRETS_DIR": str(secrets_dir),
+        }
+    )
+    if options.workers is not None:
+        env["TOKEN_PROXY_WORKERS"] = str(options.workers)
+    env.update(options.proxy_env)
+    return env
+
+
+def find_nginx() -> str | None:
+    return shutil.which("nginx") or next(
+        (path for path in ("/usr/sbin/nginx", "/sbin/nginx") if Path(path).exists()), None
+    )
+
+
+class Bench:
+    """One run: the servers, then wrk against each case, then the streaming test."""
+
+    def __init__(self, options: Options, processes: Processes, tmp: Path) -> None:
+        self.options = options
+        self.processes = processes
+        self.tmp = tmp
+        venv_python = REPO / ".venv" / "bin" / "python"
+        self.python = str(venv_python) if venv_python.exists() else sys.executable
+        self.upstream_port = free_port()
+        self.proxy_log = tmp / "token-proxy.log"
+
+    def start(self, name: str, argv: Sequence[str], port: int) -> subprocess.Popen[bytes]:
+        """Start a Python server from bench/ and wait until it listens."""
+        log = self.tmp / f"{name.replace(' ', '-')}.log"
+        process = self.processes.start(name, [self.python, *argv], log=log)
+        wait_listening(name, process, port, log)
+        return process
+
+    def start_upstream(self, nginx: str | None) -> str:
+        size = self.options.stream_size
+        if nginx is None:
+            port = str(self.upstream_port)
+            self.start(
+                "aiohttp upstream",
+                [str(HERE / "bench.py"), "serve-upstream", "--port", port, "--big-size", str(size)],
+                self.upstream_port,
+            )
+            return "aiohttp app (bench.py serve-upstream), 1 process"
+        webroot = self.tmp / "www"
+        webroot.mkdir(mode=0o755)
+        big = webroot / BIG_PATH.lstrip("/")
+        with big.open("wb") as handle:
+            handle.truncate(size)  # sparse: no disk used
+        big.chmod(0o644)
+        directory = self.tmp / "nginx-upstream"
+        conf = upstream_nginx_conf(directory, self.upstream_port, webroot)
+        start_nginx(self.processes, nginx, directory, conf, self.upstream_port)
+        return f"nginx, 1 worker, `return 200` of a {len(SMALL_BODY)}-byte JSON"
+
+    def start_proxy(self) -> tuple[subprocess.Popen[bytes], int]:
+        token_port, proxy_port = free_port(), free_port()
+        token_server = [str(HERE / "fake_token_server.py"), "--port", str(token_port)]
+        self.start("fake token server", token_server, token_port)
+        secrets_dir = self.tmp / "secrets"
+        secrets_dir.mkdir()
+        env = proxy_env(
+            port=proxy_port,
+            token_port=token_port,
+            upstream_port=self.upstream_port,
+            secrets_dir=secrets_dir,
+            options=self.options,
+        )
+        argv = [self.python, "-m", "proxy"]
+        proxy = self.processes.start("token-proxy", argv, log=self.proxy_log, env=env)
+        wait_ready("token-proxy", proxy, proxy_port, self.proxy_log)
+        return proxy, proxy_port
+
+    def start_references(self, nginx: str | None) -> list[Case]:
+        reference_port = free_port()
+        upstream = f"http://{LOOPBACK}:{self.upstream_port}"
+        argv = [str(HERE / "reference_proxy.py"), "--port", str(reference_port)]
+        self.start("reference proxy", [*argv, "--upstream", upstream], reference_port)
+        cases = [Case("c", "reference proxy", reference_port)]
+        if nginx is not None:
+            nginx_port = free_port()
+            directory = self.tmp / "nginx-proxy"
+            conf = proxy_nginx_conf(directory, nginx_port, self.upstream_port)
+            start_nginx(self.processes, nginx, directory, conf, nginx_port)
+            cases.append(Case("d", "nginx proxy", nginx_port))
+        return cases
+
+    def measure(self, wrk: str, case: Case, connections: int, report: Report, pid: int) -> None:
+        url = f"http://{LOOPBACK}:{case.port}{PATH}"
+        label = f"{case.key} {case.name}, {connections} connections"
+        note(f"{label}: {self.options.warmup:g} s warm-up, {self.options.seconds:g} s measured")
+        try:
+            if self.options.warmup:
+                run_wrk(wrk, url, connections, self.options.warmup)
+            if case.key == "b" and connections == max(CONNECTIONS):
+                with RssSampler(pid) as sampler:
+                    result = run_wrk(wrk, url, connections, self.options.seconds)
+                report.load_rss_kib = sampler.peak_kib
+                report.load_hwm_kib = memory_kib(pid)[1]
+            else:
+                result = run_wrk(wrk, url, connections, self.options.seconds)
+        except (BenchError, subprocess.TimeoutExpired) as exc:
+            note(f"{label}: {exc}")
+            report.results[case.key, connections] = "failed"
+        else:
+            report.results[case.key, connections] = result
+
+    def run(self) -> Report:
+        load_before = os.getloadavg()[0]
+        wrk = shutil.which("wrk")
+        if wrk is None:
+            raise BenchError(f"wrk is not installed; {INSTALL_HINT['wrk']}")
+        nginx = find_nginx() if self.options.use_nginx else None
+        if nginx is None and self.options.use_nginx:
+            note(
+                "nginx is not installed, so the upstream is an aiohttp app and case d is "
+                f"skipped; {INSTALL_HINT['nginx']}"
+            )
+        upstream = self.start_upstream(nginx)
+        proxy, proxy_port = self.start_proxy()
+        cases = [
+            Case("a", "direct to upstream", self.upstream_port),
+            Case("b", "token-proxy", proxy_port),
+            *self.start_references(nginx),
+        ]
+        time.sleep(1.0)
+        report = Report(
+            upstream=upstream, results={}, idle_kib=memory_kib(proxy.pid), load_before=load_before
+        )
+        for case in cases:
+            for connections in CONNECTIONS:
+                self.measure(wrk, case, connections, report, proxy.pid)
+            if proxy.poll() is not None:
+                raise BenchError(
+                    f"token-proxy exited with status {proxy.returncode}; the end of its log "
+                    f"({self.proxy_log}):\n{log_tail(self.proxy_log)}"
+                )
+        note(f"streaming {self.options.stream_size / MIB:g} MiB through token-proxy")
+        try:
+            report.stream = measure_stream(proxy.pid, proxy_port, self.options.stream_size)
+        except (BenchError, aiohttp.ClientError, TimeoutError) as exc:
+            note(f"streaming failed: {exc!r}")
+            report.stream = "failed"
+        report.loop = loop_from_log(self.proxy_log)
+        return report
+
+
+# --- the report ------------------------------------------------------------------------------
+
+
+def _ratio(report: Report, top: str, bottom: str) -> float | None:
+    a = report.results.get((top, max(CONNECTIONS)))
+    b = report.results.get((bottom, max(CONNECTIONS)))
+    if isinstance(a, WrkResult) and isinstance(b, WrkResult) and b.requests_per_s > 0:
+        return a.requests_per_s / b.requests_per_s
+    return None
+
+
+def _p99_added(report: Report) -> float | None:
+    proxied = report.results.get(("b", min(CONNECTIONS)))
+    direct = report.results.get(("a", min(CONNECTIONS)))
+    if isinstance(proxied, WrkResult) and isinstance(direct, WrkResult):
+        return proxied.p99_ms - direct.p99_ms
+    return None
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+CASE_NAMES = {
+    "a": "a direct to upstream",
+    "b": "b token-proxy",
+    "c": "c reference proxy",
+    "d": "d nginx proxy",
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    label: str
+    value: float | None
+    met: Callable[[float], bool]
+    spec: str
+    unit: str = ""
+
+    def line(self) -> str:
+        verdict = "n/a " if self.value is None else "PASS" if self.met(self.value) else "MISS"
+        return f"  {verdict}  {self.label:<38} {_fmt(self.value, self.spec, self.unit)}"
+
+
+def render(report: Report, options: Options) -> Iterator[str]:
+    extra = [f"{k}={v}" for k, v in options.proxy_env.items()]
+    if options.workers is not None:
+        extra.insert(0, f"TOKEN_PROXY_WORKERS={options.workers}")
+    yield (
+        f"token-proxy benchmark: {os.cpu_count()} cores, load average {report.load_before:.2f} "
+        f"before and {os.getloadavg()[0]:.2f} after; wrk -t{WRK_THREADS}, "
+        f"{options.seconds:g} s per case after a {options.warmup:g} s warm-up"
+    )
+    yield f"upstream: {report.upstream}"
+    yield f"token-proxy settings: defaults{' + ' + ' '.join(extra) if extra else ''}"
+    yield ""
+    yield f"{'case':<22} {'conns':>5} {'requests/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"
+    for (key, connections), result in report.results.items():
+        name = CASE_NAMES[key]
+        if isinstance(result, WrkResult):
+            yield (
+                f"{name:<22} {connections:>5} {result.requests_per_s:>12,.0f} "
+                f"{result.p50_ms:>8.3f} {result.p99_ms:>8.3f} {result.errors:>7}"
+            )
+        else:
+            yield f"{name:<22} {connections:>5} {result:>12}"
+    yield ""
+    high, low = max(CONNECTIONS), min(CONNECTIONS)
+    vs_reference, vs_nginx = _ratio(report, "b", "c"), _ratio(report, "b", "d")
+    vs_direct, p99_added = _ratio(report, "b", "a"), _p99_added(report)
+    yield f"throughput ratios at {high} connections"
+    yield f"  b/c token-proxy / reference proxy   {_fmt(vs_reference, '.2f')}"
+    yield f"  b/d token-proxy / nginx proxy       {_fmt(vs_nginx, '.2f')}"
+    yield f"  b/a token-proxy / direct            {_fmt(vs_direct, '.2f')}"
+    yield f"p99 added over direct at {low} connections (b.p99 - a.p99): {_fmt(p99_added, '.3f')} ms"
+    yield ""
+    yield "token-proxy memory (MiB; VmRSS and VmHWM from /proc/PID/status)"
+    idle_rss, idle_hwm = report.idle_kib
+    yield f"  {'idle after start':<24}VmRSS {mib(idle_rss):.1f}, VmHWM {mib(idle_hwm):.1f}"
+    yield (
+        f"  {f'under load ({high} conns)':<24}VmRSS peak sampled "
+        f"{_fmt(_mib(report.load_rss_kib), '.1f')}"
+        f", VmHWM {_fmt(_mib(report.load_hwm_kib), '.1f')}"
+    )
+    stream, growth = report.stream, None
+    if isinstance(stream, StreamResult):
+        growth = stream.growth_mib
+        yield (
+            f"  {f'streaming {stream.size / MIB:g} MiB':<24}growth {growth:.1f} (VmHWM "
+            f"{mib(stream.hwm_before_kib):.1f} -> {mib(stream.hwm_after_kib):.1f}, VmRSS "
+            f"{mib(stream.rss_before_kib):.1f} -> peak {mib(stream.rss_peak_kib):.1f}); "
+            f"{stream.seconds:.1f} s, {stream.size / MIB / stream.seconds:,.0f} MiB/s"
+        )
+    else:
+        yield f"  {'streaming':<24}{stream or 'not run'}"
+    yield ""
+    yield "targets"
+    load_peak = max(report.load_hwm_kib or 0, report.load_rss_kib or 0) or None
+    targets = (
+        Target(
+            f"b/c >= {TARGET_VS_REFERENCE:.1f} at {high} connections",
+            vs_reference,
+            lambda v: v >= TARGET_VS_REFERENCE,
+            ".2f",
+        ),
+        Target(
+            f"b/d >= {TARGET_VS_NGINX:.2f} at {high} connections",
+            vs_nginx,
+            lambda v: v >= TARGET_VS_NGINX,
+            ".2f",
+        ),
+        Target(
+            f"p99 added at {low} connections <= {TARGET_P99_ADDED_MS:g} ms",
+            p99_added,
+            lambda v: v <= TARGET_P99_ADDED_MS,
+            ".3f",
+            " ms",
+        ),
+        Target(
+            f"RSS under load <= {TARGET_RSS_MIB:g} MiB",
+            _mib(load_peak),
+            lambda v: v <= TARGET_RSS_MIB,
+            ".1f",
+            " MiB",
+        ),
+        Target(
+            f"streaming growth <= {TARGET_STREAM_GROWTH_MIB:g} MiB",
+            growth,
+            lambda v: v <= TARGET_STREAM_GROWTH_MIB,
+            ".1f",
+            " MiB",
+        ),
+    )
+    for target in targets:
+        yield target.line()
+    if report.loop == "unknown":
+        uvloop = "unknown (token-proxy logs no loop=... at start)"
+    else:
+        uvloop = f"{'yes' if 'uvloop' in report.loop.lower() else 'no'} (loop={report.loop})"
+    yield f"  uvloop in use: {uvloop}"
+
+
+def _mib(kib: int | None) -> float | None:
+    return None if kib is None else mib(kib)
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+def _seconds(least: int) -> Callable[[str], int]:
+    """wrk takes whole seconds."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected whole seconds, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"expected at least {least}, got {value}")
+        return value
+
+    return parse
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bench/run",
+        description="Measure token-proxy against a direct upstream, a plain aiohttp proxy and "
+        "nginx (see bench/README.md).",
+    )
+    sub = parser.add_subparsers(dest="command")
+    serve = sub.add_parser("serve-upstream", help="(internal) the aiohttp upstream")
+    serve.add_argument("--port", type=int, required=True)
+    serve.add_argument("--big-size", type=int, required=True)
+    parser.add_argument(
+        "--duration",
+        type=_seconds(1),
+        default=10,
+        help="whole seconds measured per case (default 10)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=_seconds(0),
+        default=2,
+        help="whole seconds of warm-up per case, 0 for none (default 2)",
+    )
+    parser.add_argument("--quick", action="store_true", help="3 s per case: a smoke test")
+    parser.add_argument(
+        "--proxy-env",
+        metavar="KEY=VALUE",
+        type=_env_pair,
+        action="append",
+        default=[],
+        help="extra environment for token-proxy (repeatable)",
+    )
+    parser.add_argument("--workers", type=int, help="pass TOKEN_PROXY_WORKERS=N to token-proxy")
+    parser.add_argument(
+        "--stream-mib", type=int, default=1024, help="size of the streaming test (default 1024)"
+    )
+    parser.add_argument(
+        "--no-nginx",
+        action="store_true",
+        help="use the aiohttp upstream and skip case d even when nginx is installed",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the temporary directory with every log"
+    )
+    return parser.parse_args(argv)
+
+
+def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "serve-upstream":
+        serve_upstream(args.port, args.big_size)
+        return 0
+    options = Options(
+        seconds=3 if args.quick else args.duration,
+        warmup=args.warmup,
+        stream_size=args.stream_mib * MIB,
+        use_nginx=not args.no_nginx,
+        proxy_env=dict(args.proxy_env),
+        workers=args.workers,
+        keep=args.keep,
+    )
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with `&`
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    signal.signal(signal.SIGHUP, _exit_on_signal)
+    processes = Processes()
+    tmp = Path(tempfile.mkdtemp(prefix="token-proxy-bench-"))
+    tmp.chmod(0o755)  # nginx workers run as another user when started by root
+    try:
+        report = Bench(options, processes, tmp).run()
+    except BenchError as exc:
+        note(str(exc))
+        return 1
+    except KeyboardInterrupt:
+        note("interrupted")
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop the clean-up
+        processes.stop_all()
+        if options.keep:
+            note(f"logs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print("\n".join(render(report, options)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
