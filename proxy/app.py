@@ -124,9 +124,13 @@ async def handle(request: web.Request) -> web.StreamResponse:
         if exchange.outcome != "client_aborted":
             status = response.status
         duration = time.perf_counter() - started
-        method = Metrics.method_label(request.method)
-        metrics.requests.labels(exchange.route, method, status, exchange.client).inc()
-        metrics.request_duration.labels(exchange.route).observe(duration)
+        metrics.observe_request(
+            route=exchange.route,
+            method=Metrics.method_label(request.method),
+            status=status,
+            client=exchange.client,
+            seconds=duration,
+        )
         if not reserved:
             app[ACCESS_LOG].record(request, status, duration, exchange)
         structlog.contextvars.reset_contextvars(**bound)

@@ -147,7 +147,10 @@ class Forwarder:
             route_label=route_label,
             exchange=exchange,
         )
-        async with self._slot(route):
+        slots = self._slots.get(route_label)
+        if slots is not None:
+            await self._hold_slot(route, slots)
+        try:
             response, token = await send()
             if response.status == 401:
                 renewed = tokens.invalidate(token)
@@ -158,14 +161,12 @@ class Forwarder:
                     log.info("upstream answered 401; replaying once with a new token")
                     response, _ = await send()
             return await self._respond(request, response, request_id, exchange)
+        finally:
+            if slots is not None:
+                slots.release()
 
-    @contextlib.asynccontextmanager
-    async def _slot(self, route: Route) -> AsyncIterator[None]:
-        """Hold one of the route's upstream connections for the whole exchange."""
-        slots = self._slots.get(route.prefix)
-        if slots is None:
-            yield
-            return
+    async def _hold_slot(self, route: Route, slots: asyncio.Semaphore) -> None:
+        """Take one of the route's upstream connections, held for the whole exchange."""
         try:
             async with asyncio.timeout(self._slot_wait):
                 await slots.acquire()
@@ -175,10 +176,6 @@ class Forwarder:
                 f"stayed busy for {self._slot_wait:g} s; raise max_connections of that route "
                 "if upstream can take more"
             ) from None
-        try:
-            yield
-        finally:
-            slots.release()
 
     async def _send(
         self,
@@ -209,7 +206,7 @@ class Forwarder:
         finally:
             await settle()
             exchange.upstream_seconds = time.perf_counter() - started
-            self._metrics.upstream_duration.labels(route_label).observe(exchange.upstream_seconds)
+            self._metrics.observe_upstream(route_label, exchange.upstream_seconds)
         return response, token
 
     async def _request_body(self, request: web.Request, exchange: Exchange) -> tuple[Body, bool]:

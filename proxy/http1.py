@@ -10,6 +10,7 @@ request targets; httptools, the parser uvicorn uses, does the protocol parsing."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
 from collections import deque
@@ -109,21 +110,19 @@ class _BodyBuffer:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def read(self, read_timeout: float) -> bytes | None:
-        """The next chunk, or None once the body is complete."""
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    async def read(self) -> bytes | None:
+        """The next chunk, or None once the body is complete (read_timeout: LeanClient._sweep)."""
         while not self._chunks:
             if self._error is not None:
                 raise self._error
             if self._done:
                 return None
             self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                async with asyncio.timeout(read_timeout):
-                    await self._waiter
-            except TimeoutError:
-                raise UpstreamTimeout(
-                    f"upstream sent no byte of the body within read_timeout ({read_timeout:g} s)"
-                ) from None
+            await self._waiter
         chunk = self._chunks.popleft()
         self._size -= len(chunk)
         if self._paused and self._size < _LOW_WATER:
@@ -156,6 +155,9 @@ class _Connection(asyncio.Protocol):
         self.status = 0
         self.reusable = False
         self.got_bytes = False
+        # Whether upstream owes bytes now, and when it last sent some: for the read timeout.
+        self.expecting = False
+        self.last_io = 0.0
 
     def start_exchange(self, *, head_request: bool) -> None:
         self._begin(head_request=head_request)
@@ -167,6 +169,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
+        self.last_io = time.monotonic()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -235,6 +238,7 @@ class _Connection(asyncio.Protocol):
         if self._interim:
             self._interim = False
             return
+        self.expecting = False
         self.reusable = self._parser.should_keep_alive() and not self._head_request
         self.body.finish()
 
@@ -253,7 +257,14 @@ class _Connection(asyncio.Protocol):
 
     def resume_reading(self) -> None:
         if self.transport is not None and not self.closed:
+            self.last_io = time.monotonic()  # the wait was ours (a slow client), not upstream's
             self.transport.resume_reading()
+
+    def time_out(self, read_timeout: float) -> None:
+        what = "no byte of the body" if self.headers_ready.done() else "no response"
+        self._fail(
+            UpstreamTimeout(f"upstream sent {what} within read_timeout ({read_timeout:g} s)")
+        )
 
     async def write(self, data: bytes) -> None:
         if self.transport is None or self.closed:
@@ -264,6 +275,7 @@ class _Connection(asyncio.Protocol):
             await self._drain_waiter
 
     def _fail(self, error: UpstreamError) -> None:
+        self.expecting = False
         if not self.headers_ready.done():
             self.headers_ready.set_exception(error)
         self.body.fail(error)
@@ -281,7 +293,6 @@ class LeanResponse:
     __slots__ = (
         "_client",
         "_conn",
-        "_read_timeout",
         "_released",
         "_writer",
         "headers",
@@ -294,12 +305,10 @@ class LeanResponse:
         client: LeanClient,
         conn: _Connection,
         writer: asyncio.Task[None] | None,
-        read_timeout: float,
     ) -> None:
         self._client = client
         self._conn = conn
         self._writer = writer
-        self._read_timeout = read_timeout
         self._released = False
         self.status = conn.status
         self.reason: str | None = conn.reason or None
@@ -307,7 +316,7 @@ class LeanResponse:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         while True:
-            chunk = await self._conn.body.read(self._read_timeout)
+            chunk = await self._conn.body.read()
             if chunk is None:
                 break
             yield chunk
@@ -345,9 +354,15 @@ class LeanClient:
         self._idle: dict[tuple[Origin, int], list[_Connection]] = {}
         self._busy: set[_Connection] = set()
         self._origins: dict[tuple[str, str], Origin] = {}
+        self._sweeper: asyncio.Task[None] | None = None
         self._default_ssl = ssl.create_default_context()
 
     async def close(self) -> None:
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
         for conns in self._idle.values():
             for conn in conns:
                 conn.close()
@@ -402,7 +417,7 @@ class LeanClient:
                 writer.cancel()
             self.release(conn, reuse=False)
             raise
-        return LeanResponse(self, conn, writer, self._read_timeout)
+        return LeanResponse(self, conn, writer)
 
     async def _headers(self, conn: _Connection, writer: asyncio.Task[None] | None) -> None:
         if writer is not None:
@@ -412,21 +427,34 @@ class LeanClient:
                 failure = writer.exception()
                 if failure is not None:
                     raise failure
-        try:
-            async with asyncio.timeout(self._read_timeout):
-                await conn.headers_ready
-        except TimeoutError:
-            raise UpstreamTimeout(
-                f"upstream sent no response within read_timeout ({self._read_timeout:g} s)"
-            ) from None
+        conn.last_io = time.monotonic()
+        conn.expecting = True
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep(), name="upstream-read-timeouts")
+        await conn.headers_ready
+
+    async def _sweep(self) -> None:
+        """One timer for every exchange, rather than one per request: an exchange whose
+        upstream sent nothing for read_timeout fails with UpstreamTimeout."""
+        interval = min(1.0, self._read_timeout / 4)
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for conn in list(self._busy):
+                stalled = now - conn.last_io > self._read_timeout
+                if conn.expecting and stalled and not conn.body.paused:
+                    conn.time_out(self._read_timeout)
 
     async def _acquire(
         self, origin: Origin, context: ssl.SSLContext | None, *, fresh: bool = False
     ) -> tuple[_Connection, bool]:
         key = (origin, id(context))
         try:
-            async with asyncio.timeout(self._connect_timeout):
-                await self._slots.acquire()
+            if self._slots.locked():
+                async with asyncio.timeout(self._connect_timeout):
+                    await self._slots.acquire()
+            else:
+                await self._slots.acquire()  # free: returns at once, no timer needed
         except TimeoutError:
             raise UpstreamError(
                 f"all upstream connections stayed busy for connect_timeout "
@@ -483,6 +511,7 @@ class LeanClient:
         if conn not in self._busy:
             return
         self._busy.discard(conn)
+        conn.expecting = False
         self._slots.release()
         idle = self._idle.setdefault(conn.pool_key, [])
         if reuse and not conn.closed and len(idle) < _MAX_IDLE_PER_ORIGIN:

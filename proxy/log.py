@@ -26,51 +26,68 @@ _REMEMBERED_TOKENS = 64
 
 
 class Redactor:
-    """A structlog processor that hides sensitive keys and every live secret or token value."""
+    """A structlog processor that hides sensitive keys and every live secret or token value.
+    It runs on every log line, the access line included, so it does its work in C: one regex
+    alternation of the live values, and a memo of which keys are sensitive."""
 
     def __init__(self) -> None:
         self._secrets: set[str] = set()
         self._tokens: deque[str] = deque(maxlen=_REMEMBERED_TOKENS)
+        self._pattern: re.Pattern[str] | None = None
+        self._sensitive: dict[str, bool] = {}
 
     def add_secret(self, value: str) -> None:
-        if len(value) >= _MIN_SCRUB_LENGTH:
+        if len(value) >= _MIN_SCRUB_LENGTH and value not in self._secrets:
             self._secrets.add(value)
+            self._compile()
 
     def add_token(self, value: str) -> None:
         if len(value) >= _MIN_SCRUB_LENGTH and value not in self._tokens:
             self._tokens.append(value)
+            self._compile()
 
     def clear(self) -> None:
         self._secrets.clear()
         self._tokens.clear()
+        self._compile()
+
+    def _compile(self) -> None:
+        values = sorted({*self._secrets, *self._tokens}, key=len, reverse=True)
+        self._pattern = re.compile("|".join(map(re.escape, values))) if values else None
 
     def scrub(self, text: str) -> str:
-        for value in (*self._secrets, *self._tokens):
-            if value in text:
-                text = text.replace(value, REDACTED)
-        return text
+        pattern = self._pattern
+        return text if pattern is None else pattern.sub(REDACTED, text)
 
     def _clean(self, value: Any) -> Any:
         if isinstance(value, str):
             return self.scrub(value)
+        if isinstance(value, int | float | bool) or value is None:
+            return value
         if isinstance(value, bytes):
             return self.scrub(value.decode("utf-8", "replace"))
         if isinstance(value, MutableMapping):
             return {key: self._clean_item(str(key), item) for key, item in value.items()}
         if isinstance(value, list | tuple | set | frozenset):
             return [self._clean(item) for item in value]
-        if isinstance(value, int | float | bool) or value is None:
-            return value
         return self.scrub(str(value))
 
+    def _is_sensitive(self, key: str) -> bool:
+        known = self._sensitive.get(key)
+        if known is None:
+            known = key not in _SAFE_KEYS and _SENSITIVE_KEY.search(key) is not None
+            if len(self._sensitive) < 4096:  # keys come from code, but never grow unbounded
+                self._sensitive[key] = known
+        return known
+
     def _clean_item(self, key: str, value: Any) -> Any:
-        if key not in _SAFE_KEYS and _SENSITIVE_KEY.search(key) and value is not None:
+        if value is not None and self._is_sensitive(key):
             return REDACTED
         return self._clean(value)
 
     def __call__(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
-        for key in list(event_dict):
-            event_dict[key] = self._clean_item(key, event_dict[key])
+        for key, value in event_dict.items():
+            event_dict[key] = self._clean_item(key, value)
         return event_dict
 
 

@@ -77,6 +77,30 @@ class Metrics:
             registry=r,
         )
 
+        # Label lookups cost more than the updates themselves: children are kept per label set.
+        self._request_children: dict[tuple[str, str, int, str], tuple[Counter, Histogram]] = {}
+        self._upstream_children: dict[str, Histogram] = {}
+
+    def observe_request(
+        self, *, route: str, method: str, status: int, client: str, seconds: float
+    ) -> None:
+        key = (route, method, status, client)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(route, method, str(status), client),
+                self.request_duration.labels(route),
+            )
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def observe_upstream(self, route: str, seconds: float) -> None:
+        child = self._upstream_children.get(route)
+        if child is None:
+            child = self._upstream_children[route] = self.upstream_duration.labels(route)
+        child.observe(seconds)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

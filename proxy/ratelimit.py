@@ -154,10 +154,10 @@ class RateLimits:
     async def acquire(self, *, credential: str, client: str) -> Callable[[], Awaitable[None]]:
         """Wait for the client's and the credential's slots; await the result once upstream
         has answered, to count the request in their windows."""
-        settles: list[Callable[[], Awaitable[None]]] = []
         client_limiter = self._clients.get(client)
-        if client_limiter is not None:
-            settles.append(await client_limiter.acquire())
+        if client_limiter is None:
+            return await self._credentials[credential].acquire()
+        settles = [await client_limiter.acquire()]
         try:
             settles.append(await self._credentials[credential].acquire())
         except BaseException:
