@@ -3,11 +3,12 @@ rendered through the same chain, and a processor that redacts secrets and tokens
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
 from collections import deque
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -86,10 +87,40 @@ class Redactor:
         return self._clean(value)
 
     def __call__(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+        # The loop of _clean_item, inlined for the plain values every line is made of.
+        pattern = self._pattern
+        sensitive = self._sensitive
         for key, value in event_dict.items():
-            event_dict[key] = self._clean_item(key, value)
+            flag = sensitive.get(key)
+            if flag is None:
+                flag = self._is_sensitive(key)
+            if flag and value is not None:
+                event_dict[key] = REDACTED
+            elif type(value) is str:
+                if pattern is not None:
+                    event_dict[key] = pattern.sub(REDACTED, value)
+            elif type(value) not in _PLAIN and value is not None:
+                event_dict[key] = self._clean(value)
         return event_dict
 
+
+_PLAIN = frozenset({int, float, bool})
+
+
+def _json_dumps(obj: Any, **options: Any) -> str:
+    return json.dumps(obj, **options)
+
+
+def _orjson_dumps(obj: Any, *, default: Callable[[Any], Any] | None = None, **_: Any) -> str:
+    return orjson.dumps(obj, default=default or repr).decode()
+
+
+try:  # orjson comes with the `speed` extra: ten times faster on the access line
+    import orjson
+except ImportError:  # pragma: no cover - depends on the installation
+    _dumps: Callable[..., str] = _json_dumps
+else:
+    _dumps = _orjson_dumps
 
 redactor = Redactor()
 
@@ -123,7 +154,7 @@ def configure_logging(
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     renderer: Processor
     if use_json:
-        renderer = structlog.processors.JSONRenderer()
+        renderer = structlog.processors.JSONRenderer(serializer=_dumps)
     else:
         renderer = structlog.dev.ConsoleRenderer(
             colors=stream.isatty(), exception_formatter=structlog.dev.plain_traceback
