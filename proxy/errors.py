@@ -27,6 +27,7 @@ class ProxyError(Exception):
     status: int = 500
     title: str = "Internal proxy error"
     type_slug: str = "internal"
+    retry_after: int | None = None  # seconds, sent as Retry-After when set
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
@@ -34,7 +35,7 @@ class ProxyError(Exception):
 
     @property
     def headers(self) -> dict[str, str]:
-        return {}
+        return {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
 
 
 class ConfigError(ProxyError):
@@ -92,28 +93,22 @@ class RateLimited(ProxyError):
     status = 429
     title = "Rate limit wait exceeded"
     type_slug = "rate-limited"
+    retry_after: int
 
     def __init__(self, detail: str, *, retry_after: int) -> None:
         super().__init__(detail)
         self.retry_after = retry_after
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after)}
 
 
 class TokenUnavailable(ProxyError):
     status = 503
     title = "No usable access token"
     type_slug = "token-unavailable"
+    retry_after: int
 
     def __init__(self, detail: str, *, retry_after: int = 5) -> None:
         super().__init__(detail)
         self.retry_after = retry_after
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after)}
 
 
 class ClientRejected(TokenUnavailable):
@@ -127,10 +122,7 @@ class UpstreamBusy(ProxyError):
     status = 503
     title = "Upstream connections busy"
     type_slug = "upstream-busy"
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": "1"}
+    retry_after = 1
 
 
 class TokenEndpointError(ProxyError):

@@ -66,17 +66,21 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
     return named
 
 
-def upstream_headers(
-    incoming: CIMultiDictProxy[str], *, token: str, request_id: str
-) -> CIMultiDict[str]:
-    """The client's end-to-end headers, with Authorization replaced by the upstream token."""
+def _end_to_end(incoming: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
     named = _connection_tokens(incoming)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         lower = name.lower()
-        if lower in _REQUEST_DROP or lower in named:
-            continue
-        out.add(name, value)
+        if lower not in drop and lower not in named:
+            out.add(name, value)
+    return out
+
+
+def upstream_headers(
+    incoming: CIMultiDictProxy[str], *, token: str, request_id: str
+) -> CIMultiDict[str]:
+    """The client's end-to-end headers, with Authorization replaced by the upstream token."""
+    out = _end_to_end(incoming, _REQUEST_DROP)
     out["Authorization"] = f"Bearer {token}"
     out["X-Request-ID"] = request_id
     return out
@@ -84,13 +88,7 @@ def upstream_headers(
 
 def downstream_headers(incoming: CIMultiDictProxy[str], *, request_id: str) -> CIMultiDict[str]:
     """Upstream's end-to-end response headers, for the client."""
-    named = _connection_tokens(incoming)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in incoming.items():
-        lower = name.lower()
-        if lower in HOP_BY_HOP or lower in named:
-            continue
-        out.add(name, value)
+    out = _end_to_end(incoming, HOP_BY_HOP)
     out["X-Request-ID"] = request_id
     return out
 

@@ -357,6 +357,9 @@ class LeanClient:
         self._sweeper: asyncio.Task[None] | None = None
         self._default_ssl = ssl.create_default_context()
 
+    async def start(self) -> None:
+        self._sweeper = asyncio.create_task(self._sweep(), name="upstream-read-timeouts")
+
     async def close(self) -> None:
         sweeper, self._sweeper = self._sweeper, None
         if sweeper is not None:
@@ -429,8 +432,6 @@ class LeanClient:
                     raise failure
         conn.last_io = time.monotonic()
         conn.expecting = True
-        if self._sweeper is None:
-            self._sweeper = asyncio.create_task(self._sweep(), name="upstream-read-timeouts")
         await conn.headers_ready
 
     async def _sweep(self) -> None:

@@ -5,7 +5,7 @@ ClientSession (`upstream_client = "aiohttp"`), each translating its errors to ou
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterator
 from typing import Protocol
 
 import aiohttp
@@ -13,13 +13,13 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.errors import UpstreamError, UpstreamTimeout
-from proxy.http1 import LeanClient
+from proxy.http1 import Body, LeanClient
+
+__all__ = ["Body", "Transport", "UpstreamResponse", "make_transport"]
 
 CHUNK_SIZE = 64 * 1024
 # Headers aiohttp would add on its own; a transparent proxy sends only what the client sent.
 _NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
-
-Body = bytes | AsyncIterable[bytes] | None
 
 
 class UpstreamResponse(Protocol):
@@ -161,46 +161,13 @@ class AiohttpTransport:
         return AiohttpResponse(response)
 
 
-class LeanTransport:
-    """The lean keep-alive HTTP/1.1 client of proxy.http1 behind the Transport interface."""
-
-    def __init__(self, *, connect_timeout: float, read_timeout: float, max_connections: int):
-        self._connect_timeout = connect_timeout
-        self._read_timeout = read_timeout
-        self._max_connections = max_connections
-        self._client: LeanClient | None = None
-
-    async def start(self) -> None:
-        self._client = LeanClient(
-            connect_timeout=self._connect_timeout,
-            read_timeout=self._read_timeout,
-            max_connections=self._max_connections,
-        )
-
-    async def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.close()
-
-    async def send(
-        self,
-        method: str,
-        url: str,
-        headers: CIMultiDict[str],
-        body: Body,
-        *,
-        ssl_context: ssl.SSLContext | None = None,
-    ) -> UpstreamResponse:
-        if self._client is None:
-            raise RuntimeError("the upstream transport is not started")
-        return await self._client.send(method, url, headers, body, ssl_context=ssl_context)
-
-
 def make_transport(
     kind: str, *, connect_timeout: float, read_timeout: float, max_connections: int
 ) -> Transport:
     """The transport named by the upstream_client setting."""
-    transport_class = AiohttpTransport if kind == "aiohttp" else LeanTransport
+    transport_class: type[AiohttpTransport | LeanClient] = (
+        AiohttpTransport if kind == "aiohttp" else LeanClient
+    )
     return transport_class(
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,

@@ -165,7 +165,8 @@ async def test_short_lived_token_refreshed_in_background(
         await watcher
     assert statuses
     assert set(statuses) == {200}
-    assert max(latencies) < 0.25, f"slowest request took {max(latencies):.3f} s"
+    # A request that waited for the refresh took at least the token server's 0.3 s.
+    assert max(latencies) < 0.29, f"slowest request took {max(latencies):.3f} s"
     assert 2 <= len(token_server.requests) <= 4
     tokens_used = {auth.removeprefix("Bearer ") for _, auth in used}
     assert len(tokens_used) >= 2
