@@ -140,7 +140,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
 async def _proxy(
     request: web.Request, raw: str, request_id: str, exchange: Exchange
 ) -> web.StreamResponse:
-    """The one-way flow: framing, routing, team key, rate limit, then the upstream exchange."""
+    """The one-way flow: framing, routing, team key, then the forwarder (rate limit, token,
+    upstream exchange)."""
     app = request.app
     metrics = app[METRICS]
     _check_framing(request)
