@@ -23,18 +23,20 @@ _SENSITIVE_KEY = re.compile(
 _SAFE_KEYS = frozenset({"token_url", "token_age_s", "token_type", "token_fetches"})
 # A secret shorter than this is not scrubbed by value: it would shred ordinary words.
 _MIN_SCRUB_LENGTH = 6
-_REMEMBERED_TOKENS = 64
+# Tokens live one after another; the last few cover any still in use.
+_REMEMBERED_TOKENS = 16
 
 
 class Redactor:
     """A structlog processor that hides sensitive keys and every live secret or token value.
-    It runs on every log line, the access line included, so it does its work in C: one regex
-    alternation of the live values, and a memo of which keys are sensitive."""
+    It runs on every log line, the access line included: plain values take a short path, and
+    which keys are sensitive is remembered. (Not a compiled alternation of the values: every
+    new token would leave one more pattern in the re module's cache, which the soak showed.)"""
 
     def __init__(self) -> None:
         self._secrets: set[str] = set()
         self._tokens: deque[str] = deque(maxlen=_REMEMBERED_TOKENS)
-        self._pattern: re.Pattern[str] | None = None
+        self._values: tuple[str, ...] = ()
         self._sensitive: dict[str, bool] = {}
 
     def add_secret(self, value: str) -> None:
@@ -53,12 +55,14 @@ class Redactor:
         self._compile()
 
     def _compile(self) -> None:
-        values = sorted({*self._secrets, *self._tokens}, key=len, reverse=True)
-        self._pattern = re.compile("|".join(map(re.escape, values))) if values else None
+        # Longest first, so that a secret inside a longer one (its encoded forms) goes with it.
+        self._values = tuple(sorted({*self._secrets, *self._tokens}, key=len, reverse=True))
 
     def scrub(self, text: str) -> str:
-        pattern = self._pattern
-        return text if pattern is None else pattern.sub(REDACTED, text)
+        for value in self._values:
+            if value in text:
+                text = text.replace(value, REDACTED)
+        return text
 
     def _clean(self, value: Any) -> Any:
         if isinstance(value, str):
@@ -88,7 +92,7 @@ class Redactor:
 
     def __call__(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
         # The loop of _clean_item, inlined for the plain values every line is made of.
-        pattern = self._pattern
+        scrub = self.scrub
         sensitive = self._sensitive
         for key, value in event_dict.items():
             flag = sensitive.get(key)
@@ -97,8 +101,7 @@ class Redactor:
             if flag and value is not None:
                 event_dict[key] = REDACTED
             elif type(value) is str:
-                if pattern is not None:
-                    event_dict[key] = pattern.sub(REDACTED, value)
+                event_dict[key] = scrub(value)
             elif type(value) not in _PLAIN and value is not None:
                 event_dict[key] = self._clean(value)
         return event_dict
