@@ -188,23 +188,25 @@ class Forwarder:
     ) -> tuple[UpstreamResponse, Token]:
         """One trip upstream: a rate-limit slot, the current token, then the request."""
         settle = await self._limits.acquire(credential=tokens.name, client=exchange.client)
-        started = time.perf_counter()
         try:
             token = await tokens.token()
             headers = upstream_headers(request.headers, token=token.value, request_id=request_id)
             exchange.token_age = tokens.age(token)
             started = time.perf_counter()
-            response = await self._transport.send(
-                request.method, url, headers, body, ssl_context=self._ssl.get(route_label)
-            )
+            try:
+                response = await self._transport.send(
+                    request.method, url, headers, body, ssl_context=self._ssl.get(route_label)
+                )
+            finally:
+                # Only the trip upstream is timed: waiting for a token is not upstream's time.
+                exchange.upstream_seconds = time.perf_counter() - started
+                self._metrics.observe_upstream(route_label, exchange.upstream_seconds)
         except UpstreamError:
             if exchange.body_too_large:
                 raise self._too_large() from None
             raise
         finally:
             await settle()
-            exchange.upstream_seconds = time.perf_counter() - started
-            self._metrics.observe_upstream(route_label, exchange.upstream_seconds)
         return response, token
 
     async def _request_body(self, request: web.Request, exchange: Exchange) -> tuple[Body, bool]:
