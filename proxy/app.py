@@ -18,8 +18,8 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy import __version__
-from proxy.config import Settings
-from proxy.credentials import TokenManager
+from proxy.config import Credential, Settings
+from proxy.credentials import TokenManager, TokenSource
 from proxy.errors import (
     BadRequest,
     MethodNotAllowed,
@@ -39,7 +39,10 @@ from proxy.upstream import make_transport
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 ROUTES = web.AppKey("routes", RouteTable)
-TOKENS = web.AppKey("tokens", dict[str, TokenManager])
+TOKENS = web.AppKey("tokens", dict[str, TokenSource])
+# Builds the token source of one credential; None: a TokenManager fetching tokens itself.
+TokenSourceFactory = Callable[[str, Credential], TokenSource]
+TOKEN_SOURCES: web.AppKey[TokenSourceFactory] = web.AppKey("token_sources")
 FORWARDER = web.AppKey("forwarder", Forwarder)
 GATE = web.AppKey("gate", Gate)
 LIMITS = web.AppKey("limits", RateLimits)
@@ -306,14 +309,19 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     token_session = aiohttp.ClientSession(
         cookie_jar=aiohttp.DummyCookieJar(), trust_env=False, raise_for_status=False
     )
-    managers = {
-        name: TokenManager(
-            name=name,
-            credential=credential,
-            session=token_session,
-            metrics=app[METRICS],
-            request_timeout=settings.token_timeout,
-            wait_timeout=settings.token_wait_timeout,
+    factory = app.get(TOKEN_SOURCES)
+    managers: dict[str, TokenSource] = {
+        name: (
+            factory(name, credential)
+            if factory is not None
+            else TokenManager(
+                name=name,
+                credential=credential,
+                session=token_session,
+                metrics=app[METRICS],
+                request_timeout=settings.token_timeout,
+                wait_timeout=settings.token_wait_timeout,
+            )
         )
         for name, credential in settings.credentials.items()
     }
@@ -337,8 +345,15 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await transport.close()
 
 
-def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Application:
-    """Build the proxy application; long-lived resources open and close in cleanup_ctx."""
+def create_app(
+    settings: Settings,
+    *,
+    metrics: Metrics | None = None,
+    token_sources: TokenSourceFactory | None = None,
+) -> web.Application:
+    """Build the proxy application; long-lived resources open and close in cleanup_ctx.
+    `token_sources` replaces the TokenManager of each credential (a worker process takes its
+    tokens from the supervisor)."""
     app = web.Application(
         middlewares=[_every_request],
         # Request bodies are forwarded as they came: never decompressed on the way in.
@@ -346,6 +361,8 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     )
     app[SETTINGS] = settings
     app[METRICS] = metrics if metrics is not None else Metrics()
+    if token_sources is not None:
+        app[TOKEN_SOURCES] = token_sources
     app[ROUTES] = RouteTable(settings.routes)
     app[GATE] = Gate(settings.clients)
     app[LIMITS] = RateLimits(

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote_plus
 
 import aiohttp
@@ -140,6 +140,25 @@ def _basic_credentials(client_id: str, secret: str) -> str:
     """RFC 6749 2.3.1: id and secret are form-urlencoded, then joined and Base64-encoded."""
     pair = f"{quote_plus(client_id)}:{quote_plus(secret)}"
     return base64.b64encode(pair.encode()).decode()
+
+
+class TokenSource(Protocol):
+    """Where the forwarder gets a credential's token: a TokenManager in this process, or (with
+    several workers) a copy of the token the supervisor process holds."""
+
+    name: str
+
+    def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def state(self) -> dict[str, Any]: ...
+
+    async def token(self) -> Token: ...
+
+    def age(self, token: Token) -> float: ...
+
+    def invalidate(self, token: Token) -> bool: ...
 
 
 class TokenManager:

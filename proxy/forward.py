@@ -15,7 +15,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.config import Route
-from proxy.credentials import Token, TokenManager
+from proxy.credentials import Token, TokenSource
 from proxy.errors import PayloadTooLarge, UpstreamBusy, UpstreamError
 from proxy.log import get_logger
 from proxy.metrics import Metrics
@@ -129,7 +129,7 @@ class Forwarder:
         *,
         route: Route,
         url: str,
-        tokens: TokenManager,
+        tokens: TokenSource,
         request_id: str,
         exchange: Exchange,
     ) -> web.StreamResponse:
@@ -180,7 +180,7 @@ class Forwarder:
         request: web.Request,
         *,
         url: str,
-        tokens: TokenManager,
+        tokens: TokenSource,
         request_id: str,
         body: Body,
         route_label: str,
