@@ -77,6 +77,14 @@ def check_rate_limits(values: tuple[str, ...]) -> tuple[str, ...]:
     return values
 
 
+def split_rate_limits(values: tuple[str, ...], ways: int) -> tuple[str, ...]:
+    """Each limit divided `ways` ways, rounded down: "100/second" in 3 is "33 per 1 second"."""
+    items = (limits.parse(value) for value in values)
+    return tuple(
+        f"{item.amount // ways} per {item.multiples} {item.GRANULARITY.name}" for item in items
+    )
+
+
 # Keys that only make sense for the single-API shorthand (no [credentials.*] of their own).
 _SHORTHAND_CREDENTIAL_KEYS = (
     "client_secret",
@@ -85,6 +93,7 @@ _SHORTHAND_CREDENTIAL_KEYS = (
     "auth_method",
     "scope",
 )
+MAX_WORKERS = 64
 # Environment variables read by the loader itself rather than by the model.
 _LOADER_ENV = {"CONFIG", "SECRETS_DIR"}
 
@@ -424,6 +433,11 @@ class Settings(BaseSettings):
         "`allow_anonymous_remote`",
     )
     port: int = Field(default=8080, ge=0, le=65535, description="listen port")
+    workers: int = Field(
+        default=1,
+        description="processes serving the port together (SO_REUSEPORT), 1 to "
+        f"{MAX_WORKERS}; tokens are still fetched once, rate limits split between them",
+    )
     client_id: str | None = Field(
         default=None,
         description="OAuth client id; defines the credential `default` and the route `/` "
@@ -537,6 +551,17 @@ class Settings(BaseSettings):
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
 
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, value: int) -> int:
+        if not 1 <= value <= MAX_WORKERS:
+            cores = os.cpu_count() or 1
+            raise ValueError(
+                f"{value} is not between 1 and {MAX_WORKERS}; use about one worker per CPU "
+                f"core (this machine has {cores}), or 1 for a single process"
+            )
+        return value
+
     @model_validator(mode="before")
     @classmethod
     def _expand_shorthand(cls, data: Any) -> Any:
@@ -626,6 +651,8 @@ class Settings(BaseSettings):
         digests = [client.digest for client in self.clients]
         if len(set(digests)) != len(digests):
             raise ValueError("clients: two clients share one key; give each its own")
+        if self.workers > 1:
+            self._check_split_limits()
         if self.exposed_anonymously and not self.allow_anonymous_remote:
             raise ValueError(
                 f"host (TOKEN_PROXY_HOST) = {self.host!r} is not a loopback address and no "
@@ -635,6 +662,38 @@ class Settings(BaseSettings):
                 "if that is really intended"
             )
         return self
+
+    def _check_split_limits(self) -> None:
+        tables = [
+            (f"credentials.{name}.rate_limit", credential.rate_limits)
+            for name, credential in self.credentials.items()
+        ]
+        tables += [(f"clients[{i}].rate_limit", c.rate_limit) for i, c in enumerate(self.clients)]
+        for where, values in tables:
+            for value in values:
+                if limits.parse(value).amount < self.workers:
+                    raise ValueError(
+                        f"{where} {value!r} cannot be split between {self.workers} workers "
+                        "(workers, TOKEN_PROXY_WORKERS): each would get less than one "
+                        "request; lower workers, or count the limit over a longer window "
+                        '(e.g. "60/minute" rather than "1/second")'
+                    )
+
+    def split_limits(self) -> tuple[dict[str, Credential], tuple[Client, ...]]:
+        """The credentials and clients with every rate limit divided between the workers
+        (rounded down, so that together they never exceed it): one worker's share."""
+        ways = self.workers
+        credentials = {
+            name: credential.model_copy(
+                update={"rate_limit": split_rate_limits(credential.rate_limits, ways)}
+            )
+            for name, credential in self.credentials.items()
+        }
+        clients = tuple(
+            client.model_copy(update={"rate_limit": split_rate_limits(client.rate_limit, ways)})
+            for client in self.clients
+        )
+        return credentials, clients
 
     @property
     def exposed_anonymously(self) -> bool:

@@ -709,3 +709,93 @@ def test_config_error_never_shows_secret(tmp_path: Path, monkeypatch: pytest.Mon
     config = write_toml(tmp_path, f'[credentials.x]\nclient_id = "x"\nclient_secret = "{SECRET}"\n')
     message = config_error(config_file=config)
     assert SECRET not in message
+
+
+# --- workers -------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_workers_default_to_one_from_every_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """workers is 1 unless set; TOML, environment and the --workers flag set it, in that order."""
+    assert load_settings().workers == 1
+    config = write_toml(tmp_path, "workers = 2\n")
+    assert load_settings(config_file=config).workers == 2
+    monkeypatch.setenv("TOKEN_PROXY_WORKERS", "3")
+    assert load_settings(config_file=config).workers == 3
+    assert load_settings(config_file=config, flags={"workers": 4}).workers == 4
+
+
+@pytest.mark.usefixtures("shorthand")
+@pytest.mark.parametrize("value", ["0", "65", "-1"])
+def test_workers_out_of_bounds(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    """A worker count outside 1..64 names the setting, its variable and what to choose."""
+    monkeypatch.setenv("TOKEN_PROXY_WORKERS", value)
+    message = config_error()
+    assert "workers (TOKEN_PROXY_WORKERS)" in message
+    assert "between 1 and 64" in message
+    assert "CPU core" in message
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_workers_not_a_number(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker count that is not an integer names the setting."""
+    monkeypatch.setenv("TOKEN_PROXY_WORKERS", "two")
+    assert "workers (TOKEN_PROXY_WORKERS)" in config_error()
+
+
+def test_workers_split_every_rate_limit(tmp_path: Path) -> None:
+    """With workers, each worker's share of a credential's and a client's limits is the limit
+    divided by the count, rounded down, so that together they never exceed it."""
+    config = write_toml(
+        tmp_path,
+        f"""
+        workers = 3
+        [credentials.bnet]
+        client_id = "{CLIENT_ID}"
+        client_secret = "{SECRET}"
+        [credentials.other]
+        client_id = "{CLIENT_ID}"
+        client_secret = "{SECRET}"
+        token_url = "https://auth.example.com/token"
+        rate_limit = ["10 per 2 minutes"]
+        [[routes]]
+        prefix = "/"
+        upstream = "https://us.api.blizzard.com"
+        credential = "bnet"
+        [[clients]]
+        name = "dashboard"
+        key_sha256 = "{"ab" * 32}"
+        rate_limit = ["20/second"]
+        """,
+    )
+    settings = load_settings(config_file=config)
+    credentials, clients = settings.split_limits()
+    assert credentials["bnet"].rate_limits == ("33 per 1 second", "12000 per 1 hour")
+    assert credentials["other"].rate_limits == ("3 per 2 minute",)
+    assert clients[0].rate_limit == ("6 per 1 second",)
+    assert settings.credentials["bnet"].rate_limits == ("100/second", "36000/hour")
+
+
+def test_workers_refuse_a_limit_below_one_each(tmp_path: Path) -> None:
+    """A limit smaller than the worker count cannot be split: the error names both."""
+    config = write_toml(
+        tmp_path,
+        f"""
+        workers = 4
+        [credentials.api]
+        client_id = "{CLIENT_ID}"
+        client_secret = "{SECRET}"
+        token_url = "https://auth.example.com/token"
+        rate_limit = ["3/second"]
+        [[routes]]
+        prefix = "/"
+        upstream = "https://api.example.com"
+        credential = "api"
+        """,
+    )
+    message = config_error(config_file=config)
+    assert "credentials.api.rate_limit '3/second'" in message
+    assert "TOKEN_PROXY_WORKERS" in message
+    assert SECRET not in message
