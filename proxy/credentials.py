@@ -11,7 +11,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 from urllib.parse import quote_plus
@@ -142,6 +142,18 @@ def _basic_credentials(client_id: str, secret: str) -> str:
     return base64.b64encode(pair.encode()).decode()
 
 
+@dataclass(frozen=True, slots=True)
+class TokenStatus:
+    """A TokenManager's state as a copy of it in another process needs it (see TokenReplica)."""
+
+    token: Token | None
+    failures: int = 0
+    last_error: str | None = None
+    rejected: bool = False
+    retry_at: float | None = None
+    invalidated_at: float | None = None
+
+
 class TokenSource(Protocol):
     """Where the forwarder gets a credential's token: a TokenManager in this process, or (with
     several workers) a copy of the token the supervisor process holds."""
@@ -233,6 +245,22 @@ class TokenManager:
                 else None
             ),
         }
+
+    def status(self) -> TokenStatus:
+        """The token and the failure state, for the workers' copies of this manager."""
+        error = self._last_error
+        return TokenStatus(
+            token=self._token,
+            failures=self._failures,
+            last_error=error.error if error is not None else None,
+            rejected=error is not None and error.rejects_client,
+            retry_at=self._next_attempt_at,
+            invalidated_at=self._invalidated_at,
+        )
+
+    async def wait_changed(self) -> None:
+        """Return at the next new token or failed token request."""
+        await self._changed.wait()
 
     async def token(self) -> Token:
         """The current usable token, waiting up to wait_timeout for one to arrive."""
@@ -430,3 +458,129 @@ class TokenManager:
         if self._next_attempt_at is None:
             return 1
         return max(1, round(self._next_attempt_at - self._clock()))
+
+
+class TokenReplica:
+    """A worker process's copy of one credential's token, which the supervisor's TokenManager
+    fetches and refreshes for every worker: `apply` installs what the supervisor sends, and
+    `ask` carries this copy's requests back (fetch now, or drop a token upstream rejected).
+    It answers the forwarder as the TokenManager would, cooldown of invalidate included."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        credential: Credential,
+        ask: Callable[[dict[str, Any]], None],
+        wait_timeout: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self._ask = ask
+        self._wait_timeout = wait_timeout
+        self._clock = clock
+        self._status = TokenStatus(token=None)
+        self._changed = asyncio.Event()
+        self._asked = False
+        secret = credential.client_secret.get_secret_value()
+        redactor.add_secret(secret)
+        redactor.add_secret(quote_plus(secret))
+        redactor.add_secret(_basic_credentials(credential.client_id, secret))
+
+    def start(self) -> None:
+        """Nothing to start: the supervisor keeps the token fresh."""
+
+    async def close(self) -> None:
+        """Nothing to close: the supervisor owns the token."""
+
+    def apply(self, status: TokenStatus) -> None:
+        """Install the supervisor's latest word on this credential, and wake any waiter."""
+        if status.token is not None:
+            redactor.add_token(status.token.value)
+        self._status = status
+        self._asked = False
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    @property
+    def current(self) -> TokenStatus:
+        return self._status
+
+    def state(self) -> dict[str, Any]:
+        """What /-/ready shows of this credential, as TokenManager.state: never the token."""
+        now = self._clock()
+        status = self._status
+        token = status.token
+        usable = token is not None and token.usable(now)
+        return {
+            "ready": usable,
+            "expires_in": round(token.expires_at - now, 1) if token is not None else None,
+            "last_error": status.last_error,
+            "consecutive_failures": status.failures,
+            "next_retry_in": (
+                round(max(0.0, status.retry_at - now), 1)
+                if status.retry_at is not None and not usable
+                else None
+            ),
+        }
+
+    async def token(self) -> Token:
+        """The current usable token, waiting up to wait_timeout for the supervisor's next."""
+        token = self._status.token
+        if token is not None and token.usable(self._clock()):
+            return token
+        if self._status.failures == 0 and not self._asked:
+            self._asked = True
+            self._ask({"ask": "token", "credential": self.name})
+        try:
+            async with asyncio.timeout(self._wait_timeout):
+                while True:
+                    if self._status.rejected:
+                        raise self._rejected()
+                    changed = self._changed
+                    await changed.wait()
+                    token = self._status.token
+                    if token is not None and token.usable(self._clock()):
+                        return token
+        except TimeoutError:
+            raise self._unavailable() from None
+
+    def age(self, token: Token) -> float:
+        """Seconds since `token` was requested (monotonic time is the same in every process)."""
+        return self._clock() - token.obtained_at
+
+    def invalidate(self, token: Token) -> bool:
+        """As TokenManager.invalidate, for the whole group: the supervisor drops the token
+        and fetches one new one, and the cooldown counts every worker's 401s."""
+        status = self._status
+        current = status.token
+        if current is None or current.obtained_at != token.obtained_at:
+            return True
+        now = self._clock()
+        if status.invalidated_at is not None and now - status.invalidated_at < INVALIDATE_COOLDOWN:
+            return False
+        self._status = replace(status, token=None, invalidated_at=now)
+        self._ask({"ask": "invalidate", "credential": self.name, "obtained_at": token.obtained_at})
+        return True
+
+    def _rejected(self) -> ClientRejected:
+        return ClientRejected(
+            f"the token endpoint rejected the client credentials of {self.name!r}; "
+            "check client_id and client_secret",
+            retry_after=self._retry_after(),
+        )
+
+    def _unavailable(self) -> TokenUnavailable:
+        error = self._status.last_error
+        reason = f" (last error: {error})" if error else ""
+        return TokenUnavailable(
+            f"no usable access token for credential {self.name!r} within "
+            f"{self._wait_timeout:g} s{reason}",
+            retry_after=self._retry_after(),
+        )
+
+    def _retry_after(self) -> int:
+        retry_at = self._status.retry_at
+        if retry_at is None:
+            return 1
+        return max(1, round(retry_at - self._clock()))
