@@ -7,11 +7,13 @@ import argparse
 import asyncio
 import hashlib
 import signal
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import aiohttp
+import structlog
 from aiohttp import web
 
 from proxy import __version__
@@ -21,6 +23,7 @@ from proxy.credentials import TokenManager
 from proxy.errors import ConfigError, TokenEndpointError
 from proxy.log import configure_logging, get_logger, redactor
 from proxy.metrics import Metrics
+from proxy.workers import WORKER_FLAG, Supervisor, WorkerLink, WorkerSpec, worker_settings
 
 EXIT_OK = 0
 EXIT_TOKEN_FAILED = 1
@@ -53,6 +56,13 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--log-format", choices=["auto", "json", "console"], default=None)
     run.add_argument("--host", help="listen address (env: TOKEN_PROXY_HOST, default 127.0.0.1)")
     run.add_argument("--port", type=int, help="listen port (env: TOKEN_PROXY_PORT, default 8080)")
+    run.add_argument(
+        "--workers",
+        type=int,
+        help="processes serving the port together (env: TOKEN_PROXY_WORKERS, default 1)",
+    )
+    # Set by the supervisor on the command line of each worker it starts.
+    run.add_argument(WORKER_FLAG, type=WorkerSpec.decode, help=argparse.SUPPRESS)
     return parser
 
 
@@ -67,6 +77,7 @@ def _load(args: argparse.Namespace) -> Settings | None:
     flags = {
         "host": getattr(args, "host", None),
         "port": getattr(args, "port", None),
+        "workers": getattr(args, "workers", None),
         "log_level": args.log_level,
         "log_format": args.log_format,
     }
@@ -83,7 +94,8 @@ def _load(args: argparse.Namespace) -> Settings | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parse(sys.argv[1:] if argv is None else argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    args = _parse(arguments)
     if args.command == "hash-key":
         return _hash_key()
     settings = _load(args)
@@ -92,20 +104,62 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(level=settings.log_level, fmt=settings.log_format)
     if args.command == "check":
         return asyncio.run(_check(settings))
+    if args.worker is not None:
+        return _work(settings, args.worker)
+    if settings.workers > 1:
+        return _supervise(settings, arguments)
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(_serve(settings))
     except OSError as exc:
-        ports = str(settings.port)
-        if settings.metrics_port is not None:
-            ports += f" and metrics_port {settings.metrics_port}"
+        return _cannot_listen(settings, exc)
+    return EXIT_OK
+
+
+def _cannot_listen(settings: Settings, exc: OSError) -> int:
+    ports = str(settings.port)
+    if settings.metrics_port is not None:
+        ports += f" and metrics_port {settings.metrics_port}"
+    print(
+        f"token-proxy: cannot listen on {settings.host} port {ports} ({exc.strerror}); "
+        "choose another address with --host/--port or TOKEN_PROXY_HOST/TOKEN_PROXY_PORT "
+        "(TOKEN_PROXY_METRICS_PORT for metrics)",
+        file=sys.stderr,
+    )
+    return EXIT_CONFIG
+
+
+def _supervise(settings: Settings, arguments: list[str]) -> int:
+    """workers > 1: this process holds the port and the tokens, and runs the workers."""
+    if not hasattr(socket, "SO_REUSEPORT"):
         print(
-            f"token-proxy: cannot listen on {settings.host} port {ports} ({exc.strerror}); "
-            "choose another address with --host/--port or TOKEN_PROXY_HOST/TOKEN_PROXY_PORT "
-            "(TOKEN_PROXY_METRICS_PORT for metrics)",
+            "token-proxy: configuration error\n  - workers (TOKEN_PROXY_WORKERS): this "
+            "system has no SO_REUSEPORT, which workers need; set workers = 1",
             file=sys.stderr,
         )
         return EXIT_CONFIG
+    supervisor = Supervisor(settings, command=["-m", "proxy", *arguments])
+    try:
+        supervisor.hold_ports()
+    except OSError as exc:
+        return _cannot_listen(settings, exc)
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        code = runner.run(supervisor.run())
+    if supervisor.failure is not None:
+        print(f"token-proxy: {supervisor.failure}", file=sys.stderr)
+    return code
+
+
+def _work(settings: Settings, spec: WorkerSpec) -> int:
+    """One worker of a supervisor: the whole app on the supervisor's port, its tokens."""
+    structlog.contextvars.bind_contextvars(worker=spec.index)
+    mine = worker_settings(settings, spec)
+    link = WorkerLink(spec, mine)
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(_serve(mine, link))
+    except OSError as exc:
+        return _cannot_listen(mine, exc)
     return EXIT_OK
 
 
@@ -134,22 +188,35 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return factory
 
 
-async def _serve(settings: Settings) -> None:
-    app = create_app(settings)
+async def _serve(settings: Settings, worker: WorkerLink | None = None) -> None:
+    """Serve until SIGTERM or SIGINT; a worker also stops when its supervisor is gone."""
+    if worker is None:
+        app = create_app(settings)
+        reuse_port = None
+    else:
+        await worker.connect()
+        app = create_app(settings, metrics=worker.metrics, token_sources=worker.token_source)
+        reuse_port = True
     runner = web.AppRunner(app, handle_signals=False, **runner_options(settings))
     runners = [runner]
     await runner.setup()
     try:
-        await web.TCPSite(runner, settings.host, settings.port).start()
+        await web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port).start()
         if settings.metrics_port is not None:
             metrics_runner = web.AppRunner(create_metrics_app(app[METRICS]), access_log=None)
             runners.append(metrics_runner)
             await metrics_runner.setup()
-            await web.TCPSite(metrics_runner, settings.host, settings.metrics_port).start()
+            await web.TCPSite(
+                metrics_runner, settings.host, settings.metrics_port, reuse_port=reuse_port
+            ).start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        if worker is not None:
+            lost = asyncio.create_task(worker.lost.wait())
+            lost.add_done_callback(lambda _: stop.set())
+            worker.listening()
         addresses = [f"{host}:{port}" for r in runners for host, port, *_ in r.addresses]
         log.info(
             "token-proxy listening",
@@ -170,6 +237,8 @@ async def _serve(settings: Settings) -> None:
     finally:
         for each in reversed(runners):
             await each.cleanup()
+        if worker is not None:
+            await worker.close()
     log.info("stopped")
 
 
