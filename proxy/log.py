@@ -3,12 +3,18 @@ rendered through the same chain, and a processor that redacts secrets and tokens
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import contextlib
 import json
 import logging
 import re
 import sys
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, MutableMapping
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import structlog
@@ -37,6 +43,8 @@ class Redactor:
         self._secrets: set[str] = set()
         self._tokens: deque[str] = deque(maxlen=_REMEMBERED_TOKENS)
         self._values: tuple[str, ...] = ()
+        self._shortest = 0  # a text shorter than every value holds none of them
+        self._forms: tuple[str, ...] = ()  # each value as is and as JSON writes it
         self._sensitive: dict[str, bool] = {}
 
     def add_secret(self, value: str) -> None:
@@ -57,8 +65,28 @@ class Redactor:
     def _compile(self) -> None:
         # Longest first, so that a secret inside a longer one (its encoded forms) goes with it.
         self._values = tuple(sorted({*self._secrets, *self._tokens}, key=len, reverse=True))
+        self._shortest = len(self._values[-1]) if self._values else 1 << 30
+        forms = set(self._values)
+        for value in self._values:
+            forms.add(json.dumps(value)[1:-1])
+            forms.add(json.dumps(value, ensure_ascii=False)[1:-1])
+        self._forms = tuple(forms)
+
+    def mentions_secret(self, rendered: str) -> bool:
+        """Whether a rendered line holds a secret or token, as is or JSON-escaped."""
+        return any(form in rendered for form in self._forms)
+
+    def any_sensitive_key(self, event_dict: EventDict) -> bool:
+        sensitive = self._sensitive
+        for key in event_dict:
+            flag = sensitive.get(key)
+            if flag or (flag is None and self._is_sensitive(key)):
+                return True
+        return False
 
     def scrub(self, text: str) -> str:
+        if len(text) < self._shortest:
+            return text
         for value in self._values:
             if value in text:
                 text = text.replace(value, REDACTED)
@@ -94,6 +122,7 @@ class Redactor:
         # The loop of _clean_item, inlined for the plain values every line is made of.
         scrub = self.scrub
         sensitive = self._sensitive
+        shortest = self._shortest
         for key, value in event_dict.items():
             flag = sensitive.get(key)
             if flag is None:
@@ -101,7 +130,8 @@ class Redactor:
             if flag and value is not None:
                 event_dict[key] = REDACTED
             elif type(value) is str:
-                event_dict[key] = scrub(value)
+                if len(value) >= shortest:
+                    event_dict[key] = scrub(value)
             elif type(value) not in _PLAIN and value is not None:
                 event_dict[key] = self._clean(value)
         return event_dict
@@ -142,22 +172,150 @@ class _QuietBadRequests(logging.Filter):
         return True
 
 
+class LineWriter:
+    """Log lines to a stream with one write per turn of the event loop, not one per line: under
+    load the access lines of many requests leave in one system call. A line waits at most for
+    the end of the current loop iteration; without a running loop (startup, threads, exit) it
+    is written at once, and whatever is left is written at interpreter exit."""
+
+    def __init__(self, stream: TextIO, *, buffered: bool = True) -> None:
+        self.stream = stream
+        self._buffered = buffered
+        self._pending: list[str] = []
+        self._scheduled = False
+        self._lock = threading.Lock()
+        atexit.register(self.flush)
+
+    def write(self, text: str) -> None:
+        with self._lock:
+            self._pending.append(text)
+            if self._scheduled:
+                return
+            loop = None
+            if self._buffered:
+                with contextlib.suppress(RuntimeError):
+                    loop = asyncio.get_running_loop()
+            if loop is not None:
+                self._scheduled = True
+                loop.call_soon(self.flush)
+                return
+        self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            self._scheduled = False
+            if not self._pending:
+                return
+            text = "".join(self._pending)
+            self._pending.clear()
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except (OSError, ValueError):  # a closed or broken stream: nothing left to tell
+                pass
+
+    def close(self) -> None:
+        self.flush()
+        atexit.unregister(self.flush)
+
+
+class _LineLogger:
+    """structlog's wrapped logger: each rendered line goes to the LineWriter."""
+
+    def __init__(self, writer: LineWriter) -> None:
+        self._writer = writer
+
+    def msg(self, message: str) -> None:
+        self._writer.write(message + "\n")
+
+    log = debug = info = warn = warning = err = error = critical = exception = fatal = msg
+
+
+_writer: LineWriter | None = None
+
+
+class _FastLines:
+    """JSON lines rendered without structlog's generic chain, for the access line written on
+    every request: the same keys in the same order, merged with the bound context, redacted,
+    stamped and written through the same LineWriter as every other line."""
+
+    def __init__(self, writer: LineWriter, level: int) -> None:
+        self._writer = writer
+        self._level = level
+        self._second = -1
+        self._stamp = ""
+
+    def _timestamp(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._stamp = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        return f"{self._stamp}.{int((now - second) * 1_000_000):06d}Z"
+
+    def info(self, logger: str, event: str, fields: dict[str, Any]) -> None:
+        if self._level > logging.INFO:
+            return
+        fields["event"] = event
+        fields["logger"] = logger
+        for key, value in structlog.contextvars.get_contextvars().items():
+            fields.setdefault(key, value)
+        fields["level"] = "info"
+        fields["timestamp"] = self._timestamp()
+        line = _dumps(fields)
+        # One search of the rendered line for every live secret and token replaces the walk
+        # over each value; the redactor itself runs only on a hit or a sensitive key.
+        if redactor.any_sensitive_key(fields) or redactor.mentions_secret(line):
+            line = _dumps(redactor(None, "info", fields))
+        self._writer.write(line + "\n")
+
+
+_fast: _FastLines | None = None
+
+
+def log_info_fast(logger: str, event: str, fields: dict[str, Any]) -> None:
+    """Log `event` at info level with `fields` (a dict this call may change), as
+    get_logger(logger).info(event, **fields) would; in JSON mode without structlog's chain."""
+    if _fast is not None:
+        _fast.info(logger, event, fields)
+    else:
+        get_logger(logger).info(event, **fields)
+
+
+def flush_logs() -> None:
+    """Write out the log lines still waiting for the end of the loop iteration."""
+    if _writer is not None:
+        _writer.flush()
+
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 _LEVELS["error"] = logging.ERROR
 
 
 def configure_logging(
-    *, level: str = "info", fmt: str = "auto", stream: TextIO | None = None, cache: bool = True
+    *,
+    level: str = "info",
+    fmt: str = "auto",
+    stream: TextIO | None = None,
+    cache: bool = True,
+    buffered: bool = True,
 ) -> None:
     """Configure structlog once: our loggers render straight to the stream (cached, no stdlib
     round trip, it is the hot path of the access line), and the standard library's loggers,
     aiohttp's among them, through the same processors by a stdlib handler. Tests that
-    configure more than once pass cache=False (structlog cannot reconfigure cached loggers)."""
+    configure more than once pass cache=False (structlog cannot reconfigure cached loggers);
+    tests that read the stream right after logging pass buffered=False (see LineWriter)."""
+    global _writer, _fast  # noqa: PLW0603  (one writer per configuration, flushed at exit)
     stream = sys.stderr if stream is None else stream
+    if _writer is not None:
+        _writer.close()
+    writer = _writer = LineWriter(stream, buffered=buffered)
+    _fast = None
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     renderer: Processor
     if use_json:
         renderer = structlog.processors.JSONRenderer(serializer=_dumps)
+        _fast = _FastLines(writer, _LEVELS[level])
     else:
         renderer = structlog.dev.ConsoleRenderer(
             colors=stream.isatty(), exception_formatter=structlog.dev.plain_traceback
@@ -174,7 +332,7 @@ def configure_logging(
             *final,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.WriteLoggerFactory(file=stream),
+        logger_factory=lambda *_: _LineLogger(writer),
         cache_logger_on_first_use=cache,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
@@ -186,7 +344,7 @@ def configure_logging(
         ],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *final],
     )
-    handler = logging.StreamHandler(stream)
+    handler = logging.StreamHandler(writer)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     for old in root.handlers[:]:

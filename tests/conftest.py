@@ -83,7 +83,8 @@ class _Tee(io.StringIO):
 
 def configure_test_logging(copy: io.StringIO | None = None) -> None:
     """Debug-level JSON logs, tracebacks included, watched for leaks (and copied to `copy`)."""
-    configure_logging(level="debug", fmt="json", stream=_Tee(copy), cache=False)
+    # Unbuffered: tests read the log right after the line that they wait for was logged.
+    configure_logging(level="debug", fmt="json", stream=_Tee(copy), cache=False, buffered=False)
 
 
 _LEVEL_RANK = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}

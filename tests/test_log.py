@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -11,7 +12,15 @@ import pytest
 import structlog
 from aiohttp.http_exceptions import LineTooLong
 
-from proxy.log import REDACTED, Redactor, configure_logging, get_logger, redactor
+from proxy.log import (
+    REDACTED,
+    LineWriter,
+    Redactor,
+    configure_logging,
+    get_logger,
+    log_info_fast,
+    redactor,
+)
 from tests.conftest import configure_test_logging
 
 
@@ -162,3 +171,106 @@ def test_parser_rejections_are_one_quiet_line(log_output: io.StringIO) -> None:
     assert line["level"] == "info"
     assert "exception" not in line
     assert "LineTooLong" in str(line["event"])
+
+
+class _CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+async def test_lines_of_one_loop_iteration_leave_in_one_write() -> None:
+    """Under load the access lines of many requests share one system call; none is held past
+    the end of the loop iteration that logged it."""
+    stream = _CountingStream()
+    writer = LineWriter(stream)
+    try:
+        for number in range(100):
+            writer.write(f"line {number}\n")
+        assert stream.getvalue() == ""
+        await asyncio.sleep(0)
+        assert stream.getvalue().splitlines() == [f"line {number}" for number in range(100)]
+        assert stream.writes == 1
+        writer.write("later\n")
+        await asyncio.sleep(0)
+        assert stream.getvalue().endswith("line 99\nlater\n")
+    finally:
+        writer.close()
+
+
+def test_lines_without_a_running_loop_are_written_at_once() -> None:
+    stream = _CountingStream()
+    writer = LineWriter(stream)
+    writer.write("at startup\n")
+    assert stream.getvalue() == "at startup\n"
+    writer.close()
+
+
+def test_structlog_and_stdlib_lines_keep_their_order(log_output: io.StringIO) -> None:
+    """Our loggers and aiohttp's (stdlib) go through one writer, so their lines never swap."""
+
+    async def both() -> None:
+        get_logger("proxy.test").info("first")
+        logging.getLogger("aiohttp.server").warning("second")
+        get_logger("proxy.test").info("third")
+        await asyncio.sleep(0)
+
+    asyncio.run(both())
+    events = [line["event"] for line in _lines(log_output)]
+    assert [event for event in events if event in {"first", "second", "third"}] == [
+        "first",
+        "second",
+        "third",
+    ]
+
+
+def test_fast_lines_match_the_structlog_chain(log_output: io.StringIO) -> None:
+    """The access line's short path writes what get_logger(...).info(...) writes: the same keys
+    in the same order, the bound context merged in, level and timestamp last."""
+    log_output.truncate(0)
+    log_output.seek(0)
+    configure_logging(level="debug", fmt="json", stream=log_output, cache=False, buffered=False)
+    fields = {"method": "GET", "status": 200, "duration_ms": 1.5, "replayed": False}
+    bound = structlog.contextvars.bind_contextvars(request_id="abc123")
+    try:
+        log_info_fast("proxy.access", "request", dict(fields))
+        get_logger("proxy.access").info("request", **fields)
+    finally:
+        structlog.contextvars.reset_contextvars(**bound)
+    fast, slow = _lines(log_output)
+    assert list(fast) == list(slow)
+    assert {**fast, "timestamp": None} == {**slow, "timestamp": None}
+    assert list(fast)[-3:] == ["request_id", "level", "timestamp"]
+
+
+@pytest.mark.parametrize(
+    "secret", ["plain-secret-value", 'quote"and\\backslash-secret', "ünïcode-sécret"]
+)
+def test_fast_lines_redact_secrets_in_any_field(log_output: io.StringIO, secret: str) -> None:
+    """A live secret in a field or in the bound context is hidden on the short path too, also
+    when JSON escaping changes how it is written."""
+    configure_logging(level="debug", fmt="json", stream=log_output, cache=False, buffered=False)
+    redactor.add_secret(secret)
+    bound = structlog.contextvars.bind_contextvars(request_id=f"id-{secret}")
+    try:
+        log_info_fast("proxy.access", "request", {"method": f"X{secret}Y", "status": 200})
+    finally:
+        structlog.contextvars.reset_contextvars(**bound)
+    log_info_fast("proxy.access", "request", {"token": "anything", "status": 200})
+    text = log_output.getvalue()
+    assert secret not in text
+    assert json.dumps(secret)[1:-1] not in text
+    first, second = _lines(log_output)[-2:]
+    assert first["method"] == f"X{REDACTED}Y"
+    assert first["request_id"] == f"id-{REDACTED}"
+    assert second["token"] == REDACTED
+
+
+def test_fast_lines_respect_the_log_level(log_output: io.StringIO) -> None:
+    configure_logging(level="warning", fmt="json", stream=log_output, cache=False, buffered=False)
+    log_info_fast("proxy.access", "request", {"status": 200})
+    assert log_output.getvalue() == ""
