@@ -42,6 +42,8 @@ HOP_BY_HOP = frozenset(
 # Expect: 100-continue on its own side.
 _REQUEST_DROP = HOP_BY_HOP | {"host", "authorization", "expect"}
 REPLAYABLE_BODY_LIMIT = 1024 * 1024
+# Answers that never carry a body (RFC 9110 6.4.1): always relayed on the streaming path.
+_NO_BODY_STATUS = frozenset({204, 304})
 
 
 @dataclass(slots=True)
@@ -187,7 +189,10 @@ class Forwarder:
         exchange: Exchange,
     ) -> tuple[UpstreamResponse, Token]:
         """One trip upstream: a rate-limit slot, the current token, then the request."""
-        settle = await self._limits.acquire(credential=tokens.name, client=exchange.client)
+        limits, client = self._limits, exchange.client
+        settle = None
+        if not limits.unlimited(credential=tokens.name, client=client):
+            settle = await limits.acquire(credential=tokens.name, client=client)
         try:
             token = await tokens.token()
             headers = upstream_headers(request.headers, token=token.value, request_id=request_id)
@@ -206,7 +211,8 @@ class Forwarder:
                 raise self._too_large() from None
             raise
         finally:
-            await settle()
+            if settle is not None:
+                await settle()
         return response, token
 
     async def _request_body(self, request: web.Request, exchange: Exchange) -> tuple[Body, bool]:
@@ -244,14 +250,25 @@ class Forwarder:
         exchange: Exchange,
     ) -> web.StreamResponse:
         with contextlib.closing(response):
-            out = web.StreamResponse(
-                status=response.status,
-                reason=response.reason,
-                headers=downstream_headers(response.headers, request_id=request_id),
-            )
+            headers = downstream_headers(response.headers, request_id=request_id)
+            whole = None
+            if request.method != "HEAD" and response.status not in _NO_BODY_STATUS:
+                whole = response.complete_body()
+            out: web.StreamResponse
+            if whole is not None:
+                # A small answer that came in whole leaves in one write, headers and body
+                # together (a StreamResponse sends its headers on their own first).
+                out = web.Response(
+                    status=response.status, reason=response.reason, headers=headers, body=whole
+                )
+                exchange.bytes_out = len(whole)
+            else:
+                out = web.StreamResponse(
+                    status=response.status, reason=response.reason, headers=headers
+                )
             try:
                 await out.prepare(request)
-                if request.method != "HEAD":
+                if whole is None and request.method != "HEAD":
                     async for chunk in response.chunks():
                         exchange.bytes_out += len(chunk)
                         await out.write(chunk)

@@ -114,6 +114,15 @@ class _BodyBuffer:
     def paused(self) -> bool:
         return self._paused
 
+    def take_all(self) -> bytes | None:
+        """Every chunk at once when the body is complete and fine, else None (nothing taken)."""
+        if not self._done or self._error is not None:
+            return None
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        self._size = 0
+        return data
+
     async def read(self) -> bytes | None:
         """The next chunk, or None once the body is complete (read_timeout: LeanClient._sweep)."""
         while not self._chunks:
@@ -321,6 +330,9 @@ class LeanResponse:
                 break
             yield chunk
         self.close()
+
+    def complete_body(self) -> bytes | None:
+        return self._conn.body.take_all()
 
     def close(self) -> None:
         """Return the connection to the pool when its exchange ended cleanly, else close it."""

@@ -31,6 +31,10 @@ class UpstreamResponse(Protocol):
 
     def chunks(self) -> AsyncIterator[bytes]: ...
 
+    def complete_body(self) -> bytes | None:
+        """The whole body when it has already arrived with the headers, else None (stream it)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -73,6 +77,9 @@ class AiohttpResponse:
             raise UpstreamError(
                 f"upstream broke off the response body ({type(exc).__name__})"
             ) from None
+
+    def complete_body(self) -> bytes | None:
+        return None  # aiohttp's body stream is always streamed through
 
     def close(self) -> None:
         """Release the connection; one whose body was not read to the end is never reused."""
