@@ -29,8 +29,8 @@ from proxy.errors import (
     TokenUnavailable,
 )
 from proxy.forward import Exchange, Forwarder
-from proxy.inbound import Gate
-from proxy.log import get_logger, redactor
+from proxy.inbound import ANONYMOUS, Gate
+from proxy.log import get_logger, log_info_fast, redactor
 from proxy.metrics import Metrics
 from proxy.ratelimit import RateLimits
 from proxy.routing import RouteTable
@@ -47,7 +47,6 @@ FORWARDER = web.AppKey("forwarder", Forwarder)
 GATE = web.AppKey("gate", Gate)
 LIMITS = web.AppKey("limits", RateLimits)
 
-access_log = get_logger("proxy.access")
 log = get_logger("proxy.app")
 
 PROBLEM_TYPE = "https://token-proxy.invalid/problems/"
@@ -101,7 +100,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     exchange = Exchange(route="-" if reserved else "none")
     status = CLIENT_CLOSED_REQUEST
     metrics.in_flight.inc()
-    bound = structlog.contextvars.bind_contextvars(request_id=request_id, client="-")
+    bound = structlog.contextvars.bind_contextvars(request_id=request_id, client=ANONYMOUS)
     try:
         if reserved:
             response = await _reserved(request, raw)
@@ -151,7 +150,8 @@ async def _proxy(
     match = app[ROUTES].match(raw)
     exchange.route = match.route.prefix
     exchange.client = app[GATE].identify(request.headers)
-    structlog.contextvars.bind_contextvars(client=exchange.client)
+    if exchange.client != ANONYMOUS:  # bound already by handle
+        structlog.contextvars.bind_contextvars(client=exchange.client)
     credential = match.route.credential
     try:
         response = await app[FORWARDER].forward(
@@ -223,19 +223,22 @@ class AccessLog:
             return
         if status < 400 and self._sample < 1.0 and self._rng() >= self._sample:
             return
-        access_log.info(
+        log_info_fast(
+            "proxy.access",
             "request",
-            method=request.method,
-            route=exchange.route,
-            client=exchange.client,
-            status=status,
-            duration_ms=round(duration * 1000, 2),
-            upstream_ms=round(exchange.upstream_seconds * 1000, 2),
-            bytes_in=exchange.bytes_in,
-            bytes_out=exchange.bytes_out,
-            token_age_s=None if exchange.token_age is None else round(exchange.token_age, 1),
-            replayed=exchange.replayed,
-            outcome=exchange.outcome,
+            {
+                "method": request.method,
+                "route": exchange.route,
+                "client": exchange.client,
+                "status": status,
+                "duration_ms": round(duration * 1000, 2),
+                "upstream_ms": round(exchange.upstream_seconds * 1000, 2),
+                "bytes_in": exchange.bytes_in,
+                "bytes_out": exchange.bytes_out,
+                "token_age_s": None if exchange.token_age is None else round(exchange.token_age, 1),
+                "replayed": exchange.replayed,
+                "outcome": exchange.outcome,
+            },
         )
 
 

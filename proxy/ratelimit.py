@@ -50,7 +50,7 @@ class RateLimiter:
     async def acquire(self) -> Callable[[], Awaitable[None]]:
         """Wait for a slot in every window, or raise RateLimited after max_wait. Returns the
         callable to await once upstream has answered."""
-        if not self._items and self._paused_until <= self._clock():
+        if self.idle():
             return _nothing
         deadline = self._clock() + self._max_wait
         try:
@@ -76,6 +76,10 @@ class RateLimiter:
                         await self._settled.wait()
         finally:
             self._turn.release()
+
+    def idle(self) -> bool:
+        """No limits, and no upstream 429 pause in force: acquire would return at once."""
+        return not self._items and self._paused_until <= self._clock()
 
     def pause(self, seconds: float) -> None:
         """Hold every request of this limiter back for `seconds` (an upstream 429)."""
@@ -150,6 +154,11 @@ class RateLimits:
             for name, (rates, wait) in clients.items()
             if rates
         }
+
+    def unlimited(self, *, credential: str, client: str) -> bool:
+        """Whether neither limiter has anything to hold the request back for right now: the
+        caller may then skip acquire and its settle."""
+        return client not in self._clients and self._credentials[credential].idle()
 
     async def acquire(self, *, credential: str, client: str) -> Callable[[], Awaitable[None]]:
         """Wait for the client's and the credential's slots; await the result once upstream
