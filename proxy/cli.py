@@ -143,6 +143,17 @@ def _supervise(settings: Settings, arguments: list[str]) -> int:
         supervisor.hold_ports()
     except OSError as exc:
         return _cannot_listen(settings, exc)
+    try:
+        supervisor.make_metrics_directory()
+    except OSError as exc:
+        supervisor.release_ports()
+        print(
+            f"token-proxy: workers need a writable temporary directory for their metrics "
+            f"({exc.strerror}: {exc.filename}); set TMPDIR to one, or mount one at /tmp "
+            "(in Kubernetes with readOnlyRootFilesystem: an emptyDir volume)",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         code = runner.run(supervisor.run())
     if supervisor.failure is not None:

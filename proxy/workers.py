@@ -316,6 +316,10 @@ class Supervisor:
             port = sock.getsockname()[1]
         return port
 
+    def make_metrics_directory(self) -> None:
+        """The private directory of the workers' metrics files; run() removes it."""
+        self._directory = tempfile.mkdtemp(prefix="token-proxy-metrics-")
+
     def release_ports(self) -> None:
         for sock in self._held:
             sock.close()
@@ -330,7 +334,8 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._done.set)
-        self._directory = tempfile.mkdtemp(prefix="token-proxy-metrics-")
+        if not self._directory:
+            self.make_metrics_directory()
         session = aiohttp.ClientSession(
             cookie_jar=aiohttp.DummyCookieJar(), trust_env=False, raise_for_status=False
         )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -100,6 +101,10 @@ def directory_exists(path: str) -> bool:
     return Path(path).is_dir()
 
 
+def remove_directory(path: str) -> None:
+    shutil.rmtree(path)
+
+
 StartGroup = Callable[..., Awaitable[Group]]
 
 
@@ -160,8 +165,12 @@ async def start_group(
     for group in groups:
         pids = group.worker_pids().values()
         if group.process.poll() is None:
-            group.process.kill()
-            group.process.wait()
+            group.process.terminate()  # so that it removes its metrics directory
+            try:
+                group.process.wait(timeout=DEADLINE)
+            except subprocess.TimeoutExpired:
+                group.process.kill()
+                group.process.wait()
         for pid in pids:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
@@ -323,10 +332,12 @@ async def test_workers_stop_when_the_supervisor_vanishes(start_group: StartGroup
     """A worker whose supervisor was killed sees its link close and shuts down by itself."""
     group = await start_group(2)
     pids = list(group.worker_pids().values())
+    directory = metrics_directory(pids[0])
     group.process.kill()
     group.process.wait()
     await until(lambda: not any(alive(pid) for pid in pids), "the workers exited")
     assert len(group.events_named("the supervisor is gone; this worker shuts down")) == 2
+    remove_directory(directory)  # a killed supervisor could not
 
 
 async def test_rejected_client_gives_503_from_every_worker(
