@@ -9,6 +9,7 @@ Cases, each measured with wrk at 8 and 64 connections after a warm-up:
   b  through token-proxy (`python -m proxy`, default settings: access log and metrics on)
   c  through bench/reference_proxy.py (plain aiohttp, static token: the baseline)
   d  through nginx as a reverse proxy with a keepalive upstream pool (when nginx is installed)
+  e  through token-proxy with --workers N (only with `--workers N`), measured in the same run
 """
 
 from __future__ import annotations
@@ -505,7 +506,13 @@ class Options:
 
 
 def proxy_env(
-    *, port: int, token_port: int, upstream_port: int, secrets_dir: Path, options: Options
+    *,
+    port: int,
+    token_port: int,
+    upstream_port: int,
+    secrets_dir: Path,
+    options: Options,
+    workers: int | None = None,
 ) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("TOKEN_PROXY_")}
     env.update(
@@ -520,9 +527,9 @@ def proxy_env(
             "TOKEN_PROXY_SECRETS_DIR": str(secrets_dir),
         }
     )
-    if options.workers is not None:
-        env["TOKEN_PROXY_WORKERS"] = str(options.workers)
     env.update(options.proxy_env)
+    if workers is not None:
+        env["TOKEN_PROXY_WORKERS"] = str(workers)
     return env
 
 
@@ -543,6 +550,7 @@ class Bench:
         self.python = str(venv_python) if venv_python.exists() else sys.executable
         self.upstream_port = free_port()
         self.proxy_log = tmp / "token-proxy.log"
+        self.token_port: int | None = None
 
     def start(self, name: str, argv: Sequence[str], port: int) -> subprocess.Popen[bytes]:
         """Start a Python server from bench/ and wait until it listens."""
@@ -572,22 +580,27 @@ class Bench:
         start_nginx(self.processes, nginx, directory, conf, self.upstream_port)
         return f"nginx, 1 worker, `return 200` of a {len(SMALL_BODY)}-byte JSON"
 
-    def start_proxy(self) -> tuple[subprocess.Popen[bytes], int]:
-        token_port, proxy_port = free_port(), free_port()
-        token_server = [str(HERE / "fake_token_server.py"), "--port", str(token_port)]
-        self.start("fake token server", token_server, token_port)
-        secrets_dir = self.tmp / "secrets"
+    def start_proxy(self, workers: int | None = None) -> tuple[subprocess.Popen[bytes], int]:
+        """token-proxy with default settings (case b), or with `workers` (case e)."""
+        if self.token_port is None:
+            self.token_port = free_port()
+            token_server = [str(HERE / "fake_token_server.py"), "--port", str(self.token_port)]
+            self.start("fake token server", token_server, self.token_port)
+        proxy_port = free_port()
+        name = "token-proxy" if workers is None else f"token-proxy-{workers}-workers"
+        secrets_dir = self.tmp / f"{name}-secrets"
         secrets_dir.mkdir()
         env = proxy_env(
             port=proxy_port,
-            token_port=token_port,
+            token_port=self.token_port,
             upstream_port=self.upstream_port,
             secrets_dir=secrets_dir,
             options=self.options,
+            workers=workers,
         )
-        argv = [self.python, "-m", "proxy"]
-        proxy = self.processes.start("token-proxy", argv, log=self.proxy_log, env=env)
-        wait_ready("token-proxy", proxy, proxy_port, self.proxy_log)
+        log = self.proxy_log if workers is None else self.tmp / f"{name}.log"
+        proxy = self.processes.start(name, [self.python, "-m", "proxy"], log=log, env=env)
+        wait_ready(name, proxy, proxy_port, log)
         return proxy, proxy_port
 
     def start_references(self, nginx: str | None) -> list[Case]:
@@ -642,6 +655,9 @@ class Bench:
             Case("b", "token-proxy", proxy_port),
             *self.start_references(nginx),
         ]
+        if self.options.workers is not None:
+            _, workers_port = self.start_proxy(self.options.workers)
+            cases.append(Case("e", f"token-proxy {self.options.workers} workers", workers_port))
         time.sleep(1.0)
         report = Report(
             upstream=upstream, results={}, idle_kib=memory_kib(proxy.pid), load_before=load_before
@@ -710,8 +726,6 @@ class Target:
 
 def render(report: Report, options: Options) -> Iterator[str]:
     extra = [f"{k}={v}" for k, v in options.proxy_env.items()]
-    if options.workers is not None:
-        extra.insert(0, f"TOKEN_PROXY_WORKERS={options.workers}")
     yield (
         f"token-proxy benchmark: {os.cpu_count()} cores, load average {report.load_before:.2f} "
         f"before and {os.getloadavg()[0]:.2f} after; wrk -t{WRK_THREADS}, "
@@ -719,10 +733,12 @@ def render(report: Report, options: Options) -> Iterator[str]:
     )
     yield f"upstream: {report.upstream}"
     yield f"token-proxy settings: defaults{' + ' + ' '.join(extra) if extra else ''}"
+    if options.workers is not None:
+        yield f"case e: the same settings + TOKEN_PROXY_WORKERS={options.workers}"
     yield ""
     yield f"{'case':<22} {'conns':>5} {'requests/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"
     for (key, connections), result in report.results.items():
-        name = CASE_NAMES[key]
+        name = CASE_NAMES[key] if key != "e" else f"e {options.workers} workers"
         if isinstance(result, WrkResult):
             yield (
                 f"{name:<22} {connections:>5} {result.requests_per_s:>12,.0f} "
@@ -738,6 +754,11 @@ def render(report: Report, options: Options) -> Iterator[str]:
     yield f"  b/c token-proxy / reference proxy   {_fmt(vs_reference, '.2f')}"
     yield f"  b/d token-proxy / nginx proxy       {_fmt(vs_nginx, '.2f')}"
     yield f"  b/a token-proxy / direct            {_fmt(vs_direct, '.2f')}"
+    if options.workers is not None:
+        n = options.workers
+        for other, label in (("b", "1 worker"), ("c", "reference proxy"), ("d", "nginx proxy")):
+            ratio = _fmt(_ratio(report, "e", other), ".2f")
+            yield f"  e/{other} {f'{n} workers / {label}':<31} {ratio}"
     yield f"p99 added over direct at {low} connections (b.p99 - a.p99): {_fmt(p99_added, '.3f')} ms"
     yield ""
     yield "token-proxy memory (MiB; VmRSS and VmHWM from /proc/PID/status)"
@@ -866,7 +887,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=[],
         help="extra environment for token-proxy (repeatable)",
     )
-    parser.add_argument("--workers", type=int, help="pass TOKEN_PROXY_WORKERS=N to token-proxy")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="also measure token-proxy with TOKEN_PROXY_WORKERS=N, as case e of the same run",
+    )
     parser.add_argument(
         "--stream-mib", type=int, default=1024, help="size of the streaming test (default 1024)"
     )
