@@ -65,7 +65,9 @@ UNCLEAN_SHUTDOWN_MARKERS = (
 def manager_of(client: Client, name: str = "default") -> TokenManager:
     app = client.app
     assert app is not None
-    return app[TOKENS][name]
+    manager = app[TOKENS][name]
+    assert isinstance(manager, TokenManager)
+    return manager
 
 
 async def fetch(client: Client, path: str) -> tuple[int, dict[str, str], bytes]:

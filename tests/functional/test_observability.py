@@ -170,7 +170,7 @@ async def test_metrics_of_a_scenario_with_two_routes_and_credentials(
 
     client = await start_proxy(settings)
     tokens = app_of(client)[TOKENS]
-    await wait_for(lambda: tokens["a"].ready and tokens["b"].ready, timeout=5)
+    await wait_for(lambda: tokens["a"].state()["ready"] and tokens["b"].state()["ready"], timeout=5)
 
     # At start: one successful fetch each, nothing failing, tokens valid for an hour.
     first = await scrape(client)
@@ -323,7 +323,7 @@ async def test_ready_lists_each_credential_when_ready(
     """/-/ready answers 200 JSON listing every credential's state, without the token."""
     client = await start_proxy(two_credentials(token_server, upstream))
     tokens = app_of(client)[TOKENS]
-    await wait_for(lambda: tokens["a"].ready and tokens["b"].ready, timeout=5)
+    await wait_for(lambda: tokens["a"].state()["ready"] and tokens["b"].state()["ready"], timeout=5)
     async with client.get("/-/ready") as response:
         assert response.status == 200
         assert response.content_type == "application/json"
@@ -356,7 +356,8 @@ async def test_ready_explains_a_rejected_credential(
     client = await start_proxy(settings)
     tokens = app_of(client)[TOKENS]
     await wait_for(
-        lambda: tokens["a"].ready and tokens["b"].state()["last_error"] is not None, timeout=5
+        lambda: tokens["a"].state()["ready"] and tokens["b"].state()["last_error"] is not None,
+        timeout=5,
     )
     async with client.get("/-/ready") as response:
         assert response.status == 503

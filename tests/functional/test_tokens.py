@@ -37,7 +37,9 @@ def app_of(client: Client) -> web.Application:
 
 
 def manager_of(client: Client, name: str = "default") -> TokenManager:
-    return app_of(client)[TOKENS][name]
+    manager = app_of(client)[TOKENS][name]
+    assert isinstance(manager, TokenManager)
+    return manager
 
 
 def in_flight(client: Client) -> float:
