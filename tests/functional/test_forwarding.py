@@ -906,6 +906,31 @@ async def test_chunked_response_is_streamed_whole(
     assert received.hexdigest() == sent.hexdigest()
 
 
+async def test_small_chunked_answer_that_came_whole_keeps_its_body_and_headers(
+    start_proxy: ProxyFactory, upstream: FakeUpstream
+) -> None:
+    """A short chunked answer that has fully arrived by the time its headers are read may be
+    relayed with a Content-Length instead (one write): the same bytes and headers either way."""
+    body = b'{"price": 2712340000}'
+
+    async def short_chunked(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json", "X-A": "1"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        await response.write_eof(body)
+        return response
+
+    upstream.handlers["/short-chunked"] = short_chunked
+    client = await start_proxy()
+    async with client.get("/short-chunked") as response:
+        assert response.status == 200
+        assert await response.read() == body
+        assert response.headers["Content-Type"] == "application/json"
+        assert response.headers["X-A"] == "1"
+        length = response.headers.get("Content-Length")
+        assert length is None or int(length) == len(body)
+
+
 # --- 8. errors made by the proxy -------------------------------------------------------------
 
 
