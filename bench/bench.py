@@ -10,6 +10,8 @@ Cases, each measured with wrk at 8 and 64 connections after a warm-up:
   c  through bench/reference_proxy.py (plain aiohttp, static token: the baseline)
   d  through nginx as a reverse proxy with a keepalive upstream pool (when nginx is installed)
   e  through token-proxy with --workers N (only with `--workers N`), measured in the same run
+  f  through bench/ceiling_proxy.py: aiohttp's server and token-proxy's lean client on uvloop
+     with no feature at all, the most token-proxy could do on this machine
 """
 
 from __future__ import annotations
@@ -615,6 +617,10 @@ class Bench:
             conf = proxy_nginx_conf(directory, nginx_port, self.upstream_port)
             start_nginx(self.processes, nginx, directory, conf, nginx_port)
             cases.append(Case("d", "nginx proxy", nginx_port))
+        ceiling_port = free_port()
+        argv = [str(HERE / "ceiling_proxy.py"), "--port", str(ceiling_port)]
+        self.start("ceiling proxy", [*argv, "--upstream", upstream], ceiling_port)
+        cases.append(Case("f", "ceiling, no features", ceiling_port))
         return cases
 
     def measure(self, wrk: str, case: Case, connections: int, report: Report, pid: int) -> None:
@@ -708,6 +714,7 @@ CASE_NAMES = {
     "b": "b token-proxy",
     "c": "c reference proxy",
     "d": "d nginx proxy",
+    "f": "f ceiling (no features)",
 }
 
 
@@ -754,6 +761,8 @@ def render(report: Report, options: Options) -> Iterator[str]:
     yield f"  b/c token-proxy / reference proxy   {_fmt(vs_reference, '.2f')}"
     yield f"  b/d token-proxy / nginx proxy       {_fmt(vs_nginx, '.2f')}"
     yield f"  b/a token-proxy / direct            {_fmt(vs_direct, '.2f')}"
+    yield f"  f/c ceiling / reference proxy       {_fmt(_ratio(report, 'f', 'c'), '.2f')}"
+    yield f"  b/f token-proxy / ceiling           {_fmt(_ratio(report, 'b', 'f'), '.2f')}"
     if options.workers is not None:
         n = options.workers
         for other, label in (("b", "1 worker"), ("c", "reference proxy"), ("d", "nginx proxy")):
