@@ -714,7 +714,7 @@ CASE_NAMES = {
     "b": "b token-proxy",
     "c": "c reference proxy",
     "d": "d nginx proxy",
-    "f": "f ceiling (no features)",
+    "f": "f no-feature ceiling",
 }
 
 
@@ -756,19 +756,8 @@ def render(report: Report, options: Options) -> Iterator[str]:
     yield ""
     high, low = max(CONNECTIONS), min(CONNECTIONS)
     vs_reference, vs_nginx = _ratio(report, "b", "c"), _ratio(report, "b", "d")
-    vs_direct, p99_added = _ratio(report, "b", "a"), _p99_added(report)
-    yield f"throughput ratios at {high} connections"
-    yield f"  b/c token-proxy / reference proxy   {_fmt(vs_reference, '.2f')}"
-    yield f"  b/d token-proxy / nginx proxy       {_fmt(vs_nginx, '.2f')}"
-    yield f"  b/a token-proxy / direct            {_fmt(vs_direct, '.2f')}"
-    yield f"  f/c ceiling / reference proxy       {_fmt(_ratio(report, 'f', 'c'), '.2f')}"
-    yield f"  b/f token-proxy / ceiling           {_fmt(_ratio(report, 'b', 'f'), '.2f')}"
-    if options.workers is not None:
-        n = options.workers
-        for other, label in (("b", "1 worker"), ("c", "reference proxy"), ("d", "nginx proxy")):
-            ratio = _fmt(_ratio(report, "e", other), ".2f")
-            yield f"  e/{other} {f'{n} workers / {label}':<31} {ratio}"
-    yield f"p99 added over direct at {low} connections (b.p99 - a.p99): {_fmt(p99_added, '.3f')} ms"
+    p99_added = _p99_added(report)
+    yield from _ratio_lines(report, options)
     yield ""
     yield "token-proxy memory (MiB; VmRSS and VmHWM from /proc/PID/status)"
     idle_rss, idle_hwm = report.idle_kib
@@ -834,6 +823,31 @@ def render(report: Report, options: Options) -> Iterator[str]:
     else:
         uvloop = f"{'yes' if 'uvloop' in report.loop.lower() else 'no'} (loop={report.loop})"
     yield f"  uvloop in use: {uvloop}"
+
+
+def _ratio_lines(report: Report, options: Options) -> Iterator[str]:
+    high, low = max(CONNECTIONS), min(CONNECTIONS)
+    yield f"throughput ratios at {high} connections"
+    for top, bottom, label in (
+        ("b", "c", "token-proxy / reference proxy"),
+        ("b", "d", "token-proxy / nginx proxy"),
+        ("b", "a", "token-proxy / direct"),
+        ("f", "c", "ceiling / reference proxy"),
+        ("b", "f", "token-proxy / ceiling"),
+    ):
+        yield f"  {top}/{bottom} {label:<31} {_fmt(_ratio(report, top, bottom), '.2f')}"
+    if options.workers is not None:
+        n = options.workers
+        for other, label in (("b", "1 worker"), ("c", "reference proxy"), ("d", "nginx proxy")):
+            ratio = _fmt(_ratio(report, "e", other), ".2f")
+            yield f"  e/{other} {f'{n} workers / {label}':<31} {ratio}"
+    p99_added = _p99_added(report)
+    yield f"p99 added over direct at {low} connections (b.p99 - a.p99): {_fmt(p99_added, '.3f')} ms"
+    if p99_added is not None and p99_added < 0:
+        yield (
+            "  (below zero: the direct case's p99 is wrk's own saturation at that rate, so read "
+            "b's p50 and p99 against a's instead)"
+        )
 
 
 def _mib(kib: int | None) -> float | None:
