@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
@@ -439,7 +439,9 @@ class StreamResult:
 @dataclass
 class Report:
     upstream: str
+    # The median run of each case (by requests/s), or "failed"; every run is in `runs`.
     results: dict[tuple[str, int], WrkResult | str]
+    runs: dict[tuple[str, int], list[WrkResult]] = field(default_factory=dict)
     idle_kib: tuple[int, int] = (0, 0)
     load_before: float = 0.0
     load_rss_kib: int | None = None
@@ -505,6 +507,7 @@ class Options:
     proxy_env: dict[str, str]
     workers: int | None
     keep: bool
+    rounds: int = 1
 
 
 def proxy_env(
@@ -633,15 +636,15 @@ class Bench:
             if case.key == "b" and connections == max(CONNECTIONS):
                 with RssSampler(pid) as sampler:
                     result = run_wrk(wrk, url, connections, self.options.seconds)
-                report.load_rss_kib = sampler.peak_kib
+                report.load_rss_kib = max(report.load_rss_kib or 0, sampler.peak_kib)
                 report.load_hwm_kib = memory_kib(pid)[1]
             else:
                 result = run_wrk(wrk, url, connections, self.options.seconds)
         except (BenchError, subprocess.TimeoutExpired) as exc:
             note(f"{label}: {exc}")
-            report.results[case.key, connections] = "failed"
+            report.runs.setdefault((case.key, connections), [])
         else:
-            report.results[case.key, connections] = result
+            report.runs.setdefault((case.key, connections), []).append(result)
 
     def run(self) -> Report:
         load_before = os.getloadavg()[0]
@@ -668,14 +671,19 @@ class Bench:
         report = Report(
             upstream=upstream, results={}, idle_kib=memory_kib(proxy.pid), load_before=load_before
         )
-        for case in cases:
-            for connections in CONNECTIONS:
-                self.measure(wrk, case, connections, report, proxy.pid)
-            if proxy.poll() is not None:
-                raise BenchError(
-                    f"token-proxy exited with status {proxy.returncode}; the end of its log "
-                    f"({self.proxy_log}):\n{log_tail(self.proxy_log)}"
-                )
+        rounds = self.options.rounds
+        for number in range(1, rounds + 1):
+            if rounds > 1:
+                note(f"round {number} of {rounds}")
+            for case in cases:
+                for connections in CONNECTIONS:
+                    self.measure(wrk, case, connections, report, proxy.pid)
+                if proxy.poll() is not None:
+                    raise BenchError(
+                        f"token-proxy exited with status {proxy.returncode}; the end of its log "
+                        f"({self.proxy_log}):\n{log_tail(self.proxy_log)}"
+                    )
+        report.results = {key: median_run(runs) for key, runs in report.runs.items()}
         note(f"streaming {self.options.stream_size / MIB:g} MiB through token-proxy")
         try:
             report.stream = measure_stream(proxy.pid, proxy_port, self.options.stream_size)
@@ -687,6 +695,15 @@ class Bench:
 
 
 # --- the report ------------------------------------------------------------------------------
+
+
+def median_run(runs: Sequence[WrkResult]) -> WrkResult | str:
+    """The run with the median requests/s (the lower middle one of an even count), so that its
+    latencies come from the same run; "failed" when no run completed."""
+    if not runs:
+        return "failed"
+    ordered = sorted(runs, key=lambda run: run.requests_per_s)
+    return ordered[(len(ordered) - 1) // 2]
 
 
 def _ratio(report: Report, top: str, bottom: str) -> float | None:
@@ -737,19 +754,26 @@ def render(report: Report, options: Options) -> Iterator[str]:
         f"token-proxy benchmark: {os.cpu_count()} cores, load average {report.load_before:.2f} "
         f"before and {os.getloadavg()[0]:.2f} after; wrk -t{WRK_THREADS}, "
         f"{options.seconds:g} s per case after a {options.warmup:g} s warm-up"
+        + (f", {options.rounds} rounds (medians)" if options.rounds > 1 else "")
     )
     yield f"upstream: {report.upstream}"
     yield f"token-proxy settings: defaults{' + ' + ' '.join(extra) if extra else ''}"
     if options.workers is not None:
         yield f"case e: the same settings + TOKEN_PROXY_WORKERS={options.workers}"
     yield ""
-    yield f"{'case':<22} {'conns':>5} {'requests/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"
+    spread = "  requests/s of every round" if options.rounds > 1 else ""
+    yield (
+        f"{'case':<22} {'conns':>5} {'requests/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"
+        + spread
+    )
     for (key, connections), result in report.results.items():
         name = CASE_NAMES[key] if key != "e" else f"e {options.workers} workers"
         if isinstance(result, WrkResult):
+            runs = report.runs.get((key, connections), [])
+            every = "  " + " ".join(f"{run.requests_per_s:,.0f}" for run in runs) if spread else ""
             yield (
                 f"{name:<22} {connections:>5} {result.requests_per_s:>12,.0f} "
-                f"{result.p50_ms:>8.3f} {result.p99_ms:>8.3f} {result.errors:>7}"
+                f"{result.p50_ms:>8.3f} {result.p99_ms:>8.3f} {result.errors:>7}{every}"
             )
         else:
             yield f"{name:<22} {connections:>5} {result:>12}"
@@ -872,6 +896,16 @@ def _seconds(least: int) -> Callable[[str], int]:
     return parse
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
 def _env_pair(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -902,6 +936,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="whole seconds of warm-up per case, 0 for none (default 2)",
     )
     parser.add_argument("--quick", action="store_true", help="3 s per case: a smoke test")
+    parser.add_argument(
+        "--rounds",
+        type=_at_least_one,
+        default=1,
+        help="measure every case this many times, in turns, and report the median (default 1)",
+    )
     parser.add_argument(
         "--proxy-env",
         metavar="KEY=VALUE",
@@ -947,6 +987,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         proxy_env=dict(args.proxy_env),
         workers=args.workers,
         keep=args.keep,
+        rounds=args.rounds,
     )
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with `&`
     signal.signal(signal.SIGTERM, _exit_on_signal)
