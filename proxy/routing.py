@@ -46,6 +46,8 @@ class RouteTable:
 
 
 def _refuse_climbing(path: str) -> None:
+    if "." not in path and "%2e" not in path and "%2E" not in path:
+        return  # no dot segment, plain or encoded: nothing can climb
     depth = 0
     for segment in path.split("/"):
         plain = segment.replace("%2e", ".").replace("%2E", ".")
