@@ -61,6 +61,9 @@ class Exchange:
     body_too_large: bool = False
 
 
+_NONE_NAMED: frozenset[str] = frozenset()
+
+
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
     named: set[str] = set()
     for value in headers.getall("Connection", ()):
@@ -69,7 +72,7 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
 
 
 def _end_to_end(incoming: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
-    named = _connection_tokens(incoming)
+    named = _connection_tokens(incoming) if "Connection" in incoming else _NONE_NAMED
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         lower = name.lower()
