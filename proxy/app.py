@@ -99,7 +99,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     reserved = raw.startswith("/-/")
     exchange = Exchange(route="-" if reserved else "none")
     status = CLIENT_CLOSED_REQUEST
-    metrics.in_flight.inc()
+    metrics.request_started()
     bound = structlog.contextvars.bind_contextvars(request_id=request_id, client=ANONYMOUS)
     try:
         if reserved:
@@ -122,7 +122,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         error = ProxyError("the proxy failed unexpectedly; see its log for this request id")
         response = problem_response(error, request_id=request_id)
     finally:
-        metrics.in_flight.dec()
+        metrics.request_finished()
         if exchange.outcome != "client_aborted":
             status = response.status
         duration = time.perf_counter() - started
@@ -179,9 +179,6 @@ async def _proxy(
     return response
 
 
-_FORBIDDEN_IN_HEADERS = ("\r", "\n", "\x00")
-
-
 def _check_framing(request: web.Request) -> None:
     """Refuse what could make the proxy and upstream disagree on where a request ends
     (RFC 9112 6.1-6.3): such a request is never forwarded, and its connection is closed."""
@@ -199,7 +196,7 @@ def _check_framing(request: web.Request) -> None:
                 f"transfer coding {', '.join(named)!r} is not supported; only chunked is"
             )
     values = "".join(headers.values())
-    if any(char in values for char in _FORBIDDEN_IN_HEADERS):
+    if "\r" in values or "\n" in values or "\x00" in values:
         raise BadRequest("a header value holds CR, LF or NUL")
 
 

@@ -69,6 +69,12 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        # One process counts its requests in a plain int, read at scrape time: two locked
+        # updates fewer per request. A worker's gauge lives in the shared files instead.
+        self._active = 0
+        self._multiprocess = multiprocess_dir is not None
+        if not self._multiprocess:
+            self.in_flight.set_function(lambda: self._active)
         self.token_fetches = Counter(*_FETCHES, ["credential", "outcome"], registry=r)
         self.token_expiry = Gauge(*_EXPIRY, ["credential"], registry=r)
         self.token_expires_in = Gauge(*_EXPIRES_IN, ["credential"], registry=r)
@@ -96,6 +102,18 @@ class Metrics:
         if multiprocess_dir is not None:
             self._exposed = CollectorRegistry()
             MultiProcessCollector(self._exposed, path=multiprocess_dir)  # type: ignore[no-untyped-call]  # unannotated upstream
+
+    def request_started(self) -> None:
+        if self._multiprocess:
+            self.in_flight.inc()
+        else:
+            self._active += 1
+
+    def request_finished(self) -> None:
+        if self._multiprocess:
+            self.in_flight.dec()
+        else:
+            self._active -= 1
 
     def observe_request(
         self, *, route: str, method: str, status: int, client: str, seconds: float
