@@ -173,7 +173,99 @@ class TokenSource(Protocol):
     def invalidate(self, token: Token) -> bool: ...
 
 
-class TokenManager:
+def _register_secrets(credential: Credential) -> None:
+    """The secret in every form a log line could show it: plain, form-encoded, Basic."""
+    secret = credential.client_secret.get_secret_value()
+    redactor.add_secret(secret)
+    redactor.add_secret(quote_plus(secret))
+    redactor.add_secret(_basic_credentials(credential.client_id, secret))
+
+
+class _TokenHolder:
+    """What TokenManager and TokenReplica share: /-/ready's view, the wait for a usable token
+    and the errors it ends in, all read from `status()` and the `_changed` event."""
+
+    name: str
+    _wait_timeout: float
+    _clock: Callable[[], float]
+    _changed: asyncio.Event
+
+    def status(self) -> TokenStatus:
+        raise NotImplementedError
+
+    def _current(self) -> Token | None:
+        """The token held now, usable or not (the hot path: no TokenStatus is built)."""
+        raise NotImplementedError
+
+    def _want_token(self) -> None:
+        """No usable token is here and a request waits: get one now if none is on its way."""
+        raise NotImplementedError
+
+    def state(self) -> dict[str, Any]:
+        """What /-/ready shows of this credential: never the token itself."""
+        now = self._clock()
+        status = self.status()
+        token = status.token
+        usable = token is not None and token.usable(now)
+        return {
+            "ready": usable,
+            "expires_in": round(token.expires_at - now, 1) if token is not None else None,
+            "last_error": status.last_error,
+            "consecutive_failures": status.failures,
+            "next_retry_in": (
+                round(max(0.0, status.retry_at - now), 1)
+                if status.retry_at is not None and not usable
+                else None
+            ),
+        }
+
+    async def token(self) -> Token:
+        """The current usable token, waiting up to wait_timeout for one to arrive."""
+        token = self._current()
+        if token is not None and token.usable(self._clock()):
+            return token
+        self._want_token()
+        try:
+            async with asyncio.timeout(self._wait_timeout):
+                while True:
+                    if self.status().rejected:
+                        raise self._rejected()
+                    changed = self._changed
+                    await changed.wait()
+                    token = self._current()
+                    if token is not None and token.usable(self._clock()):
+                        return token
+        except TimeoutError:
+            raise self._unavailable() from None
+
+    def age(self, token: Token) -> float:
+        """Seconds since `token` was requested (monotonic time is the same in every process)."""
+        return self._clock() - token.obtained_at
+
+    def _rejected(self) -> ClientRejected:
+        return ClientRejected(
+            f"the token endpoint rejected the client credentials of {self.name!r}; "
+            "check client_id and client_secret",
+            retry_after=self._retry_after(),
+        )
+
+    def _unavailable(self) -> TokenUnavailable:
+        error = self.status().last_error
+        reason = f" (last error: {error})" if error else ""
+        return TokenUnavailable(
+            f"no usable access token for credential {self.name!r} within "
+            f"{self._wait_timeout:g} s{reason}",
+            retry_after=self._retry_after(),
+        )
+
+    def _retry_after(self) -> int:
+        retry_at = self.status().retry_at
+        if retry_at is None:
+            return 1
+        return max(1, round(retry_at - self._clock()))
+
+
+class TokenManager(_TokenHolder):
     """Holds the current token of one credential and keeps it fresh."""
 
     def __init__(
@@ -204,10 +296,7 @@ class TokenManager:
         self._last_error: TokenEndpointError | None = None
         self._next_attempt_at: float | None = None
         self._invalidated_at: float | None = None
-        secret = credential.client_secret.get_secret_value()
-        redactor.add_secret(secret)
-        redactor.add_secret(quote_plus(secret))
-        redactor.add_secret(_basic_credentials(credential.client_id, secret))
+        _register_secrets(credential)
         metrics.token_expiry.labels(name).set(0)
         metrics.refresh_failures.labels(name).set(0)
         metrics.token_expires_in.labels(name).set_function(self._seconds_left)
@@ -229,23 +318,6 @@ class TokenManager:
         token = self._token
         return token is not None and token.usable(self._clock())
 
-    def state(self) -> dict[str, Any]:
-        """What /-/ready shows of this credential: never the token itself."""
-        now = self._clock()
-        token = self._token
-        usable = token is not None and token.usable(now)
-        return {
-            "ready": usable,
-            "expires_in": round(token.expires_at - now, 1) if token is not None else None,
-            "last_error": self._last_error.error if self._last_error else None,
-            "consecutive_failures": self._failures,
-            "next_retry_in": (
-                round(max(0.0, self._next_attempt_at - now), 1)
-                if self._next_attempt_at is not None and not usable
-                else None
-            ),
-        }
-
     def status(self) -> TokenStatus:
         """The token and the failure state, for the workers' copies of this manager."""
         error = self._last_error
@@ -262,30 +334,12 @@ class TokenManager:
         """Return at the next new token or failed token request."""
         await self._changed.wait()
 
-    async def token(self) -> Token:
-        """The current usable token, waiting up to wait_timeout for one to arrive."""
-        token = self._token
-        now = self._clock()
-        if token is not None and token.usable(now):
-            return token
-        if self._failures == 0:
-            self._wake.set()
-        try:
-            async with asyncio.timeout(self._wait_timeout):
-                while True:
-                    if self._last_error is not None and self._last_error.rejects_client:
-                        raise self._rejected()
-                    changed = self._changed
-                    await changed.wait()
-                    token = self._token
-                    if token is not None and token.usable(self._clock()):
-                        return token
-        except TimeoutError:
-            raise self._unavailable() from None
+    def _current(self) -> Token | None:
+        return self._token
 
-    def age(self, token: Token) -> float:
-        """Seconds since `token` was requested."""
-        return self._clock() - token.obtained_at
+    def _want_token(self) -> None:
+        if self._failures == 0:
+            self._wake.set()  # during a backoff the next attempt is already scheduled
 
     def invalidate(self, token: Token) -> bool:
         """Upstream rejected `token`: drop it and fetch a new one now (once). True when a newer
@@ -439,28 +493,8 @@ class TokenManager:
         token = self._token
         return max(0.0, token.expires_at - self._clock()) if token is not None else 0.0
 
-    def _rejected(self) -> ClientRejected:
-        return ClientRejected(
-            f"the token endpoint rejected the client credentials of {self.name!r}; "
-            "check client_id and client_secret",
-            retry_after=self._retry_after(),
-        )
 
-    def _unavailable(self) -> TokenUnavailable:
-        reason = f" (last error: {self._last_error.error})" if self._last_error else ""
-        return TokenUnavailable(
-            f"no usable access token for credential {self.name!r} within "
-            f"{self._wait_timeout:g} s{reason}",
-            retry_after=self._retry_after(),
-        )
-
-    def _retry_after(self) -> int:
-        if self._next_attempt_at is None:
-            return 1
-        return max(1, round(self._next_attempt_at - self._clock()))
-
-
-class TokenReplica:
+class TokenReplica(_TokenHolder):
     """A worker process's copy of one credential's token, which the supervisor's TokenManager
     fetches and refreshes for every worker: `apply` installs what the supervisor sends, and
     `ask` carries this copy's requests back (fetch now, or drop a token upstream rejected).
@@ -482,10 +516,7 @@ class TokenReplica:
         self._status = TokenStatus(token=None)
         self._changed = asyncio.Event()
         self._asked = False
-        secret = credential.client_secret.get_secret_value()
-        redactor.add_secret(secret)
-        redactor.add_secret(quote_plus(secret))
-        redactor.add_secret(_basic_credentials(credential.client_id, secret))
+        _register_secrets(credential)
 
     def start(self) -> None:
         """Nothing to start: the supervisor keeps the token fresh."""
@@ -502,52 +533,16 @@ class TokenReplica:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    @property
-    def current(self) -> TokenStatus:
+    def status(self) -> TokenStatus:
         return self._status
 
-    def state(self) -> dict[str, Any]:
-        """What /-/ready shows of this credential, as TokenManager.state: never the token."""
-        now = self._clock()
-        status = self._status
-        token = status.token
-        usable = token is not None and token.usable(now)
-        return {
-            "ready": usable,
-            "expires_in": round(token.expires_at - now, 1) if token is not None else None,
-            "last_error": status.last_error,
-            "consecutive_failures": status.failures,
-            "next_retry_in": (
-                round(max(0.0, status.retry_at - now), 1)
-                if status.retry_at is not None and not usable
-                else None
-            ),
-        }
+    def _current(self) -> Token | None:
+        return self._status.token
 
-    async def token(self) -> Token:
-        """The current usable token, waiting up to wait_timeout for the supervisor's next."""
-        token = self._status.token
-        if token is not None and token.usable(self._clock()):
-            return token
+    def _want_token(self) -> None:
         if self._status.failures == 0 and not self._asked:
             self._asked = True
             self._ask({"ask": "token", "credential": self.name})
-        try:
-            async with asyncio.timeout(self._wait_timeout):
-                while True:
-                    if self._status.rejected:
-                        raise self._rejected()
-                    changed = self._changed
-                    await changed.wait()
-                    token = self._status.token
-                    if token is not None and token.usable(self._clock()):
-                        return token
-        except TimeoutError:
-            raise self._unavailable() from None
-
-    def age(self, token: Token) -> float:
-        """Seconds since `token` was requested (monotonic time is the same in every process)."""
-        return self._clock() - token.obtained_at
 
     def invalidate(self, token: Token) -> bool:
         """As TokenManager.invalidate, for the whole group: the supervisor drops the token
@@ -562,25 +557,3 @@ class TokenReplica:
         self._status = replace(status, token=None, invalidated_at=now)
         self._ask({"ask": "invalidate", "credential": self.name, "obtained_at": token.obtained_at})
         return True
-
-    def _rejected(self) -> ClientRejected:
-        return ClientRejected(
-            f"the token endpoint rejected the client credentials of {self.name!r}; "
-            "check client_id and client_secret",
-            retry_after=self._retry_after(),
-        )
-
-    def _unavailable(self) -> TokenUnavailable:
-        error = self._status.last_error
-        reason = f" (last error: {error})" if error else ""
-        return TokenUnavailable(
-            f"no usable access token for credential {self.name!r} within "
-            f"{self._wait_timeout:g} s{reason}",
-            retry_after=self._retry_after(),
-        )
-
-    def _retry_after(self) -> int:
-        retry_at = self._status.retry_at
-        if retry_at is None:
-            return 1
-        return max(1, round(retry_at - self._clock()))

@@ -241,7 +241,7 @@ class WorkerLink:
         result = {}
         for name, (status, figures) in self._statuses.items():
             replica = self._replicas.get(name)
-            token = replica.current.token if replica is not None else status.token
+            token = replica.status().token if replica is not None else status.token
             result[name] = (figures, max(0.0, token.expires_at - now) if token else 0.0)
         return result
 
