@@ -410,6 +410,34 @@ def proxy_command() -> list[str]:
     return [sys.executable, "-m", "proxy"]
 
 
+def process_env(
+    *,
+    token_server: FakeTokenServer,
+    upstream: FakeUpstream,
+    port: int,
+    upstream_client: str,
+    secrets_dir: Path,
+    extra_env: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """The environment of a real proxy process against the fake servers: the caller's own
+    TOKEN_PROXY_* variables removed, debug logs, an empty secrets directory."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKEN_PROXY_")}
+    env.update(
+        {
+            "TOKEN_PROXY_CLIENT_ID": TEST_CLIENT_ID,
+            "TOKEN_PROXY_CLIENT_SECRET": TEST_SECRET,
+            "TOKEN_PROXY_TOKEN_URL": token_server.url,
+            "TOKEN_PROXY_UPSTREAM": upstream.url,
+            "TOKEN_PROXY_PORT": str(port),
+            "TOKEN_PROXY_LOG_LEVEL": "debug",
+            "TOKEN_PROXY_UPSTREAM_CLIENT": upstream_client,
+            "TOKEN_PROXY_SECRETS_DIR": str(secrets_dir),
+            **(extra_env or {}),
+        }
+    )
+    return env
+
+
 @pytest.fixture
 async def proxy_process(
     token_server: FakeTokenServer, upstream: FakeUpstream, tmp_path: Path, upstream_client: str
@@ -420,19 +448,13 @@ async def proxy_process(
 
     async def start(extra_env: dict[str, str] | None = None) -> ProxyProcess:
         port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TOKEN_PROXY_")}
-        env.update(
-            {
-                "TOKEN_PROXY_CLIENT_ID": TEST_CLIENT_ID,
-                "TOKEN_PROXY_CLIENT_SECRET": TEST_SECRET,
-                "TOKEN_PROXY_TOKEN_URL": token_server.url,
-                "TOKEN_PROXY_UPSTREAM": upstream.url,
-                "TOKEN_PROXY_PORT": str(port),
-                "TOKEN_PROXY_LOG_LEVEL": "debug",
-                "TOKEN_PROXY_UPSTREAM_CLIENT": transport,
-                "TOKEN_PROXY_SECRETS_DIR": str(tmp_path),
-                **(extra_env or {}),
-            }
+        env = process_env(
+            token_server=token_server,
+            upstream=upstream,
+            port=port,
+            upstream_client=transport,
+            secrets_dir=tmp_path,
+            extra_env=extra_env,
         )
         log_path = tmp_path / f"proxy-{port}.log"
         with log_path.open("wb") as log_file:

@@ -32,6 +32,8 @@ from tests.conftest import (
     FakeTokenServer,
     FakeUpstream,
     free_port,
+    process_env,
+    proxy_command,
 )
 
 DEADLINE = 15.0
@@ -120,26 +122,22 @@ async def start_group(
         workers: int = 2, *, ready: bool = True, extra_env: dict[str, str] | None = None
     ) -> Group:
         port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TOKEN_PROXY_")}
-        env.update(
-            {
-                "TOKEN_PROXY_CLIENT_ID": TEST_CLIENT_ID,
-                "TOKEN_PROXY_CLIENT_SECRET": TEST_SECRET,
-                "TOKEN_PROXY_TOKEN_URL": token_server.url,
-                "TOKEN_PROXY_UPSTREAM": upstream.url,
-                "TOKEN_PROXY_PORT": str(port),
+        env = process_env(
+            token_server=token_server,
+            upstream=upstream,
+            port=port,
+            upstream_client=upstream_client,
+            secrets_dir=tmp_path,
+            extra_env={
                 "TOKEN_PROXY_WORKERS": str(workers),
-                "TOKEN_PROXY_LOG_LEVEL": "debug",
                 "TOKEN_PROXY_LOG_FORMAT": "json",
-                "TOKEN_PROXY_UPSTREAM_CLIENT": upstream_client,
-                "TOKEN_PROXY_SECRETS_DIR": str(tmp_path),
                 **(extra_env or {}),
-            }
+            },
         )
         log_path = tmp_path / f"group-{port}.log"
         with log_path.open("wb") as log_file:
             process = subprocess.Popen(
-                [sys.executable, "-m", "proxy"], env=env, stdout=log_file, stderr=subprocess.STDOUT
+                proxy_command(), env=env, stdout=log_file, stderr=subprocess.STDOUT
             )
         group = Group(process, f"http://127.0.0.1:{port}", log_path)
         groups.append(group)
