@@ -288,8 +288,17 @@ def parse_wrk(output: str) -> WrkResult:
     )
 
 
-def run_wrk(wrk: str, url: str, connections: int, seconds: int) -> WrkResult:
-    argv = [wrk, f"-t{WRK_THREADS}", f"-c{connections}", f"-d{seconds}s", "--latency", url]
+def pinned(argv: Sequence[str], cpus: str | None) -> list[str]:
+    """`argv` run on the CPUs `cpus` names (taskset's list syntax), or as it is."""
+    return ["taskset", "-c", cpus, *argv] if cpus else list(argv)
+
+
+def run_wrk(
+    wrk: str, url: str, connections: int, seconds: int, cpus: str | None = None
+) -> WrkResult:
+    argv = pinned(
+        [wrk, f"-t{WRK_THREADS}", f"-c{connections}", f"-d{seconds}s", "--latency", url], cpus
+    )
     # A fixed argument list, no shell; wrk stops itself after `seconds`.
     done = subprocess.run(  # noqa: S603
         argv, capture_output=True, text=True, timeout=seconds + 30, check=False
@@ -375,13 +384,18 @@ http {{
     )
 
 
-def start_nginx(processes: Processes, nginx: str, directory: Path, conf: str, port: int) -> None:
+def start_nginx(
+    processes: Processes, nginx: str, directory: Path, conf: str, port: int, *, cpus: str | None
+) -> None:
     name = directory.name
     directory.mkdir(mode=0o755)
     conf_path = directory / "nginx.conf"
     conf_path.write_text(conf)
     log = directory / "stderr.log"
-    argv = [nginx, "-p", str(directory), "-c", str(conf_path), "-e", str(directory / "error.log")]
+    argv = pinned(
+        [nginx, "-p", str(directory), "-c", str(conf_path), "-e", str(directory / "error.log")],
+        cpus,
+    )
     process = processes.start(name, argv, log=log)
     wait_listening(name, process, port, directory / "error.log")
 
@@ -508,6 +522,7 @@ class Options:
     workers: int | None
     keep: bool
     rounds: int = 1
+    pin: bool = False
 
 
 def proxy_env(
@@ -556,11 +571,22 @@ class Bench:
         self.upstream_port = free_port()
         self.proxy_log = tmp / "token-proxy.log"
         self.token_port: int | None = None
+        # --pin: the proxy under test alone on the first CPU, the rest for wrk and upstream.
+        self.proxy_cpus: str | None = None
+        self.load_cpus: str | None = None
+        if options.pin:
+            cpus = sorted(os.sched_getaffinity(0))
+            if len(cpus) < 2 or shutil.which("taskset") is None:
+                raise BenchError("--pin needs two CPUs or more and taskset (util-linux)")
+            self.proxy_cpus = str(cpus[0])
+            self.load_cpus = ",".join(str(cpu) for cpu in cpus[1:])
 
-    def start(self, name: str, argv: Sequence[str], port: int) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, argv: Sequence[str], port: int, cpus: str | None = None
+    ) -> subprocess.Popen[bytes]:
         """Start a Python server from bench/ and wait until it listens."""
         log = self.tmp / f"{name.replace(' ', '-')}.log"
-        process = self.processes.start(name, [self.python, *argv], log=log)
+        process = self.processes.start(name, pinned([self.python, *argv], cpus), log=log)
         wait_listening(name, process, port, log)
         return process
 
@@ -572,6 +598,7 @@ class Bench:
                 "aiohttp upstream",
                 [str(HERE / "bench.py"), "serve-upstream", "--port", port, "--big-size", str(size)],
                 self.upstream_port,
+                self.load_cpus,
             )
             return "aiohttp app (bench.py serve-upstream), 1 process"
         webroot = self.tmp / "www"
@@ -582,7 +609,7 @@ class Bench:
         big.chmod(0o644)
         directory = self.tmp / "nginx-upstream"
         conf = upstream_nginx_conf(directory, self.upstream_port, webroot)
-        start_nginx(self.processes, nginx, directory, conf, self.upstream_port)
+        start_nginx(self.processes, nginx, directory, conf, self.upstream_port, cpus=self.load_cpus)
         return f"nginx, 1 worker, `return 200` of a {len(SMALL_BODY)}-byte JSON"
 
     def start_proxy(self, workers: int | None = None) -> tuple[subprocess.Popen[bytes], int]:
@@ -590,7 +617,7 @@ class Bench:
         if self.token_port is None:
             self.token_port = free_port()
             token_server = [str(HERE / "fake_token_server.py"), "--port", str(self.token_port)]
-            self.start("fake token server", token_server, self.token_port)
+            self.start("fake token server", token_server, self.token_port, self.load_cpus)
         proxy_port = free_port()
         name = "token-proxy" if workers is None else f"token-proxy-{workers}-workers"
         secrets_dir = self.tmp / f"{name}-secrets"
@@ -604,7 +631,10 @@ class Bench:
             workers=workers,
         )
         log = self.proxy_log if workers is None else self.tmp / f"{name}.log"
-        proxy = self.processes.start(name, [self.python, "-m", "proxy"], log=log, env=env)
+        # Workers are never pinned: they are there to use more than one CPU.
+        cpus = self.proxy_cpus if workers is None else None
+        argv = pinned([self.python, "-m", "proxy"], cpus)
+        proxy = self.processes.start(name, argv, log=log, env=env)
         wait_ready(name, proxy, proxy_port, log)
         return proxy, proxy_port
 
@@ -612,17 +642,19 @@ class Bench:
         reference_port = free_port()
         upstream = f"http://{LOOPBACK}:{self.upstream_port}"
         argv = [str(HERE / "reference_proxy.py"), "--port", str(reference_port)]
-        self.start("reference proxy", [*argv, "--upstream", upstream], reference_port)
+        self.start(
+            "reference proxy", [*argv, "--upstream", upstream], reference_port, self.proxy_cpus
+        )
         cases = [Case("c", "reference proxy", reference_port)]
         if nginx is not None:
             nginx_port = free_port()
             directory = self.tmp / "nginx-proxy"
             conf = proxy_nginx_conf(directory, nginx_port, self.upstream_port)
-            start_nginx(self.processes, nginx, directory, conf, nginx_port)
+            start_nginx(self.processes, nginx, directory, conf, nginx_port, cpus=self.proxy_cpus)
             cases.append(Case("d", "nginx proxy", nginx_port))
         ceiling_port = free_port()
         argv = [str(HERE / "ceiling_proxy.py"), "--port", str(ceiling_port)]
-        self.start("ceiling proxy", [*argv, "--upstream", upstream], ceiling_port)
+        self.start("ceiling proxy", [*argv, "--upstream", upstream], ceiling_port, self.proxy_cpus)
         cases.append(Case("f", "ceiling, no features", ceiling_port))
         return cases
 
@@ -632,10 +664,10 @@ class Bench:
         note(f"{label}: {self.options.warmup:g} s warm-up, {self.options.seconds:g} s measured")
         try:
             if self.options.warmup:
-                run_wrk(wrk, url, connections, self.options.warmup)
+                run_wrk(wrk, url, connections, self.options.warmup, self.load_cpus)
             if case.key == "b" and connections == max(CONNECTIONS):
                 with RssSampler(pid) as sampler:
-                    result = run_wrk(wrk, url, connections, self.options.seconds)
+                    result = run_wrk(wrk, url, connections, self.options.seconds, self.load_cpus)
                 report.load_rss_kib = max(report.load_rss_kib or 0, sampler.peak_kib)
                 report.load_hwm_kib = memory_kib(pid)[1]
             else:
@@ -758,6 +790,11 @@ def render(report: Report, options: Options) -> Iterator[str]:
     )
     yield f"upstream: {report.upstream}"
     yield f"token-proxy settings: defaults{' + ' + ' '.join(extra) if extra else ''}"
+    if options.pin:
+        yield (
+            "pinned (--pin): each proxy under test alone on the first CPU; wrk, the upstream "
+            "and the token server on the others; case e not pinned"
+        )
     if options.workers is not None:
         yield f"case e: the same settings + TOKEN_PROXY_WORKERS={options.workers}"
     yield ""
@@ -967,6 +1004,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--keep", action="store_true", help="keep the temporary directory with every log"
     )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="run each proxy under test alone on the first CPU, and wrk, the upstream and the "
+        "token server on the others (taskset); workers (case e) are not pinned",
+    )
     return parser.parse_args(argv)
 
 
@@ -988,6 +1031,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers=args.workers,
         keep=args.keep,
         rounds=args.rounds,
+        pin=args.pin,
     )
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with `&`
     signal.signal(signal.SIGTERM, _exit_on_signal)
