@@ -27,8 +27,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 import proxy.app as app_module
-from proxy.app import SETTINGS, create_app, runner_options
+from proxy.app import SETTINGS, TOKENS, create_app, runner_options
 from proxy.config import Settings
+from proxy.credentials import TokenManager
 from proxy.log import configure_logging, redactor
 from proxy.upstream import make_transport
 
@@ -337,7 +338,34 @@ def make_settings(token_server: FakeTokenServer, upstream: FakeUpstream) -> Sett
     return build
 
 
-ProxyFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+Client = TestClient[web.Request, web.Application]
+ProxyFactory = Callable[..., Awaitable[Client]]
+PROBLEM_JSON = "application/problem+json"
+
+
+def app_of(client: Client) -> web.Application:
+    app = client.app
+    assert app is not None
+    return app
+
+
+def manager_of(client: Client, name: str = "default") -> TokenManager:
+    """The TokenManager of one credential of an in-process proxy."""
+    manager = app_of(client)[TOKENS][name]
+    assert isinstance(manager, TokenManager)
+    return manager
+
+
+def problem_of(status: int, content_type: str | None, body: bytes) -> dict[str, Any]:
+    """Check an RFC 9457 problem document and return it."""
+    assert content_type is not None
+    assert content_type.split(";")[0].strip() == PROBLEM_JSON
+    problem: dict[str, Any] = json.loads(body)
+    assert problem["status"] == status
+    for key in ("type", "title", "detail"):
+        assert isinstance(problem[key], str)
+        assert problem[key]
+    return problem
 
 
 @pytest.fixture
@@ -345,11 +373,9 @@ async def start_proxy(
     make_settings: SettingsFactory,
 ) -> AsyncIterator[ProxyFactory]:
     """Start the proxy in-process; the client reaches it on loopback."""
-    clients: list[TestClient[web.Request, web.Application]] = []
+    clients: list[Client] = []
 
-    async def start(
-        settings: Settings | None = None, **overrides: Any
-    ) -> TestClient[web.Request, web.Application]:
+    async def start(settings: Settings | None = None, **overrides: Any) -> Client:
         settings = settings if settings is not None else make_settings(**overrides)
         app = create_app(settings)
         app.on_response_prepare.append(_watch_response)
@@ -406,6 +432,9 @@ class ProxyProcess:
         return self.process.wait(timeout=timeout)
 
 
+StartProcess = Callable[..., Awaitable[ProxyProcess]]
+
+
 def proxy_command() -> list[str]:
     return [sys.executable, "-m", "proxy"]
 
@@ -441,7 +470,7 @@ def process_env(
 @pytest.fixture
 async def proxy_process(
     token_server: FakeTokenServer, upstream: FakeUpstream, tmp_path: Path, upstream_client: str
-) -> AsyncIterator[Callable[..., Awaitable[ProxyProcess]]]:
+) -> AsyncIterator[StartProcess]:
     """Start `python -m proxy run` against the fake servers and wait until it is ready."""
     started: list[ProxyProcess] = []
     transport = upstream_client

@@ -30,7 +30,7 @@ from tests.conftest import (
     TEST_SECRET,
     FakeTokenServer,
     FakeUpstream,
-    ProxyProcess,
+    StartProcess,
     free_port,
     proxy_command,
 )
@@ -41,7 +41,6 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 COMPOSE = ROOT / "deploy" / "docker-compose.yml"
 KUBERNETES = ROOT / "deploy" / "kubernetes.yaml"
 
-StartProcess = Callable[..., Awaitable[ProxyProcess]]
 PINNED_SLIM_PYTHON = re.compile(r"python:3\.11\.\d+-slim-(bookworm|trixie)(@sha256:[0-9a-f]{64})?")
 NUMERIC_USER = re.compile(r"(\d+)(:\d+)?")
 SHUTDOWN_TIMEOUT = Settings.model_fields["shutdown_timeout"].default

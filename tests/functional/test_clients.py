@@ -26,10 +26,8 @@ from tests.conftest import (
     FakeTokenServer,
     FakeUpstream,
     ProxyFactory,
-    ProxyProcess,
+    StartProcess,
 )
-
-StartProcess = Callable[..., Awaitable[ProxyProcess]]
 
 PATH = "/data/wow/token/index"
 PARAMS = {"namespace": "dynamic-eu", "locale": "en_GB"}

@@ -27,24 +27,25 @@ from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
 from proxy import credentials
-from proxy.app import TOKENS, create_app, runner_options
-from proxy.credentials import BACKOFF_CAP, TokenManager
+from proxy.app import create_app, runner_options
+from proxy.credentials import BACKOFF_CAP
 from tests.conftest import (
     TEST_CLIENT_ID,
     TEST_SECRET,
     CapturedLog,
+    Client,
     FakeTokenServer,
     FakeUpstream,
     ProxyFactory,
     ProxyProcess,
     SettingsFactory,
+    StartProcess,
     free_port,
+    manager_of,
+    problem_of,
     wait_for,
 )
 
-Client = TestClient[web.Request, web.Application]
-StartProcess = Callable[..., Awaitable[ProxyProcess]]
-PROBLEM_JSON = "application/problem+json"
 KIB = 1024
 MIB = 1024 * 1024
 BLOCK = b"\x5a" * (64 * KIB)
@@ -62,29 +63,10 @@ UNCLEAN_SHUTDOWN_MARKERS = (
 # --- helpers -------------------------------------------------------------------------------
 
 
-def manager_of(client: Client, name: str = "default") -> TokenManager:
-    app = client.app
-    assert app is not None
-    manager = app[TOKENS][name]
-    assert isinstance(manager, TokenManager)
-    return manager
-
-
 async def fetch(client: Client, path: str) -> tuple[int, dict[str, str], bytes]:
     """GET through the in-process proxy; return status, headers and body."""
     async with client.get(path) as response:
         return response.status, dict(response.headers), await response.read()
-
-
-def problem_of(status: int, headers: dict[str, str], body: bytes) -> dict[str, Any]:
-    """Check an RFC 9457 problem document and return it."""
-    assert headers.get("Content-Type", "").split(";")[0].strip() == PROBLEM_JSON
-    problem: dict[str, Any] = json.loads(body)
-    assert problem["status"] == status
-    for key in ("type", "title", "detail"):
-        assert isinstance(problem[key], str)
-        assert problem[key]
-    return problem
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:
@@ -369,14 +351,14 @@ async def test_expired_token_and_endpoint_down_503_then_recovers_without_restart
         started = time.monotonic()
         status, headers, body = await fetch(client, "/during")
         elapsed = time.monotonic() - started
-        problem = problem_of(503, headers, body)
+        problem = problem_of(503, headers.get("Content-Type"), body)
         assert elapsed < wait_timeout + 0.5, f"the request waited {elapsed:.2f} s"
         assert int(headers["Retry-After"]) >= 1
         assert token_server.issued[0] not in json.dumps(problem)
         assert "/during" not in [request.raw_path for request in upstream.requests]
 
         status, headers, body = await fetch(client, "/-/ready")
-        state = problem_of(503, headers, body)["credentials"]["default"]
+        state = problem_of(503, headers.get("Content-Type"), body)["credentials"]["default"]
         assert state["ready"] is False
         assert state["last_error"] == "connection_error"
         assert state["consecutive_failures"] >= 1
@@ -432,14 +414,14 @@ async def test_rejected_client_logs_error_without_secret_and_retries_slowly(
     assert basic not in everything
 
     status, headers, body = await fetch(client, "/data")
-    problem = problem_of(503, headers, body)
+    problem = problem_of(503, headers.get("Content-Type"), body)
     assert "rejected the client credentials" in problem["detail"]
     assert 29 <= int(headers["Retry-After"]) <= 60
     assert upstream.requests == []
 
     status, headers, body = await fetch(client, "/-/ready")
     assert status == 503
-    state = problem_of(503, headers, body)["credentials"]["default"]
+    state = problem_of(503, headers.get("Content-Type"), body)["credentials"]["default"]
     assert state["last_error"] == "invalid_client"
     assert 29.0 <= state["next_retry_in"] <= 60.0, state
     assert len(token_server.requests) == 1
@@ -495,7 +477,7 @@ async def test_unresolvable_upstream_is_a_502_problem(
     status, headers, body = await fetch(client, "/x")
     assert time.monotonic() - started < 3.0
     assert status == 502
-    problem_of(502, headers, body)
+    problem_of(502, headers.get("Content-Type"), body)
     assert token_server.issued[0] not in body.decode()
 
 
@@ -529,7 +511,7 @@ async def test_upstream_dns_that_never_answers_is_bounded_by_connect_timeout(
     assert lookups, "the upstream host was not resolved through the event loop"
     assert time.monotonic() - started < 1.5
     assert status in {502, 504}
-    problem_of(status, headers, body)
+    problem_of(status, headers.get("Content-Type"), body)
 
 
 @pytest.fixture(scope="module")
@@ -595,7 +577,7 @@ async def test_untrusted_tls_certificate_is_a_502_and_gets_no_token(
         client = await start_proxy(upstream=insecure.url, connect_timeout=2)
         status, headers, body = await fetch(client, "/x")
         assert status == 502
-        problem_of(502, headers, body)
+        problem_of(502, headers.get("Content-Type"), body)
         assert insecure.requests == []
         assert token_server.issued[0] not in body.decode()
 
@@ -609,7 +591,7 @@ async def test_plain_http_server_behind_https_url_is_a_502(
     status, headers, body = await fetch(client, "/x")
     assert time.monotonic() - started < 5
     assert status == 502
-    problem_of(502, headers, body)
+    problem_of(502, headers.get("Content-Type"), body)
     assert upstream.requests == []
 
 

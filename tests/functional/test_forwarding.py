@@ -19,25 +19,25 @@ from typing import Any, Protocol
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
 from proxy.config import Settings
 from tests.conftest import (
     TEST_CLIENT_ID,
     TEST_SECRET,
+    Client,
     FakeTokenServer,
     FakeUpstream,
     ProxyFactory,
     ProxyProcess,
     free_port,
+    problem_of,
     wait_for,
 )
 
-Client = TestClient[web.Request, web.Application]
 KIB = 1024
 MIB = 1024 * 1024
-PROBLEM_JSON = "application/problem+json"
 SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 
 
@@ -153,18 +153,6 @@ async def raw_request(
     response, rest = parse_response(data, bodiless=method == "HEAD")
     assert rest == b"", f"bytes after the response: {rest[:200]!r}"
     return response
-
-
-def problem_of(status: int, content_type: str | None, body: bytes) -> dict[str, Any]:
-    """Check an RFC 9457 problem document and return it."""
-    assert content_type is not None
-    assert content_type.split(";")[0].strip() == PROBLEM_JSON
-    problem: dict[str, Any] = json.loads(body)
-    assert problem["status"] == status
-    for key in ("type", "title", "detail"):
-        assert isinstance(problem[key], str)
-        assert problem[key]
-    return problem
 
 
 async def problem(response: aiohttp.ClientResponse, status: int) -> dict[str, Any]:

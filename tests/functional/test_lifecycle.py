@@ -5,15 +5,13 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.conftest import FakeUpstream, ProxyFactory, ProxyProcess
-
-StartProcess = Callable[..., Awaitable[ProxyProcess]]
+from tests.conftest import FakeUpstream, ProxyFactory, StartProcess
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -15,11 +14,9 @@ from tests.conftest import (
     TEST_SECRET,
     FakeTokenServer,
     FakeUpstream,
-    ProxyProcess,
+    StartProcess,
     wait_for,
 )
-
-StartProcess = Callable[..., Awaitable[ProxyProcess]]
 
 
 def _json_lines(text: str) -> list[dict[str, object]]:

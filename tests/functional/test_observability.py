@@ -8,35 +8,36 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import TOKENS
 from proxy.config import Settings
 from proxy.metrics import KNOWN_METHODS, Metrics
 from tests.conftest import (
+    PROBLEM_JSON,
     TEST_SECRET,
+    Client,
     FakeTokenServer,
     FakeUpstream,
     ProxyFactory,
     ProxyProcess,
+    StartProcess,
+    app_of,
     free_port,
     wait_for,
 )
 
-Client = TestClient[web.Request, web.Application]
-StartProcess = Callable[..., Awaitable[ProxyProcess]]
 Labels = tuple[tuple[str, str], ...]
 Samples = dict[tuple[str, Labels], float]
 
-PROBLEM_JSON = "application/problem+json"
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana-dashboard.json"
 SANE_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 STATE_KEYS = {"ready", "expires_in", "last_error", "consecutive_failures", "next_retry_in"}
@@ -113,12 +114,6 @@ def two_credentials(
             ],
         }
     )
-
-
-def app_of(client: Client) -> web.Application:
-    app = client.app
-    assert app is not None
-    return app
 
 
 @pytest.fixture

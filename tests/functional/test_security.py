@@ -13,7 +13,7 @@ import shutil
 import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from aiohttp import web, web_protocol
 from aiohttp.http_parser import HttpRequestParserPy
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import TOKENS
@@ -30,20 +30,18 @@ from proxy.errors import ConfigError
 from proxy.log import get_logger
 from tests.conftest import (
     LEAKS,
+    PROBLEM_JSON,
     TEST_CLIENT_ID,
     TEST_SECRET,
+    Client,
     FakeTokenServer,
     FakeUpstream,
     ProxyFactory,
-    ProxyProcess,
     SettingsFactory,
+    StartProcess,
     wait_for,
 )
 
-Client = TestClient[web.Request, web.Application]
-StartProcess = Callable[..., Awaitable[ProxyProcess]]
-
-PROBLEM_JSON = "application/problem+json"
 ALL_INTERFACES = "0.0.0.0"  # noqa: S104  (refused, or bound only by the warning test)
 WWW_AUTHENTICATE = 'Bearer realm="token-proxy"'
 DASHBOARD_KEY = "dashboard-team-key-5d41402abc4b2a76"

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import METRICS
@@ -20,13 +20,12 @@ from proxy.routing import RouteTable
 from tests.conftest import (
     TEST_CLIENT_ID,
     TEST_SECRET,
+    Client,
     FakeTokenServer,
     FakeUpstream,
     ProxyFactory,
     wait_for,
 )
-
-Client = TestClient[web.Request, web.Application]
 
 SMALL_KEY = "small-team-key-3f9a1c0b7e52d4a8"
 BIG_KEY = "big-team-key-8b1e5d2f0c4a7396e1"

@@ -12,34 +12,21 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
 
-from proxy.app import METRICS, TOKENS
-from proxy.credentials import TokenManager
+from proxy.app import METRICS
 from proxy.forward import REPLAYABLE_BODY_LIMIT
 from tests.conftest import (
+    PROBLEM_JSON,
     TEST_SECRET,
+    Client,
     FakeTokenServer,
     FakeUpstream,
     Handler,
     ProxyFactory,
+    app_of,
+    manager_of,
     wait_for,
 )
-
-Client = TestClient[web.Request, web.Application]
-PROBLEM_JSON = "application/problem+json"
-
-
-def app_of(client: Client) -> web.Application:
-    app = client.app
-    assert app is not None
-    return app
-
-
-def manager_of(client: Client, name: str = "default") -> TokenManager:
-    manager = app_of(client)[TOKENS][name]
-    assert isinstance(manager, TokenManager)
-    return manager
 
 
 def in_flight(client: Client) -> float:
