@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import io
 import itertools
@@ -293,16 +294,25 @@ def _forget_tokens() -> Iterator[None]:
     redactor.clear()
 
 
-@pytest.fixture
-async def token_server() -> AsyncIterator[FakeTokenServer]:
+@contextlib.asynccontextmanager
+async def running_token_server() -> AsyncIterator[FakeTokenServer]:
+    """A FakeTokenServer listening on loopback at its `url`, for the block's duration."""
     fake = FakeTokenServer()
     app = web.Application()
     app.router.add_post("/token", fake.handle)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     fake.url = str(server.make_url("/token"))
-    yield fake
-    await server.close()
+    try:
+        yield fake
+    finally:
+        await server.close()
+
+
+@pytest.fixture
+async def token_server() -> AsyncIterator[FakeTokenServer]:
+    async with running_token_server() as fake:
+        yield fake
 
 
 @pytest.fixture

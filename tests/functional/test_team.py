@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import METRICS
@@ -24,6 +23,7 @@ from tests.conftest import (
     FakeTokenServer,
     FakeUpstream,
     ProxyFactory,
+    running_token_server,
     wait_for,
 )
 
@@ -129,14 +129,8 @@ def bearer(key: str) -> dict[str, str]:
 @pytest.fixture
 async def second_token_server() -> AsyncIterator[FakeTokenServer]:
     """A token endpoint of its own for a second credential."""
-    fake = FakeTokenServer()
-    app = web.Application()
-    app.router.add_post("/token", fake.handle)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    fake.url = str(server.make_url("/token"))
-    yield fake
-    await server.close()
+    async with running_token_server() as fake:
+        yield fake
 
 
 # --- tests -------------------------------------------------------------------------------------
