@@ -8,11 +8,10 @@ import contextlib
 import functools
 import ssl
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.config import Route
 from proxy.credentials import Token, TokenSource
@@ -38,12 +37,16 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-# Never forwarded upstream: the proxy sets Host and Authorization itself, and answers
-# Expect: 100-continue on its own side.
-_REQUEST_DROP = HOP_BY_HOP | {"host", "authorization", "expect"}
+# Never forwarded upstream: the proxy sets Host, Authorization and X-Request-ID itself, and
+# answers Expect: 100-continue on its own side.
+_REQUEST_DROP = HOP_BY_HOP | {"host", "authorization", "expect", "x-request-id"}
+# Never relayed to the client: the proxy sets X-Request-ID itself.
+_RESPONSE_DROP = HOP_BY_HOP | {"x-request-id"}
 REPLAYABLE_BODY_LIMIT = 1024 * 1024
 # Answers that never carry a body (RFC 9110 6.4.1): always relayed on the streaming path.
 _NO_BODY_STATUS = frozenset({204, 304})
+
+Headers = list[tuple[str, str]]
 
 
 @dataclass(slots=True)
@@ -61,40 +64,38 @@ class Exchange:
     body_too_large: bool = False
 
 
-_NONE_NAMED: frozenset[str] = frozenset()
-
-
-def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
-    named: set[str] = set()
-    for value in headers.getall("Connection", ()):
-        named.update(part.strip().lower() for part in value.split(",") if part.strip())
-    return named
-
-
-def _end_to_end(incoming: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
-    named = _connection_tokens(incoming) if "Connection" in incoming else _NONE_NAMED
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in incoming.items():
+def _end_to_end(items: Iterable[tuple[str, str]], drop: frozenset[str]) -> Headers:
+    """The headers of `items` not in `drop`, and none that a Connection header names."""
+    out: Headers = []
+    connection: list[str] = []
+    for name, value in items:
         lower = name.lower()
-        if lower not in drop and lower not in named:
-            out.add(name, value)
+        if lower in drop:
+            if lower == "connection":
+                connection.append(value)
+            continue
+        out.append((name, value))
+    if connection:
+        named = {part.strip().lower() for value in connection for part in value.split(",")}
+        if not named <= drop:  # what is named beyond hop-by-hop headers goes too
+            out = [(name, value) for name, value in out if name.lower() not in named]
     return out
 
 
 def upstream_headers(
-    incoming: CIMultiDictProxy[str], *, token: str, request_id: str
-) -> CIMultiDict[str]:
+    incoming: Iterable[tuple[str, str]], *, token: str, request_id: str
+) -> Headers:
     """The client's end-to-end headers, with Authorization replaced by the upstream token."""
     out = _end_to_end(incoming, _REQUEST_DROP)
-    out["Authorization"] = f"Bearer {token}"
-    out["X-Request-ID"] = request_id
+    out.append(("Authorization", f"Bearer {token}"))
+    out.append(("X-Request-ID", request_id))
     return out
 
 
-def downstream_headers(incoming: CIMultiDictProxy[str], *, request_id: str) -> CIMultiDict[str]:
+def downstream_headers(incoming: Iterable[tuple[str, str]], *, request_id: str) -> Headers:
     """Upstream's end-to-end response headers, for the client."""
-    out = _end_to_end(incoming, HOP_BY_HOP)
-    out["X-Request-ID"] = request_id
+    out = _end_to_end(incoming, _RESPONSE_DROP)
+    out.append(("X-Request-ID", request_id))
     return out
 
 
@@ -198,7 +199,9 @@ class Forwarder:
             settle = await limits.acquire(credential=tokens.name, client=client)
         try:
             token = await tokens.token()
-            headers = upstream_headers(request.headers, token=token.value, request_id=request_id)
+            headers = upstream_headers(
+                request.headers.items(), token=token.value, request_id=request_id
+            )
             exchange.token_age = tokens.age(token)
             started = time.perf_counter()
             try:
@@ -253,7 +256,7 @@ class Forwarder:
         exchange: Exchange,
     ) -> web.StreamResponse:
         with contextlib.closing(response):
-            headers = downstream_headers(response.headers, request_id=request_id)
+            headers = downstream_headers(response.header_items, request_id=request_id)
             whole = None
             if request.method != "HEAD" and response.status not in _NO_BODY_STATUS:
                 whole = response.complete_body()

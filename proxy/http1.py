@@ -14,7 +14,7 @@ import contextlib
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -29,6 +29,9 @@ _IDLE_TIMEOUT = 15.0
 _MAX_IDLE_PER_ORIGIN = 64
 # RFC 9110 9.2.2: the methods a client may send again on its own.
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# The headers that say where a response body ends; anything else ends with the connection.
+_FRAMING = frozenset({"content-length", "transfer-encoding"})
+_FRAMING_LENGTHS = frozenset(len(name) for name in _FRAMING)
 
 Body = bytes | AsyncIterable[bytes] | None
 
@@ -150,16 +153,19 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
-        self._begin(head_request=False)
-
-    def _begin(self, *, head_request: bool) -> None:
+        # One parser for the connection's life: llhttp starts on the next message by itself
+        # once one is complete (a connection is reused only then).
         self._parser = httptools.HttpResponseParser(self)
+        self._loop = asyncio.get_running_loop()
+        self.start_exchange(head_request=False)
+
+    def start_exchange(self, *, head_request: bool) -> None:
         self._head_request = head_request
         self._reason = b""
         self._raw_headers: list[tuple[str, str]] = []
         self._interim = False
         self._delimited = False
-        self.headers_ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.headers_ready: asyncio.Future[None] = self._loop.create_future()
         self.body = _BodyBuffer(self)
         self.status = 0
         self.reusable = False
@@ -167,9 +173,6 @@ class _Connection(asyncio.Protocol):
         # Whether upstream owes bytes now, and when it last sent some: for the read timeout.
         self.expecting = False
         self.last_io = 0.0
-
-    def start_exchange(self, *, head_request: bool) -> None:
-        self._begin(head_request=head_request)
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -219,7 +222,10 @@ class _Connection(asyncio.Protocol):
         self._reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._raw_headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
+        text = name.decode("latin-1")
+        if len(text) in _FRAMING_LENGTHS and text.lower() in _FRAMING:
+            self._delimited = True
+        self._raw_headers.append((text, value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -228,10 +234,9 @@ class _Connection(asyncio.Protocol):
             self._interim = True
             self._raw_headers = []
             self._reason = b""
+            self._delimited = False
             return
         self.status = status
-        names = {name.lower() for name, _ in self._raw_headers}
-        self._delimited = "content-length" in names or "transfer-encoding" in names
         if not self.headers_ready.done():
             self.headers_ready.set_result(None)
         if self._head_request:
@@ -302,9 +307,10 @@ class LeanResponse:
     __slots__ = (
         "_client",
         "_conn",
+        "_headers",
         "_released",
         "_writer",
-        "headers",
+        "header_items",
         "reason",
         "status",
     )
@@ -319,9 +325,16 @@ class LeanResponse:
         self._conn = conn
         self._writer = writer
         self._released = False
+        self._headers: CIMultiDictProxy[str] | None = None
         self.status = conn.status
         self.reason: str | None = conn.reason or None
-        self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict(conn.raw_headers))
+        self.header_items: list[tuple[str, str]] = conn.raw_headers
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        if self._headers is None:  # built on demand: the forwarder reads header_items
+            self._headers = CIMultiDictProxy(CIMultiDict(self.header_items))
+        return self._headers
 
     async def chunks(self) -> AsyncIterator[bytes]:
         while True:
@@ -362,7 +375,9 @@ class LeanClient:
     def __init__(self, *, connect_timeout: float, read_timeout: float, max_connections: int):
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
-        self._slots = asyncio.Semaphore(max_connections)
+        # Connection slots: a count, and the exchanges waiting for one in arrival order.
+        self._free_slots = max_connections
+        self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._idle: dict[tuple[Origin, int], list[_Connection]] = {}
         self._busy: set[_Connection] = set()
         self._origins: dict[tuple[str, str], Origin] = {}
@@ -390,7 +405,7 @@ class LeanClient:
         self,
         method: str,
         url: str,
-        headers: CIMultiDict[str],
+        headers: Sequence[tuple[str, str]],
         body: Body,
         *,
         ssl_context: ssl.SSLContext | None = None,
@@ -401,7 +416,8 @@ class LeanClient:
             origin = self._origins[(scheme, netloc)] = Origin.parse(scheme, netloc)
         context = (ssl_context or self._default_ssl) if scheme == "https" else None
         head = _request_head(method, target, origin.host_header, headers, body)
-        conn, reused = await self._acquire(origin, context)
+        key = (origin, id(context))
+        conn, reused = await self._acquire(origin, context, key)
         try:
             return await self._exchange(conn, method, head, body)
         except UpstreamTimeout:
@@ -412,7 +428,7 @@ class LeanClient:
             retry = reused and not conn.got_bytes and method in _IDEMPOTENT
             if not retry or isinstance(body, AsyncIterable):
                 raise
-        conn, _ = await self._acquire(origin, context, fresh=True)
+        conn, _ = await self._acquire(origin, context, key, fresh=True)
         return await self._exchange(conn, method, head, body)
 
     async def _exchange(
@@ -424,27 +440,26 @@ class LeanClient:
             if isinstance(body, AsyncIterable):
                 await conn.write(head)
                 writer = asyncio.create_task(_write_stream(conn, body, head))
+                # While the upload makes progress nothing is owed back: read_timeout starts
+                # after it.
+                await asyncio.wait(
+                    (conn.headers_ready, writer), return_when=asyncio.FIRST_COMPLETED
+                )
+                if writer.done() and not conn.headers_ready.done():
+                    failure = writer.exception()
+                    if failure is not None:
+                        raise failure
             else:
                 await conn.write(head + body if body else head)
-            await self._headers(conn, writer)
+            conn.last_io = time.monotonic()
+            conn.expecting = True
+            await conn.headers_ready
         except BaseException:
             if writer is not None:
                 writer.cancel()
             self.release(conn, reuse=False)
             raise
         return LeanResponse(self, conn, writer)
-
-    async def _headers(self, conn: _Connection, writer: asyncio.Task[None] | None) -> None:
-        if writer is not None:
-            # While the upload makes progress nothing is owed back: read_timeout starts after.
-            await asyncio.wait((conn.headers_ready, writer), return_when=asyncio.FIRST_COMPLETED)
-            if writer.done() and not conn.headers_ready.done():
-                failure = writer.exception()
-                if failure is not None:
-                    raise failure
-        conn.last_io = time.monotonic()
-        conn.expecting = True
-        await conn.headers_ready
 
     async def _sweep(self) -> None:
         """One timer for every exchange, rather than one per request: an exchange whose
@@ -459,22 +474,20 @@ class LeanClient:
                     conn.time_out(self._read_timeout)
 
     async def _acquire(
-        self, origin: Origin, context: ssl.SSLContext | None, *, fresh: bool = False
+        self,
+        origin: Origin,
+        context: ssl.SSLContext | None,
+        key: tuple[Origin, int],
+        *,
+        fresh: bool = False,
     ) -> tuple[_Connection, bool]:
-        key = (origin, id(context))
-        try:
-            if self._slots.locked():
-                async with asyncio.timeout(self._connect_timeout):
-                    await self._slots.acquire()
-            else:
-                await self._slots.acquire()  # free: returns at once, no timer needed
-        except TimeoutError:
-            raise UpstreamError(
-                f"all upstream connections stayed busy for connect_timeout "
-                f"({self._connect_timeout:g} s); raise max_connections"
-            ) from None
-        if not fresh:
-            idle = self._idle.get(key)
+        """A connection slot, then an idle pooled connection (reused: True) or a new one."""
+        if self._free_slots > 0:
+            self._free_slots -= 1  # the usual case: no waiting, no timer
+        else:
+            await self._wait_for_slot()
+        idle = None if fresh else self._idle.get(key)
+        if idle:
             now = time.monotonic()
             while idle:
                 conn = idle.pop()
@@ -485,10 +498,35 @@ class LeanClient:
         try:
             conn = await self._connect(origin, context, key)
         except BaseException:
-            self._slots.release()
+            self._give_slot()
             raise
         self._busy.add(conn)
         return conn, False
+
+    async def _wait_for_slot(self) -> None:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._slot_waiters.append(waiter)
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                self._give_slot()  # handed over just as the wait ended: pass it on
+            if isinstance(exc, TimeoutError):
+                raise UpstreamError(
+                    f"all upstream connections stayed busy for connect_timeout "
+                    f"({self._connect_timeout:g} s); raise max_connections"
+                ) from None
+            raise
+
+    def _give_slot(self) -> None:
+        """A slot is free again: to the longest waiting exchange, else back to the count."""
+        while self._slot_waiters:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._free_slots += 1
 
     async def _connect(
         self, origin: Origin, context: ssl.SSLContext | None, key: tuple[Origin, int]
@@ -525,7 +563,7 @@ class LeanClient:
             return
         self._busy.discard(conn)
         conn.expecting = False
-        self._slots.release()
+        self._give_slot()
         idle = self._idle.setdefault(conn.pool_key, [])
         if reuse and not conn.closed and len(idle) < _MAX_IDLE_PER_ORIGIN:
             conn.idle_since = time.monotonic()
@@ -535,14 +573,18 @@ class LeanClient:
 
 
 def _request_head(
-    method: str, target: str, host: str, headers: CIMultiDict[str], body: Body
+    method: str, target: str, host: str, headers: Sequence[tuple[str, str]], body: Body
 ) -> bytes:
     lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
-    lines += [f"{name}: {value}" for name, value in headers.items()]
+    has_length = False
+    for name, value in headers:
+        if len(name) == 14 and name.lower() == "content-length":
+            has_length = True
+        lines.append(f"{name}: {value}")
     if isinstance(body, AsyncIterable):
-        if "Content-Length" not in headers:
+        if not has_length:
             lines.append("Transfer-Encoding: chunked")
-    elif body and "Content-Length" not in headers:
+    elif body and not has_length:
         lines.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
 

@@ -5,11 +5,11 @@ ClientSession (`upstream_client = "aiohttp"`), each translating its errors to ou
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
 import aiohttp
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDictProxy
 from yarl import URL
 
 from proxy.errors import UpstreamError, UpstreamTimeout
@@ -27,7 +27,14 @@ class UpstreamResponse(Protocol):
 
     status: int
     reason: str | None
-    headers: CIMultiDictProxy[str]
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+
+    @property
+    def header_items(self) -> Sequence[tuple[str, str]]:
+        """The headers as (name, value) pairs in the order upstream sent them."""
+        ...
 
     def chunks(self) -> AsyncIterator[bytes]: ...
 
@@ -49,7 +56,7 @@ class Transport(Protocol):
         self,
         method: str,
         url: str,
-        headers: CIMultiDict[str],
+        headers: Sequence[tuple[str, str]],
         body: Body,
         *,
         ssl_context: ssl.SSLContext | None = None,
@@ -59,13 +66,14 @@ class Transport(Protocol):
 class AiohttpResponse:
     """Status, headers and a body stream of one upstream answer; close() releases it."""
 
-    __slots__ = ("_response", "headers", "reason", "status")
+    __slots__ = ("_response", "header_items", "headers", "reason", "status")
 
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
         self.status: int = response.status
         self.reason: str | None = response.reason
         self.headers: CIMultiDictProxy[str] = response.headers
+        self.header_items: Sequence[tuple[str, str]] = list(response.headers.items())
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
@@ -128,7 +136,7 @@ class AiohttpTransport:
         self,
         method: str,
         url: str,
-        headers: CIMultiDict[str],
+        headers: Sequence[tuple[str, str]],
         body: Body,
         *,
         ssl_context: ssl.SSLContext | None = None,

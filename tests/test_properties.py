@@ -166,8 +166,8 @@ def test_route_table_refuses_exactly_the_paths_that_climb(path: str, query: str 
 def test_upstream_headers_keep_end_to_end_headers_exactly(pairs: list[tuple[str, str]]) -> None:
     """Any set of end-to-end request headers passes upstream with the same names, values and
     order, followed only by the token's Authorization and the request id."""
-    out = upstream_headers(multidict(pairs), token="tok-xyz-123", request_id="rid-1")
-    assert list(out.items()) == [
+    out = upstream_headers(multidict(pairs).items(), token="tok-xyz-123", request_id="rid-1")
+    assert out == [
         *pairs,
         ("Authorization", "Bearer tok-xyz-123"),
         ("X-Request-ID", "rid-1"),
@@ -180,8 +180,8 @@ def test_downstream_headers_keep_end_to_end_headers_exactly(
 ) -> None:
     """Any set of end-to-end response headers reaches the client with the same names, values
     and order, followed only by the request id."""
-    out = downstream_headers(multidict(pairs), request_id="rid-2")
-    assert list(out.items()) == [*pairs, ("X-Request-ID", "rid-2")]
+    out = downstream_headers(multidict(pairs).items(), request_id="rid-2")
+    assert out == [*pairs, ("X-Request-ID", "rid-2")]
 
 
 @given(
@@ -206,9 +206,16 @@ def test_upstream_headers_drop_hop_by_hop_and_connection_named_headers_only(
     for index, hop in enumerate(hops):
         mixed.insert(named.draw(st.integers(0, len(mixed)), label=f"position {index}"), hop)
     mixed.append(("Connection", ", ".join(sorted(dropped)) or "keep-alive"))
-    out = upstream_headers(multidict(mixed), token="tok-abc-456", request_id="rid-3")
+    out = upstream_headers(multidict(mixed).items(), token="tok-abc-456", request_id="rid-3")
+    # A Connection header among the hops names headers to drop as well.
+    dropped |= {
+        part.strip().lower()
+        for name, value in hops
+        if name.lower() == "connection"
+        for part in value.split(",")
+    }
     kept = [(name, value) for name, value in pairs if name.lower() not in dropped]
-    assert list(out.items()) == [
+    assert out == [
         *kept,
         ("Authorization", "Bearer tok-abc-456"),
         ("X-Request-ID", "rid-3"),

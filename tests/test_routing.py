@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 from proxy.config import Route
 from proxy.errors import BadRequest, NoRoute
-from proxy.forward import downstream_headers, upstream_headers
+from proxy import forward
 from proxy.routing import RouteTable
 
 TOKEN = "tok-upstream-123"
@@ -18,11 +18,19 @@ def route(prefix: str, upstream: str, credential: str = "c") -> Route:
     return Route(prefix=prefix, upstream=upstream, credential=credential)
 
 
-def headers(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:
-    built: CIMultiDict[str] = CIMultiDict()
-    for name, value in pairs:
-        built.add(name, value)
-    return CIMultiDictProxy(built)
+def headers(*pairs: tuple[str, str]) -> list[tuple[str, str]]:
+    return list(pairs)
+
+
+def upstream_headers(
+    incoming: list[tuple[str, str]], *, token: str, request_id: str
+) -> CIMultiDict[str]:
+    """forward.upstream_headers, its pairs in a multidict for the assertions."""
+    return CIMultiDict(forward.upstream_headers(incoming, token=token, request_id=request_id))
+
+
+def downstream_headers(incoming: list[tuple[str, str]], *, request_id: str) -> CIMultiDict[str]:
+    return CIMultiDict(forward.downstream_headers(incoming, request_id=request_id))
 
 
 def names(result: CIMultiDict[str]) -> set[str]:
@@ -293,4 +301,11 @@ def test_downstream_headers_keep_encoding_and_length_and_add_request_id() -> Non
     result = downstream_headers(incoming, request_id=REQUEST_ID)
     assert result["Content-Encoding"] == "gzip"
     assert result["Content-Length"] == "99"
+    assert result.getall("X-Request-ID") == [REQUEST_ID]
+
+
+def test_downstream_headers_replace_the_upstream_request_id() -> None:
+    """The client sees the proxy's X-Request-ID only, never a second one from upstream."""
+    incoming = headers(("X-Request-ID", "upstream-chosen"), ("X-Keep", "1"))
+    result = downstream_headers(incoming, request_id=REQUEST_ID)
     assert result.getall("X-Request-ID") == [REQUEST_ID]
