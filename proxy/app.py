@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
-import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -30,7 +29,14 @@ from proxy.errors import (
 )
 from proxy.forward import Exchange, Forwarder
 from proxy.inbound import ANONYMOUS, Gate
-from proxy.log import get_logger, log_info_fast, redactor
+from proxy.log import (
+    bind_request,
+    bind_request_more,
+    get_logger,
+    log_info_fast,
+    redactor,
+    unbind_request,
+)
 from proxy.metrics import Metrics
 from proxy.ratelimit import RateLimits
 from proxy.routing import RouteTable
@@ -100,7 +106,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     exchange = Exchange(route="-" if reserved else "none")
     status = CLIENT_CLOSED_REQUEST
     metrics.request_started()
-    bound = structlog.contextvars.bind_contextvars(request_id=request_id, client=ANONYMOUS)
+    bound = bind_request(request_id=request_id, client=ANONYMOUS)
     try:
         if reserved:
             response = await _reserved(request, raw)
@@ -135,7 +141,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         )
         if not reserved:
             app[ACCESS_LOG].record(request, status, duration, exchange)
-        structlog.contextvars.reset_contextvars(**bound)
+        unbind_request(bound)
     return response
 
 
@@ -151,7 +157,7 @@ async def _proxy(
     exchange.route = match.route.prefix
     exchange.client = app[GATE].identify(request.headers)
     if exchange.client != ANONYMOUS:  # bound already by handle
-        structlog.contextvars.bind_contextvars(client=exchange.client)
+        bind_request_more(client=exchange.client)
     credential = match.route.credential
     try:
         response = await app[FORWARDER].forward(

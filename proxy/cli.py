@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import aiohttp
-import structlog
 from aiohttp import web
 
 from proxy import __version__
@@ -21,7 +20,7 @@ from proxy.app import METRICS, create_app, create_metrics_app, runner_options
 from proxy.config import MIN_KEY_LENGTH, Settings, load_settings
 from proxy.credentials import TokenManager
 from proxy.errors import ConfigError, TokenEndpointError
-from proxy.log import configure_logging, get_logger, redactor
+from proxy.log import bind_process, configure_logging, get_logger, redactor
 from proxy.metrics import Metrics
 from proxy.workers import WORKER_FLAG, Supervisor, WorkerLink, WorkerSpec, worker_settings
 
@@ -163,7 +162,7 @@ def _supervise(settings: Settings, arguments: list[str]) -> int:
 
 def _work(settings: Settings, spec: WorkerSpec) -> int:
     """One worker of a supervisor: the whole app on the supervisor's port, its tokens."""
-    structlog.contextvars.bind_contextvars(worker=spec.index)
+    bind_process(worker=spec.index)
     mine = worker_settings(settings, spec)
     link = WorkerLink(spec, mine)
     try:

@@ -14,6 +14,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, MutableMapping
+from contextvars import ContextVar, Token
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -231,6 +232,45 @@ class _LineLogger:
     log = debug = info = warn = warning = err = error = critical = exception = fatal = msg
 
 
+# What every line carries: the process's fields (a worker's number), then the current
+# request's (request id, team client). One context variable holds a request's fields, set once
+# per request: cheaper than one variable per key as structlog.contextvars keeps them.
+_process_context: dict[str, Any] = {}
+_request_context: ContextVar[dict[str, Any] | None] = ContextVar("request_context", default=None)
+
+
+def bind_process(**fields: Any) -> None:
+    """Fields for every line this process writes from now on."""
+    _process_context.update(fields)
+
+
+def bind_request(**fields: Any) -> Token[dict[str, Any] | None]:
+    """Fields for every line written in this context (a request's task), until unbind_request
+    with the token returned."""
+    return _request_context.set(fields)
+
+
+def bind_request_more(**fields: Any) -> None:
+    """Add to the fields bound by bind_request in this context."""
+    context = _request_context.get()
+    if context is not None:
+        context.update(fields)
+
+
+def unbind_request(token: Token[dict[str, Any] | None]) -> None:
+    _request_context.reset(token)
+
+
+def _merge_context(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    for key, value in _process_context.items():
+        event_dict.setdefault(key, value)
+    request = _request_context.get()
+    if request is not None:
+        for key, value in request.items():
+            event_dict.setdefault(key, value)
+    return event_dict
+
+
 _writer: LineWriter | None = None
 
 
@@ -258,8 +298,7 @@ class _FastLines:
             return
         fields["event"] = event
         fields["logger"] = logger
-        for key, value in structlog.contextvars.get_contextvars().items():
-            fields.setdefault(key, value)
+        _merge_context(None, "info", fields)
         fields["level"] = "info"
         fields["timestamp"] = self._timestamp()
         line = _dumps(fields)
@@ -326,7 +365,7 @@ def configure_logging(
     structlog.configure(
         processors=[
             _name_key,
-            structlog.contextvars.merge_contextvars,
+            _merge_context,
             structlog.processors.add_log_level,
             timestamper,
             *final,
@@ -337,7 +376,7 @@ def configure_logging(
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[
-            structlog.contextvars.merge_contextvars,
+            _merge_context,
             structlog.stdlib.add_log_level,
             structlog.stdlib.add_logger_name,
             timestamper,

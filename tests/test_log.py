@@ -9,17 +9,21 @@ import logging
 from collections.abc import Iterator
 
 import pytest
-import structlog
 from aiohttp.http_exceptions import LineTooLong
 
 from proxy.log import (
     REDACTED,
     LineWriter,
     Redactor,
+    _process_context,
+    bind_process,
+    bind_request,
+    bind_request_more,
     configure_logging,
     get_logger,
     log_info_fast,
     redactor,
+    unbind_request,
 )
 from tests.conftest import configure_test_logging
 
@@ -152,12 +156,30 @@ def test_structlog_exceptions_are_redacted(log_output: io.StringIO) -> None:
 
 def test_context_is_merged(log_output: io.StringIO) -> None:
     """Values bound in the context (the request id) appear on every line."""
-    with structlog.contextvars.bound_contextvars(request_id="rid-1"):
+    bound = bind_request(request_id="rid-1")
+    bind_request_more(client="team-a")
+    try:
         get_logger("proxy.test").info("inside")
+        logging.getLogger("aiohttp.server").warning("stdlib inside")
+    finally:
+        unbind_request(bound)
     get_logger("proxy.test").info("outside")
-    inside, outside = _lines(log_output)
-    assert inside["request_id"] == "rid-1"
+    inside, stdlib_inside, outside = _lines(log_output)
+    assert inside["request_id"] == stdlib_inside["request_id"] == "rid-1"
+    assert inside["client"] == stdlib_inside["client"] == "team-a"
     assert "request_id" not in outside
+
+
+def test_process_context_is_on_every_line(log_output: io.StringIO) -> None:
+    """A worker's number, bound for the process, is on its lines, the access line included."""
+    bind_process(worker=3)
+    try:
+        get_logger("proxy.test").info("slow path")
+        log_info_fast("proxy.access", "request", {"status": 200})
+    finally:
+        _process_context.clear()
+    slow, fast = _lines(log_output)[-2:]
+    assert slow["worker"] == fast["worker"] == 3
 
 
 def test_parser_rejections_are_one_quiet_line(log_output: io.StringIO) -> None:
@@ -235,12 +257,12 @@ def test_fast_lines_match_the_structlog_chain(log_output: io.StringIO) -> None:
     log_output.seek(0)
     configure_logging(level="debug", fmt="json", stream=log_output, cache=False, buffered=False)
     fields = {"method": "GET", "status": 200, "duration_ms": 1.5, "replayed": False}
-    bound = structlog.contextvars.bind_contextvars(request_id="abc123")
+    bound = bind_request(request_id="abc123")
     try:
         log_info_fast("proxy.access", "request", dict(fields))
         get_logger("proxy.access").info("request", **fields)
     finally:
-        structlog.contextvars.reset_contextvars(**bound)
+        unbind_request(bound)
     fast, slow = _lines(log_output)
     assert list(fast) == list(slow)
     assert {**fast, "timestamp": None} == {**slow, "timestamp": None}
@@ -255,11 +277,11 @@ def test_fast_lines_redact_secrets_in_any_field(log_output: io.StringIO, secret:
     when JSON escaping changes how it is written."""
     configure_logging(level="debug", fmt="json", stream=log_output, cache=False, buffered=False)
     redactor.add_secret(secret)
-    bound = structlog.contextvars.bind_contextvars(request_id=f"id-{secret}")
+    bound = bind_request(request_id=f"id-{secret}")
     try:
         log_info_fast("proxy.access", "request", {"method": f"X{secret}Y", "status": 200})
     finally:
-        structlog.contextvars.reset_contextvars(**bound)
+        unbind_request(bound)
     log_info_fast("proxy.access", "request", {"token": "anything", "status": 200})
     text = log_output.getvalue()
     assert secret not in text
