@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict
 
+from proxy import forward
 from proxy.config import Route
 from proxy.errors import BadRequest, NoRoute
-from proxy import forward
 from proxy.routing import RouteTable
 
 TOKEN = "tok-upstream-123"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
+import aiohttp
 from aiohttp import web
 
 from proxy.config import Settings
@@ -67,4 +69,67 @@ async def test_route_connection_limit(
         response.release()
     burst = await asyncio.gather(*(client.get("/held") for _ in range(6)))
     assert [response.status for response in burst] == [200] * 6
+    assert peak == 2
+
+
+async def test_upstream_connection_pool_limit(
+    start_proxy: ProxyFactory,
+    token_server: FakeTokenServer,
+    upstream: FakeUpstream,
+    upstream_client: str,
+) -> None:
+    """max_connections bounds the whole upstream pool: extra requests wait for a connection
+    and get the next one freed, one that waits longer than connect_timeout gets 502, and a
+    client that gives up while waiting takes no connection with it."""
+    releases: asyncio.Queue[None] = asyncio.Queue()
+    active = 0
+    peak = 0
+
+    async def held(request: web.Request) -> web.Response:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        try:
+            await asyncio.wait_for(releases.get(), 10)
+        finally:
+            active -= 1
+        return web.json_response({"ok": True})
+
+    upstream.handlers["/held"] = held
+    settings = Settings.model_validate(
+        {
+            "credentials": {
+                "c": {
+                    "client_id": TEST_CLIENT_ID,
+                    "client_secret": TEST_SECRET,
+                    "token_url": token_server.url,
+                }
+            },
+            "routes": [{"prefix": "/", "upstream": upstream.url, "credential": "c"}],
+            "max_connections": 2,
+            "connect_timeout": 0.5,
+        }
+    )
+    client = await start_proxy(settings)
+    tasks = [asyncio.create_task(client.get("/held")) for _ in range(2)]
+    await wait_for(lambda: active == 2)
+    # A client that gives up while its request waits for a connection.
+    with contextlib.suppress(TimeoutError):
+        await client.get("/held", timeout=aiohttp.ClientTimeout(total=0.1))
+    refused = await client.get("/held")
+    assert refused.status == 502
+    assert refused.content_type == "application/problem+json"
+    if upstream_client == "lean":
+        assert "raise max_connections" in (await refused.json())["detail"]
+    # One at a time: each freed connection goes to a waiting request, never to two, while
+    # newcomers keep arriving.
+    tasks += [asyncio.create_task(client.get("/held")) for _ in range(2)]
+    for served in range(1, 5):
+        releases.put_nowait(None)
+        tasks.append(asyncio.create_task(client.get("/held")))
+        await wait_for(lambda: active == 2 and releases.empty())
+        assert sum(task.done() for task in tasks) == served
+    for _ in range(4):
+        releases.put_nowait(None)
+    assert [(await task).status for task in tasks] == [200] * 8
     assert peak == 2
