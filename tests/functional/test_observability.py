@@ -705,3 +705,31 @@ def test_grafana_dashboard_charts_every_metric() -> None:
     assert "histogram_quantile(0.5" in everything
     assert "token_proxy_token_expiry_timestamp_seconds" in everything
     assert re.search(r"token_proxy_token_expiry_timestamp_seconds[^\n]*- time\(\)", everything)
+
+
+def test_request_metrics_buckets_and_series() -> None:
+    """A single process counts requests in plain numbers, not prometheus-client's locked
+    objects: each duration lands in the first bucket whose bound holds it, and the series are
+    the ones prometheus-client's Counter and Histogram export (_total, _bucket, _count, _sum,
+    _created). Workers keep prometheus-client's objects (test_workers)."""
+    metrics = Metrics()
+    for seconds in (0.001, 0.0011, 100.0):
+        metrics.observe_request(route="/", method="GET", status=200, client="-", seconds=seconds)
+        metrics.observe_upstream("/", seconds)
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(metrics.render().decode())
+        for sample in family.samples
+    }
+    route = (("route", "/"),)
+    for name in ("token_proxy_request_duration_seconds", "token_proxy_upstream_duration_seconds"):
+        assert samples[(f"{name}_bucket", (("le", "0.001"), *route))] == 1
+        assert samples[(f"{name}_bucket", (("le", "0.0025"), *route))] == 2
+        assert samples[(f"{name}_bucket", (("le", "60.0"), *route))] == 2
+        assert samples[(f"{name}_bucket", (("le", "+Inf"), *route))] == 3
+        assert samples[(f"{name}_count", route)] == 3
+        assert samples[(f"{name}_sum", route)] == pytest.approx(100.0021)
+        assert samples[(f"{name}_created", route)] > 0
+    labels = (("client", "-"), ("method", "GET"), ("route", "/"), ("status", "200"))
+    assert samples[("token_proxy_requests_total", labels)] == 3
+    assert samples[("token_proxy_requests_created", labels)] > 0
