@@ -166,6 +166,8 @@ class TokenSource(Protocol):
 
     def state(self) -> dict[str, Any]: ...
 
+    def usable_token(self) -> Token | None: ...
+
     async def token(self) -> Token: ...
 
     def age(self, token: Token) -> float: ...
@@ -219,10 +221,15 @@ class _TokenHolder:
             ),
         }
 
+    def usable_token(self) -> Token | None:
+        """The current token if it is usable now; None: await token() (the hot path, no wait)."""
+        token = self._current()
+        return token if token is not None and token.usable(self._clock()) else None
+
     async def token(self) -> Token:
         """The current usable token, waiting up to wait_timeout for one to arrive."""
-        token = self._current()
-        if token is not None and token.usable(self._clock()):
+        token = self.usable_token()
+        if token is not None:
             return token
         self._want_token()
         try:

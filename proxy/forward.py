@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -139,31 +138,35 @@ class Forwarder:
         request_id: str,
         exchange: Exchange,
     ) -> web.StreamResponse:
-        body, replayable = await self._request_body(request, exchange)
+        body: Body = None
+        replayable = True
+        if request.body_exists:
+            body, replayable = await self._request_body(request, exchange)
         route_label = route.prefix
-        send = functools.partial(
-            self._send,
-            request,
-            url=url,
-            tokens=tokens,
-            request_id=request_id,
-            body=body,
-            route_label=route_label,
-            exchange=exchange,
-        )
         slots = self._slots.get(route_label)
         if slots is not None:
             await self._hold_slot(route, slots)
         try:
-            response, token = await send()
-            if response.status == 401:
-                renewed = tokens.invalidate(token)
-                if replayable and renewed:
-                    response.close()
-                    self._metrics.replays.labels(route_label).inc()
-                    exchange.replayed = True
-                    log.info("upstream answered 401; replaying once with a new token")
-                    response, _ = await send()
+            replay = True  # once, with a new token, when upstream answers 401
+            while True:
+                response, token = await self._send(
+                    request,
+                    url=url,
+                    tokens=tokens,
+                    request_id=request_id,
+                    body=body,
+                    route_label=route_label,
+                    exchange=exchange,
+                )
+                if response.status != 401 or not replay:
+                    break
+                replay = False
+                if not tokens.invalidate(token) or not replayable:
+                    break
+                response.close()
+                self._metrics.replays.labels(route_label).inc()
+                exchange.replayed = True
+                log.info("upstream answered 401; replaying once with a new token")
             return await self._respond(request, response, request_id, exchange)
         finally:
             if slots is not None:
@@ -198,7 +201,7 @@ class Forwarder:
         if not limits.unlimited(credential=tokens.name, client=client):
             settle = await limits.acquire(credential=tokens.name, client=client)
         try:
-            token = await tokens.token()
+            token = tokens.usable_token() or await tokens.token()
             headers = upstream_headers(
                 request.headers.items(), token=token.value, request_id=request_id
             )
@@ -222,9 +225,8 @@ class Forwarder:
         return response, token
 
     async def _request_body(self, request: web.Request, exchange: Exchange) -> tuple[Body, bool]:
-        """The body to send: None, buffered bytes (replayable) or a stream (sent once)."""
-        if not request.body_exists:
-            return None, True
+        """The body of a request that has one: buffered bytes (replayable) or a stream (sent
+        once)."""
         length = request.content_length
         if length is not None and length > self._max_body_size:
             raise self._too_large()

@@ -280,13 +280,22 @@ class _Connection(asyncio.Protocol):
             UpstreamTimeout(f"upstream sent {what} within read_timeout ({read_timeout:g} s)")
         )
 
-    async def write(self, data: bytes) -> None:
+    def send(self, data: bytes) -> bool:
+        """Write `data`; True when the transport's buffer is full and drain() must be awaited
+        before more is written."""
         if self.transport is None or self.closed:
             raise UpstreamError("upstream closed the connection while the request was sent")
         self.transport.write(data)
-        if self._write_paused:
-            self._drain_waiter = asyncio.get_running_loop().create_future()
+        return self._write_paused
+
+    async def drain(self) -> None:
+        if self._write_paused and not self.closed:
+            self._drain_waiter = self._loop.create_future()
             await self._drain_waiter
+
+    async def write(self, data: bytes) -> None:
+        if self.send(data):
+            await self.drain()
 
     def _fail(self, error: UpstreamError) -> None:
         self.expecting = False
@@ -417,7 +426,12 @@ class LeanClient:
         context = (ssl_context or self._default_ssl) if scheme == "https" else None
         head = _request_head(method, target, origin.host_header, headers, body)
         key = (origin, id(context))
-        conn, reused = await self._acquire(origin, context, key)
+        conn = self._pooled(key) if self._free_slots > 0 else None
+        if conn is not None:  # the usual case, without a coroutine of its own
+            self._free_slots -= 1
+            reused = True
+        else:
+            conn, reused = await self._acquire(origin, context, key)
         try:
             return await self._exchange(conn, method, head, body)
         except UpstreamTimeout:
@@ -449,8 +463,8 @@ class LeanClient:
                     failure = writer.exception()
                     if failure is not None:
                         raise failure
-            else:
-                await conn.write(head + body if body else head)
+            elif conn.send(head + body if body else head):
+                await conn.drain()
             conn.last_io = time.monotonic()
             conn.expecting = True
             await conn.headers_ready
@@ -483,18 +497,12 @@ class LeanClient:
     ) -> tuple[_Connection, bool]:
         """A connection slot, then an idle pooled connection (reused: True) or a new one."""
         if self._free_slots > 0:
-            self._free_slots -= 1  # the usual case: no waiting, no timer
+            self._free_slots -= 1
         else:
             await self._wait_for_slot()
-        idle = None if fresh else self._idle.get(key)
-        if idle:
-            now = time.monotonic()
-            while idle:
-                conn = idle.pop()
-                if not conn.closed and now - conn.idle_since < _IDLE_TIMEOUT:
-                    self._busy.add(conn)
-                    return conn, True
-                conn.close()
+        conn = None if fresh else self._pooled(key)
+        if conn is not None:
+            return conn, True
         try:
             conn = await self._connect(origin, context, key)
         except BaseException:
@@ -502,6 +510,21 @@ class LeanClient:
             raise
         self._busy.add(conn)
         return conn, False
+
+    def _pooled(self, key: tuple[Origin, int]) -> _Connection | None:
+        """An idle connection to `key` that is still fresh, now busy (its slot is the
+        caller's to take); None when there is none."""
+        idle = self._idle.get(key)
+        if not idle:
+            return None
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()
+            if not conn.closed and now - conn.idle_since < _IDLE_TIMEOUT:
+                self._busy.add(conn)
+                return conn
+            conn.close()
+        return None
 
     async def _wait_for_slot(self) -> None:
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
