@@ -14,7 +14,6 @@ import argparse
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from multidict import CIMultiDict
 
 from proxy.http1 import LeanClient
 
@@ -24,16 +23,20 @@ UPSTREAM = web.AppKey("upstream", str)
 
 
 async def forward(request: web.Request) -> web.StreamResponse:
-    headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP)
-    headers["Authorization"] = "Bearer static"
+    headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
+    headers.append(("Authorization", "Bearer static"))
     body = await request.read() if request.body_exists else None
     url = request.app[UPSTREAM] + request.raw_path
     upstream = await request.app[CLIENT].send(request.method, url, headers, body)
     async with upstream:
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        for k, v in upstream.headers.items():
-            if k.lower() not in HOP_BY_HOP:
-                response.headers.add(k, v)
+        out = [(k, v) for k, v in upstream.header_items if k.lower() not in HOP_BY_HOP]
+        # As token-proxy does: an answer that came in whole leaves in one write.
+        whole = upstream.complete_body() if request.method != "HEAD" else None
+        if whole is not None:
+            return web.Response(
+                status=upstream.status, reason=upstream.reason, headers=out, body=whole
+            )
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=out)
         await response.prepare(request)
         async for chunk in upstream.chunks():
             await response.write(chunk)
