@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from multidict import CIMultiDictProxy
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy import __version__
@@ -189,11 +190,19 @@ def _check_framing(request: web.Request) -> None:
     """Refuse what could make the proxy and upstream disagree on where a request ends
     (RFC 9112 6.1-6.3): such a request is never forwarded, and its connection is closed."""
     headers = request.headers
+    if "Content-Length" in headers or "Transfer-Encoding" in headers:
+        _check_body_framing(headers)
+    values = "".join(headers.values())
+    if "\r" in values or "\n" in values or "\x00" in values:
+        raise BadRequest("a header value holds CR, LF or NUL")
+
+
+def _check_body_framing(headers: CIMultiDictProxy[str]) -> None:
     lengths = headers.getall("Content-Length", ())
     codings = headers.getall("Transfer-Encoding", ())
     if lengths and codings:
         raise BadRequest("Content-Length together with Transfer-Encoding is refused")
-    if len(lengths) > 1 or any(not value.strip().isdigit() for value in lengths):
+    if len(lengths) > 1 or (lengths and not lengths[0].strip().isdigit()):
         raise BadRequest("a single, plain Content-Length is required")
     if codings:
         named = [part.strip().lower() for value in codings for part in value.split(",")]
@@ -201,9 +210,6 @@ def _check_framing(request: web.Request) -> None:
             raise BadRequest(
                 f"transfer coding {', '.join(named)!r} is not supported; only chunked is"
             )
-    values = "".join(headers.values())
-    if "\r" in values or "\n" in values or "\x00" in values:
-        raise BadRequest("a header value holds CR, LF or NUL")
 
 
 class AccessLog:

@@ -4,15 +4,15 @@ path byte for byte, and `..` segments that would climb above the prefix refused.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from proxy.config import Route
 from proxy.errors import BadRequest, NoRoute
 
 
-@dataclass(frozen=True, slots=True)
-class Match:
-    """A route chosen for a request, and the upstream target (path and query, still encoded)."""
+class Match(NamedTuple):
+    """A route chosen for a request, and the upstream target (path and query, still encoded).
+    (A named tuple: made on every request, it costs less than a frozen dataclass.)"""
 
     route: Route
     target: str
