@@ -36,6 +36,10 @@ _FRAMING_LENGTHS = frozenset(len(name) for name in _FRAMING)
 Body = bytes | AsyncIterable[bytes] | None
 
 
+class _StrayMessage(Exception):
+    """Upstream began a message nobody asked for (after the answer, or while idle)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Origin:
     """Where a request goes: scheme, host, port and the Host header that names them."""
@@ -124,6 +128,9 @@ class _BodyBuffer:
         data = b"".join(self._chunks)
         self._chunks.clear()
         self._size = 0
+        if self._paused:  # the body filled the buffer before it was taken: read on again
+            self._paused = False
+            self._conn.resume_reading()
         return data
 
     async def read(self) -> bytes | None:
@@ -160,9 +167,11 @@ class _Connection(asyncio.Protocol):
         self.start_exchange(head_request=False)
 
     def start_exchange(self, *, head_request: bool) -> None:
+        self._answered = False  # the final answer of this exchange is complete
         self._head_request = head_request
         self._reason = b""
         self._raw_headers: list[tuple[str, str]] = []
+        self.headers: list[tuple[str, str]] = []  # the final answer's, once it has them all
         self._interim = False
         self._delimited = False
         self.headers_ready: asyncio.Future[None] = self._loop.create_future()
@@ -184,6 +193,12 @@ class _Connection(asyncio.Protocol):
         self.last_io = time.monotonic()
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            if not isinstance(exc.__context__, _StrayMessage):
+                raise
+            # Bytes beyond the answer would be read as the next exchange's: never reuse this.
+            self.reusable = False
+            self.close()
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamError("upstream switched protocols, which the proxy cannot relay"))
         except httptools.HttpParserError as exc:
@@ -218,6 +233,10 @@ class _Connection(asyncio.Protocol):
             waiter.set_result(None)
 
     # httptools callbacks
+    def on_message_begin(self) -> None:
+        if self._answered:
+            raise _StrayMessage
+
     def on_status(self, status: bytes) -> None:
         self._reason += status
 
@@ -237,6 +256,8 @@ class _Connection(asyncio.Protocol):
             self._delimited = False
             return
         self.status = status
+        self.headers = self._raw_headers
+        self._raw_headers = []  # trailers, if any, go here and are dropped
         if not self.headers_ready.done():
             self.headers_ready.set_result(None)
         if self._head_request:
@@ -252,6 +273,7 @@ class _Connection(asyncio.Protocol):
         if self._interim:
             self._interim = False
             return
+        self._answered = True
         self.expecting = False
         self.reusable = self._parser.should_keep_alive() and not self._head_request
         self.body.finish()
@@ -260,10 +282,6 @@ class _Connection(asyncio.Protocol):
     @property
     def reason(self) -> str:
         return self._reason.decode("latin-1")
-
-    @property
-    def raw_headers(self) -> list[tuple[str, str]]:
-        return self._raw_headers
 
     def pause_reading(self) -> None:
         if self.transport is not None and not self.closed:
@@ -337,7 +355,7 @@ class LeanResponse:
         self._headers: CIMultiDictProxy[str] | None = None
         self.status = conn.status
         self.reason: str | None = conn.reason or None
-        self.header_items: list[tuple[str, str]] = conn.raw_headers
+        self.header_items: list[tuple[str, str]] = conn.headers
 
     @property
     def headers(self) -> CIMultiDictProxy[str]:
@@ -362,13 +380,16 @@ class LeanResponse:
             return
         self._released = True
         writer = self._writer
-        writer_busy = writer is not None and not writer.done()
+        uploaded = True  # the whole request body went out
         if writer is not None:
-            if writer_busy:
+            if not writer.done():
                 writer.cancel()
-            elif not writer.cancelled():
-                writer.exception()  # an upload cut short by an early answer is no news
-        clean = self._conn.body.done and self._conn.reusable and not writer_busy
+                uploaded = False
+            elif writer.cancelled() or writer.exception() is not None:
+                # An upload cut short after an early answer: upstream still waits for the
+                # rest of the body, and would read the next request as part of it.
+                uploaded = False
+        clean = self._conn.body.done and self._conn.reusable and uploaded
         self._client.release(self._conn, reuse=clean and not self._conn.closed)
 
     async def __aenter__(self) -> LeanResponse:
@@ -409,6 +430,10 @@ class LeanClient:
         for conn in self._busy:
             conn.close()
         self._busy.clear()
+        while self._slot_waiters:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(UpstreamError("the upstream client is closing"))
 
     async def send(
         self,
@@ -533,7 +558,10 @@ class LeanClient:
             async with asyncio.timeout(self._connect_timeout):
                 await waiter
         except BaseException as exc:
-            if waiter.done() and not waiter.cancelled():
+            if not waiter.done() or waiter.cancelled():
+                with contextlib.suppress(ValueError):  # never left behind in the queue
+                    self._slot_waiters.remove(waiter)
+            elif waiter.exception() is None:
                 self._give_slot()  # handed over just as the wait ended: pass it on
             if isinstance(exc, TimeoutError):
                 raise UpstreamError(
