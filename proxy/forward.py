@@ -46,6 +46,8 @@ REPLAYABLE_BODY_LIMIT = 1024 * 1024
 _NO_BODY_STATUS = frozenset({204, 304})
 
 Headers = list[tuple[str, str]]
+# Connection options that name no header.
+_CONNECTION_OPTIONS = frozenset({"", "close"})
 
 
 @dataclass(slots=True)
@@ -76,7 +78,7 @@ def _end_to_end(items: Iterable[tuple[str, str]], drop: frozenset[str]) -> Heade
         out.append((name, value))
     if connection:
         named = {part.strip().lower() for value in connection for part in value.split(",")}
-        if not named <= drop:  # what is named beyond hop-by-hop headers goes too
+        if not named <= drop | _CONNECTION_OPTIONS:  # a header named there goes too
             out = [(name, value) for name, value in out if name.lower() not in named]
     return out
 

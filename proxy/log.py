@@ -251,10 +251,11 @@ def bind_request(**fields: Any) -> Token[dict[str, Any] | None]:
 
 
 def bind_request_more(**fields: Any) -> None:
-    """Add to the fields bound by bind_request in this context."""
+    """Add to the fields bound by bind_request in this context (a copy: tasks started from
+    it keep what they saw)."""
     context = _request_context.get()
     if context is not None:
-        context.update(fields)
+        _request_context.set({**context, **fields})
 
 
 def unbind_request(token: Token[dict[str, Any] | None]) -> None:

@@ -4,6 +4,7 @@ adds up every worker's, plus the token metrics the supervisor sends along with i
 
 from __future__ import annotations
 
+import os
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
@@ -26,6 +27,12 @@ _DURATION_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
 _BOUNDS = (*_DURATION_BUCKETS, float("inf"))
+# prometheus-client's switch for the _created series, which its own objects obey.
+_CREATED = os.environ.get("PROMETHEUS_DISABLE_CREATED_SERIES", "False").lower() not in {
+    "true",
+    "1",
+    "t",
+}
 _LE = tuple(floatToGoString(bound) for bound in _BOUNDS)  # type: ignore[no-untyped-call]  # unannotated upstream
 _REQUESTS = (
     "token_proxy_requests",
@@ -266,7 +273,9 @@ class _LocalRequestMetrics(Collector):
         requests = CounterMetricFamily(name, documentation, labels=labels)
         for (route, method, status, client), count in list(self.requests.items()):
             requests.add_metric(
-                [route, method, str(status), client], count.value, created=count.created
+                [route, method, str(status), client],
+                count.value,
+                created=count.created if _CREATED else None,
             )
         yield requests
         yield _histogram(_REQUEST_DURATION, self.request_duration)
@@ -284,5 +293,6 @@ def _histogram(
             cumulative += count
             buckets.append((le, float(cumulative)))
         family.add_metric([route], buckets, child.sum)
-        family.samples.append(Sample(f"{name}_created", {"route": route}, child.created))
+        if _CREATED:
+            family.samples.append(Sample(f"{name}_created", {"route": route}, child.created))
     return family

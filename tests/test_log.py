@@ -296,3 +296,31 @@ def test_fast_lines_respect_the_log_level(log_output: io.StringIO) -> None:
     configure_logging(level="warning", fmt="json", stream=log_output, cache=False, buffered=False)
     log_info_fast("proxy.access", "request", {"status": 200})
     assert log_output.getvalue() == ""
+
+
+def test_a_task_started_in_a_request_keeps_the_fields_it_saw(log_output: io.StringIO) -> None:
+    """Fields added to a request later (its team client) do not reach into tasks it started
+    before, whose context is a copy of the request's."""
+
+    async def scenario() -> None:
+        bound = bind_request(request_id="rid-7", client="-")
+        try:
+            early = asyncio.get_running_loop().create_future()
+            started = asyncio.create_task(_log_after(early))
+            bind_request_more(client="team-b")
+            get_logger("proxy.test").info("request")
+            early.set_result(None)
+            await started
+        finally:
+            unbind_request(bound)
+
+    asyncio.run(scenario())
+    request, task = _lines(log_output)[-2:]
+    assert request["client"] == "team-b"
+    assert task["client"] == "-"
+    assert task["request_id"] == "rid-7"
+
+
+async def _log_after(event: asyncio.Future[None]) -> None:
+    await event
+    get_logger("proxy.test").info("task")

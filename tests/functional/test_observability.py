@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -733,3 +736,22 @@ def test_request_metrics_buckets_and_series() -> None:
     labels = (("client", "-"), ("method", "GET"), ("route", "/"), ("status", "200"))
     assert samples[("token_proxy_requests_total", labels)] == 3
     assert samples[("token_proxy_requests_created", labels)] > 0
+
+
+def test_request_metrics_obey_the_switch_for_created_series() -> None:
+    """PROMETHEUS_DISABLE_CREATED_SERIES, which prometheus-client's own objects obey, turns
+    off the _created series of the request metrics too."""
+    script = (
+        "from proxy.metrics import Metrics\n"
+        "m = Metrics()\n"
+        "m.observe_request(route='/', method='GET', status=200, client='-', seconds=0.1)\n"
+        "m.observe_upstream('/', 0.1)\n"
+        "print(m.render().decode())\n"
+    )
+    env = {**os.environ, "PROMETHEUS_DISABLE_CREATED_SERIES": "true"}
+    text = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    assert "token_proxy_requests_total{" in text
+    assert "token_proxy_request_duration_seconds_count{" in text
+    assert "_created" not in text
