@@ -1,9 +1,11 @@
-"""Per-route limits on concurrent upstream connections."""
+"""Limits on concurrent upstream connections: per route, and for the whole upstream pool."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -19,27 +21,30 @@ from tests.conftest import (
 )
 
 
-async def test_route_connection_limit(
-    start_proxy: ProxyFactory, token_server: FakeTokenServer, upstream: FakeUpstream
-) -> None:
-    """A route with max_connections = 2 never has more than 2 requests upstream at once; a
-    request that waits longer than connect_timeout gets 503 problem+json with Retry-After."""
-    release = asyncio.Event()
-    active = 0
-    peak = 0
+class Held:
+    """An upstream handler that keeps each request until `release()` returns, counting how
+    many are upstream at once (`active`) and the most there ever were (`peak`)."""
 
-    async def held(request: web.Request) -> web.Response:
-        nonlocal active, peak
-        active += 1
-        peak = max(peak, active)
+    def __init__(self, release: Callable[[], Awaitable[object]]) -> None:
+        self._release = release
+        self.active = 0
+        self.peak = 0
+
+    async def __call__(self, request: web.Request) -> web.Response:
+        self.active += 1
+        self.peak = max(self.peak, self.active)
         try:
-            await asyncio.wait_for(release.wait(), 10)
+            await asyncio.wait_for(self._release(), 10)
         finally:
-            active -= 1
+            self.active -= 1
         return web.json_response({"ok": True})
 
-    upstream.handlers["/held"] = held
-    settings = Settings.model_validate(
+
+def one_route(
+    token_server: FakeTokenServer, upstream: FakeUpstream, route: dict[str, Any], **top: Any
+) -> Settings:
+    """Settings with credential c and one route "/" to `upstream` (plus `route`'s keys)."""
+    return Settings.model_validate(
         {
             "credentials": {
                 "c": {
@@ -48,15 +53,24 @@ async def test_route_connection_limit(
                     "token_url": token_server.url,
                 }
             },
-            "routes": [
-                {"prefix": "/", "upstream": upstream.url, "credential": "c", "max_connections": 2}
-            ],
-            "connect_timeout": 0.3,
+            "routes": [{"prefix": "/", "upstream": upstream.url, "credential": "c", **route}],
+            **top,
         }
     )
+
+
+async def test_route_connection_limit(
+    start_proxy: ProxyFactory, token_server: FakeTokenServer, upstream: FakeUpstream
+) -> None:
+    """A route with max_connections = 2 never has more than 2 requests upstream at once; a
+    request that waits longer than connect_timeout gets 503 problem+json with Retry-After."""
+    release = asyncio.Event()
+    held = Held(release.wait)
+    upstream.handlers["/held"] = held
+    settings = one_route(token_server, upstream, {"max_connections": 2}, connect_timeout=0.3)
     client = await start_proxy(settings)
     first = [asyncio.create_task(client.get("/held")) for _ in range(2)]
-    await wait_for(lambda: active == 2)
+    await wait_for(lambda: held.active == 2)
     refused = await client.get("/held")
     assert refused.status == 503
     assert refused.content_type == "application/problem+json"
@@ -69,7 +83,7 @@ async def test_route_connection_limit(
         response.release()
     burst = await asyncio.gather(*(client.get("/held") for _ in range(6)))
     assert [response.status for response in burst] == [200] * 6
-    assert peak == 2
+    assert held.peak == 2
 
 
 async def test_upstream_connection_pool_limit(
@@ -82,37 +96,12 @@ async def test_upstream_connection_pool_limit(
     and get the next one freed, one that waits longer than connect_timeout gets 502, and a
     client that gives up while waiting takes no connection with it."""
     releases: asyncio.Queue[None] = asyncio.Queue()
-    active = 0
-    peak = 0
-
-    async def held(request: web.Request) -> web.Response:
-        nonlocal active, peak
-        active += 1
-        peak = max(peak, active)
-        try:
-            await asyncio.wait_for(releases.get(), 10)
-        finally:
-            active -= 1
-        return web.json_response({"ok": True})
-
+    held = Held(releases.get)
     upstream.handlers["/held"] = held
-    settings = Settings.model_validate(
-        {
-            "credentials": {
-                "c": {
-                    "client_id": TEST_CLIENT_ID,
-                    "client_secret": TEST_SECRET,
-                    "token_url": token_server.url,
-                }
-            },
-            "routes": [{"prefix": "/", "upstream": upstream.url, "credential": "c"}],
-            "max_connections": 2,
-            "connect_timeout": 0.5,
-        }
-    )
+    settings = one_route(token_server, upstream, {}, max_connections=2, connect_timeout=0.5)
     client = await start_proxy(settings)
     tasks = [asyncio.create_task(client.get("/held")) for _ in range(2)]
-    await wait_for(lambda: active == 2)
+    await wait_for(lambda: held.active == 2)
     # A client that gives up while its request waits for a connection.
     with contextlib.suppress(TimeoutError):
         await client.get("/held", timeout=aiohttp.ClientTimeout(total=0.1))
@@ -127,9 +116,9 @@ async def test_upstream_connection_pool_limit(
     for served in range(1, 5):
         releases.put_nowait(None)
         tasks.append(asyncio.create_task(client.get("/held")))
-        await wait_for(lambda: active == 2 and releases.empty())
+        await wait_for(lambda: held.active == 2 and releases.empty())
         assert sum(task.done() for task in tasks) == served
     for _ in range(4):
         releases.put_nowait(None)
     assert [(await task).status for task in tasks] == [200] * 8
-    assert peak == 2
+    assert held.peak == 2
