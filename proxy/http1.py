@@ -171,7 +171,7 @@ class _Connection(asyncio.Protocol):
         self._head_request = head_request
         self._reason = b""
         self._raw_headers: list[tuple[str, str]] = []
-        self.headers: list[tuple[str, str]] = []  # the final answer's, once it has them all
+        self.header_items: list[tuple[str, str]] = []  # the final answer's, once it has them all
         self._interim = False
         self._delimited = False
         self.headers_ready: asyncio.Future[None] = self._loop.create_future()
@@ -256,7 +256,7 @@ class _Connection(asyncio.Protocol):
             self._delimited = False
             return
         self.status = status
-        self.headers = self._raw_headers
+        self.header_items = self._raw_headers
         self._raw_headers = []  # trailers, if any, go here and are dropped
         if not self.headers_ready.done():
             self.headers_ready.set_result(None)
@@ -355,7 +355,7 @@ class LeanResponse:
         self._headers: CIMultiDictProxy[str] | None = None
         self.status = conn.status
         self.reason: str | None = conn.reason or None
-        self.header_items: list[tuple[str, str]] = conn.headers
+        self.header_items: list[tuple[str, str]] = conn.header_items
 
     @property
     def headers(self) -> CIMultiDictProxy[str]:
