@@ -53,12 +53,16 @@ TOKEN_SOURCES: web.AppKey[TokenSourceFactory] = web.AppKey("token_sources")
 FORWARDER = web.AppKey("forwarder", Forwarder)
 GATE = web.AppKey("gate", Gate)
 LIMITS = web.AppKey("limits", RateLimits)
+# Set when shutdown_timeout has run out and the server closes the connections still busy.
+CUT_OFF = web.AppKey("cut_off", asyncio.Event)
 
 log = get_logger("proxy.app")
 
 PROBLEM_TYPE = "https://token-proxy.invalid/problems/"
 # nginx's code for "the client closed the connection before the response was complete".
 CLIENT_CLOSED_REQUEST = 499
+# Logged for a request cut off at the shutdown deadline: what a draining proxy answers.
+CUT_OFF_BY_SHUTDOWN = 503
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 
 
@@ -132,6 +136,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
         metrics.request_finished()
         if exchange.outcome != "client_aborted":
             status = response.status
+        elif app[CUT_OFF].is_set():
+            # It was the server that closed the connection, at the shutdown deadline.
+            exchange.outcome = "shutdown"
+            status = CUT_OFF_BY_SHUTDOWN
         duration = time.perf_counter() - started
         metrics.observe_request(
             route=exchange.route,
@@ -373,6 +381,7 @@ def create_app(
     )
     app[SETTINGS] = settings
     app[METRICS] = metrics if metrics is not None else Metrics()
+    app[CUT_OFF] = asyncio.Event()
     if token_sources is not None:
         app[TOKEN_SOURCES] = token_sources
     app[ROUTES] = RouteTable(settings.routes)

@@ -6,30 +6,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import aiohttp
-from aiohttp import web
 
 from proxy import __version__
-from proxy.app import METRICS, create_app, create_metrics_app, runner_options
 from proxy.config import MIN_KEY_LENGTH, Settings, load_settings
 from proxy.credentials import TokenManager
 from proxy.errors import ConfigError, TokenEndpointError
-from proxy.log import bind_process, configure_logging, get_logger, redactor
+from proxy.log import bind_process, configure_logging, redactor
 from proxy.metrics import Metrics
+from proxy.serve import serve
 from proxy.workers import WORKER_FLAG, Supervisor, WorkerLink, WorkerSpec, worker_settings
 
 EXIT_OK = 0
 EXIT_TOKEN_FAILED = 1
 EXIT_CONFIG = 2
 _COMMANDS = {"run", "check", "hash-key"}
-
-log = get_logger("proxy.cli")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -109,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _supervise(settings, arguments)
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            runner.run(_serve(settings))
+            runner.run(serve(settings))
     except OSError as exc:
         return _cannot_listen(settings, exc)
     return EXIT_OK
@@ -167,7 +163,7 @@ def _work(settings: Settings, spec: WorkerSpec) -> int:
     link = WorkerLink(spec, mine)
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            runner.run(_serve(mine, link))
+            runner.run(serve(mine, link))
     except OSError as exc:
         return _cannot_listen(mine, exc)
     return EXIT_OK
@@ -196,60 +192,6 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
         return None
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     return factory
-
-
-async def _serve(settings: Settings, worker: WorkerLink | None = None) -> None:
-    """Serve until SIGTERM or SIGINT; a worker also stops when its supervisor is gone."""
-    if worker is None:
-        app = create_app(settings)
-        reuse_port = None
-    else:
-        await worker.connect()
-        app = create_app(settings, metrics=worker.metrics, token_sources=worker.token_source)
-        reuse_port = True
-    runner = web.AppRunner(app, handle_signals=False, **runner_options(settings))
-    runners = [runner]
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port).start()
-        if settings.metrics_port is not None:
-            metrics_runner = web.AppRunner(create_metrics_app(app[METRICS]), access_log=None)
-            runners.append(metrics_runner)
-            await metrics_runner.setup()
-            await web.TCPSite(
-                metrics_runner, settings.host, settings.metrics_port, reuse_port=reuse_port
-            ).start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        if worker is not None:
-            lost = asyncio.create_task(worker.lost.wait())
-            lost.add_done_callback(lambda _: stop.set())
-            worker.listening()
-        addresses = [f"{host}:{port}" for r in runners for host, port, *_ in r.addresses]
-        log.info(
-            "token-proxy listening",
-            version=__version__,
-            loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
-            upstream_client=settings.upstream_client,
-            addresses=addresses,
-            routes={route.prefix: route.upstream for route in settings.routes},
-        )
-        if settings.exposed_anonymously:
-            log.warning(
-                "listening on a non-loopback address without [[clients]]: anyone who can "
-                "reach it can use the credentials (allow_anonymous_remote = true)",
-                host=settings.host,
-            )
-        await stop.wait()
-        log.info("shutting down", grace_seconds=settings.shutdown_timeout)
-    finally:
-        for each in reversed(runners):
-            await each.cleanup()
-        if worker is not None:
-            await worker.close()
-    log.info("stopped")
 
 
 async def _check(settings: Settings) -> int:

@@ -46,8 +46,9 @@ GIVE_UP_AFTER = 3
 RESTART_BASE = 0.1
 RESTART_CAP = 5.0
 STEADY_AFTER = 30.0
-# Workers get shutdown_timeout to drain, and this much more to close down.
-EXIT_MARGIN = 5.0
+# Workers get shutdown_timeout to drain, and this much more to close down (they cut off what
+# is still running at the deadline, which takes them well under a second) before being killed.
+EXIT_MARGIN = 1.0
 _LINE_LIMIT = 2 * 1024 * 1024
 
 

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.conftest import FakeUpstream, ProxyFactory, StartProcess
+from tests.conftest import FakeUpstream, ProxyFactory, ProxyProcess, StartProcess, wait_for
+
+# The shutdown_timeout of the cut-off tests, and how much longer the process may take to exit.
+GRACE = 2.0
+EXIT_SLACK = 1.5
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -39,6 +46,66 @@ async def test_shutdown_finishes_in_flight_requests(
     code = await asyncio.to_thread(proxy.process.wait, 20)
     assert code == 0
     assert "Traceback" not in proxy.log_text()
+
+
+def log_events(proxy: ProxyProcess) -> list[dict[str, Any]]:
+    """The JSON lines of a proxy process's log (its start-up and worker lines included)."""
+    events = []
+    for line in proxy.log_text().splitlines():
+        if line.startswith("{"):
+            events.append(json.loads(line))
+    return events
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_shutdown_cuts_off_a_hung_request_at_shutdown_timeout(
+    proxy_process: StartProcess, upstream: FakeUpstream, workers: int
+) -> None:
+    """A request held by an upstream that never answers does not hold the process beyond
+    shutdown_timeout: it exits 0 within about a second of it (not twice it), alone or with
+    workers, and the access line says the request was cut off by shutdown, not by its client."""
+    arrived = asyncio.Event()
+    release = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        arrived.set()
+        await release.wait()
+        return web.json_response({"late": True})
+
+    upstream.handlers["/hang"] = hang
+    proxy = await proxy_process(
+        {
+            "TOKEN_PROXY_SHUTDOWN_TIMEOUT": str(GRACE),
+            "TOKEN_PROXY_WORKERS": str(workers),
+            "PYTHONDEVMODE": "1",  # so that a task or connection left behind is reported
+        }
+    )
+    if workers > 1:
+        await wait_for(
+            lambda: any(e["event"] == f"started {workers} workers" for e in log_events(proxy))
+        )
+    try:
+        async with aiohttp.ClientSession() as session:
+            pending = asyncio.create_task(session.get(proxy.url + "/hang"))
+            await asyncio.wait_for(arrived.wait(), 10)
+            proxy.process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            await wait_for(lambda: proxy.process.poll() is not None, timeout=GRACE + EXIT_SLACK)
+            took = time.monotonic() - signalled
+            with pytest.raises(aiohttp.ClientError):
+                await asyncio.wait_for(pending, 10)
+    finally:
+        release.set()
+    assert proxy.process.returncode == 0, proxy.log_text()
+    assert took >= GRACE - 0.1, f"the request was cut off after {took:.2f} s, before the grace"
+    events = log_events(proxy)
+    (access,) = [e for e in events if e.get("logger") == "proxy.access"]
+    assert access["outcome"] == "shutdown"
+    assert access["status"] == 503
+    assert any(e["event"].startswith("shutdown_timeout has passed") for e in events)
+    assert [e for e in events if e["level"] in {"error", "critical"}] == []
+    for marker in ("Traceback", "Task was destroyed", "Unclosed", "ResourceWarning"):
+        assert marker not in proxy.log_text(), marker
 
 
 async def test_port_in_use_exits_2(proxy_process: StartProcess) -> None:
