@@ -1,5 +1,9 @@
 """The token-proxy command: parse flags, load settings once, configure logging, run or check.
-The only place that exits the process."""
+The only place that exits the process.
+
+The modules that serve, fetch tokens and run workers are imported by the commands that need
+them, so that `health`, which a container runtime starts every few seconds, loads only the
+settings."""
 
 from __future__ import annotations
 
@@ -10,54 +14,136 @@ import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-
-import aiohttp
+from typing import TYPE_CHECKING
 
 from proxy import __version__
 from proxy.config import MIN_KEY_LENGTH, Settings, load_settings
-from proxy.credentials import TokenManager
 from proxy.errors import ConfigError, TokenEndpointError
-from proxy.log import bind_process, configure_logging, redactor
-from proxy.metrics import Metrics
-from proxy.serve import serve
-from proxy.workers import WORKER_FLAG, Supervisor, WorkerLink, WorkerSpec, worker_settings
+
+if TYPE_CHECKING:
+    from proxy.workers import WorkerSpec
 
 EXIT_OK = 0
 EXIT_TOKEN_FAILED = 1
 EXIT_CONFIG = 2
-_COMMANDS = {"run", "check", "hash-key"}
+# `health` answers as container health checks expect: 0 healthy, 1 not (Docker reserves 2).
+EXIT_UNHEALTHY = 1
+_COMMANDS = {"run", "check", "health", "hash-key"}
+# The hidden flag by which the supervisor hands each worker its WorkerSpec (WORKER_FLAG in
+# proxy.workers, which is not imported for the other commands).
+_WORKER_FLAG = "--worker"
+_SETTINGS_ORDER = (
+    "Settings come from flags, TOKEN_PROXY_* environment variables, the secrets directory "
+    "(TOKEN_PROXY_SECRETS_DIR, default /run/secrets) and a TOML file, highest first."
+)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="token-proxy",
+        usage="token-proxy [run] [options]\n       token-proxy {check,health,hash-key} [options]",
         description="Local reverse proxy that adds an OAuth 2.0 client-credentials token "
-        "to every request. Settings come from flags, TOKEN_PROXY_* variables, the secrets "
-        "directory and a TOML file, in that order.",
+        f"to every request. {_SETTINGS_ORDER}",
+        epilog="Without a command, token-proxy runs: `token-proxy --port 9000` is "
+        "`token-proxy run --port 9000`. `token-proxy COMMAND --help` describes a command.",
     )
-    parser.add_argument("--version", action="version", version=f"token-proxy {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="{run,check,hash-key}")
-    run = commands.add_parser("run", help="serve the proxy (the default command)")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"token-proxy {__version__}",
+        help="print the version and exit",
+    )
+    commands = parser.add_subparsers(
+        dest="command", title="commands", metavar="{run,check,health,hash-key}"
+    )
+    run = commands.add_parser(
+        "run",
+        prog="token-proxy [run]",
+        help="serve the proxy (the default command: `run` may be left out)",
+        description="Serve the proxy until SIGTERM or SIGINT, then let requests in flight "
+        "finish for up to shutdown_timeout seconds and exit 0. The command name may be left "
+        f"out: bare `token-proxy` runs. {_SETTINGS_ORDER}",
+    )
     check = commands.add_parser(
-        "check", help="validate the configuration and fetch one token per credential"
+        "check",
+        prog="token-proxy check",
+        help="validate the configuration and fetch one token per credential",
+        description="Validate the configuration and fetch one token per credential; print "
+        "each credential's token URL, auth method, scope and expiry (never the token or the "
+        "secret). Exit 0 when every token was obtained, 1 when one was not, 2 for a "
+        f"configuration error. {_SETTINGS_ORDER}",
+    )
+    health = commands.add_parser(
+        "health",
+        prog="token-proxy health",
+        help="ask the running proxy's /-/healthy (or /-/ready) on its configured address",
+        description="Load the settings as `run` does, then ask the proxy listening at their "
+        "host and port (its loopback when the host is 0.0.0.0 or ::) for /-/healthy, or "
+        "/-/ready with --ready. Exit 0 when it answers 200, 1 otherwise (no answer, another "
+        "status, or a configuration error). For container health checks and Kubernetes "
+        "probes; give it the same --config, --host and --port flags as `run`, if any.",
     )
     commands.add_parser(
         "hash-key",
-        help="print the sha256 of a team key read from stdin, for key_sha256 in [[clients]]",
+        prog="token-proxy hash-key",
+        help="print the sha256 of a team key read from standard input, for key_sha256",
+        description="Read a team key from standard input (its first line) and print its "
+        "sha256 in hex,\nfor key_sha256 in a [[clients]] table, so that the configuration "
+        "never holds\nthe key itself. For example:\n\n"
+        "  openssl rand -hex 32 | tee key.txt | token-proxy hash-key",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    for sub in (run, check, health):
+        sub.add_argument(
+            "--config", type=Path, metavar="PATH", help="TOML file (env: TOKEN_PROXY_CONFIG)"
+        )
     for sub in (run, check):
-        sub.add_argument("--config", type=Path, help="TOML file (env: TOKEN_PROXY_CONFIG)")
-        sub.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
-        sub.add_argument("--log-format", choices=["auto", "json", "console"], default=None)
-    run.add_argument("--host", help="listen address (env: TOKEN_PROXY_HOST, default 127.0.0.1)")
-    run.add_argument("--port", type=int, help="listen port (env: TOKEN_PROXY_PORT, default 8080)")
+        sub.add_argument(
+            "--log-level",
+            choices=["debug", "info", "warning", "error"],
+            default=None,
+            help="lowest level logged (env: TOKEN_PROXY_LOG_LEVEL, default info)",
+        )
+        sub.add_argument(
+            "--log-format",
+            choices=["auto", "json", "console"],
+            default=None,
+            help="log line format; auto is console on a terminal, else JSON "
+            "(env: TOKEN_PROXY_LOG_FORMAT, default auto)",
+        )
+    for sub in (run, health):
+        sub.add_argument(
+            "--host",
+            metavar="ADDRESS",
+            help="listen address (env: TOKEN_PROXY_HOST, default 127.0.0.1)",
+        )
+        sub.add_argument(
+            "--port",
+            type=int,
+            metavar="PORT",
+            help="listen port (env: TOKEN_PROXY_PORT, default 8080)",
+        )
     run.add_argument(
         "--workers",
         type=int,
+        metavar="N",
         help="processes serving the port together (env: TOKEN_PROXY_WORKERS, default 1)",
     )
     # Set by the supervisor on the command line of each worker it starts.
-    run.add_argument(WORKER_FLAG, type=WorkerSpec.decode, help=argparse.SUPPRESS)
+    run.add_argument(_WORKER_FLAG, dest="worker", help=argparse.SUPPRESS)
+    health.add_argument(
+        "--ready",
+        action="store_true",
+        help="ask /-/ready (every credential holds a usable token) instead of /-/healthy",
+    )
+    health.add_argument(
+        "--timeout",
+        type=float,
+        default=3.0,
+        metavar="SECONDS",
+        help="seconds to wait for the answer (default 3)",
+    )
+    health.set_defaults(log_level=None, log_format=None)
     return parser
 
 
@@ -94,15 +180,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "hash-key":
         return _hash_key()
     settings = _load(args)
+    if args.command == "health":
+        return EXIT_UNHEALTHY if settings is None else _health(settings, args)
     if settings is None:
         return EXIT_CONFIG
+    from proxy.log import configure_logging  # noqa: PLC0415  (see the module docstring)
+
     configure_logging(level=settings.log_level, fmt=settings.log_format)
     if args.command == "check":
         return asyncio.run(_check(settings))
     if args.worker is not None:
-        return _work(settings, args.worker)
+        from proxy.workers import WorkerSpec  # noqa: PLC0415
+
+        return _work(settings, WorkerSpec.decode(args.worker))
     if settings.workers > 1:
         return _supervise(settings, arguments)
+    from proxy.serve import serve  # noqa: PLC0415
+
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(serve(settings))
@@ -133,6 +227,8 @@ def _supervise(settings: Settings, arguments: list[str]) -> int:
             file=sys.stderr,
         )
         return EXIT_CONFIG
+    from proxy.workers import Supervisor  # noqa: PLC0415
+
     supervisor = Supervisor(settings, command=["-m", "proxy", *arguments])
     try:
         supervisor.hold_ports()
@@ -158,6 +254,10 @@ def _supervise(settings: Settings, arguments: list[str]) -> int:
 
 def _work(settings: Settings, spec: WorkerSpec) -> int:
     """One worker of a supervisor: the whole app on the supervisor's port, its tokens."""
+    from proxy.log import bind_process  # noqa: PLC0415
+    from proxy.serve import serve  # noqa: PLC0415
+    from proxy.workers import WorkerLink, worker_settings  # noqa: PLC0415
+
     bind_process(worker=spec.index)
     mine = worker_settings(settings, spec)
     link = WorkerLink(spec, mine)
@@ -194,7 +294,23 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return factory
 
 
+def _health(settings: Settings, args: argparse.Namespace) -> int:
+    from proxy.health import probe  # noqa: PLC0415
+
+    healthy, said = probe(
+        host=settings.host, port=settings.port, ready=args.ready, timeout=args.timeout
+    )
+    print(f"token-proxy health: {said}", file=sys.stdout if healthy else sys.stderr)
+    return EXIT_OK if healthy else EXIT_UNHEALTHY
+
+
 async def _check(settings: Settings) -> int:
+    import aiohttp  # noqa: PLC0415  (see the module docstring)
+
+    from proxy.credentials import TokenManager  # noqa: PLC0415
+    from proxy.log import redactor  # noqa: PLC0415
+    from proxy.metrics import Metrics  # noqa: PLC0415
+
     rows: list[tuple[str, ...]] = []
     failed = False
     metrics = Metrics()
