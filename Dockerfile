@@ -59,11 +59,17 @@ ENV PATH=/opt/venv/bin:$PATH \
 # e.g. /run/secrets/token_proxy_client_secret, or point TOKEN_PROXY_CLIENT_SECRET_FILE at one.
 USER 10001:10001
 EXPOSE 8080
+# On SIGTERM the proxy lets requests in flight finish for shutdown_timeout (15 s by default),
+# cuts off the rest and exits within about a second more: Docker's default of 10 s before it
+# kills is too short, so run it with --stop-timeout 20 (compose: stop_grace_period: 20s).
 STOPSIGNAL SIGTERM
 
-# No curl in the image: the venv's python asks /-/ready on the configured port.
+# `token-proxy health --ready` loads the settings as `run` does (environment, secrets
+# directory, TOKEN_PROXY_CONFIG) and asks /-/ready on the port they give, on loopback; there
+# is no curl in the image. A --port given to `run` on the command line must be given here too
+# (docker run --health-cmd 'token-proxy health --ready --port 9000').
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
-    CMD ["python", "-c", "import os, sys, urllib.request; port = os.environ.get('TOKEN_PROXY_PORT') or '8080'; sys.exit(0 if urllib.request.urlopen(f'http://127.0.0.1:{port}/-/ready', timeout=3).status == 200 else 1)"]
+    CMD ["token-proxy", "health", "--ready"]
 
 ENTRYPOINT ["token-proxy"]
 CMD ["run"]

@@ -24,6 +24,7 @@ import pytest
 from aiohttp import web
 
 from proxy.config import Settings
+from proxy.workers import EXIT_MARGIN
 from tests.conftest import (
     LEAKS,
     TEST_CLIENT_ID,
@@ -40,10 +41,15 @@ DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 COMPOSE = ROOT / "deploy" / "docker-compose.yml"
 KUBERNETES = ROOT / "deploy" / "kubernetes.yaml"
+README = ROOT / "README.md"
 
 PINNED_SLIM_PYTHON = re.compile(r"python:3\.11\.\d+-slim-(bookworm|trixie)(@sha256:[0-9a-f]{64})?")
 NUMERIC_USER = re.compile(r"(\d+)(:\d+)?")
 SHUTDOWN_TIMEOUT = Settings.model_fields["shutdown_timeout"].default
+# The longest a stopping proxy takes: shutdown_timeout, then workers are killed if need be.
+LONGEST_STOP = SHUTDOWN_TIMEOUT + EXIT_MARGIN
+HEALTH = ["token-proxy", "health"]
+READY = [*HEALTH, "--ready"]
 
 
 # --- the Dockerfile, read as instructions --------------------------------------------------------
@@ -206,13 +212,10 @@ def test_entrypoint_command_signal_and_port() -> None:
     assert final.last("EXPOSE").args.split() == ["8080"]
 
 
-def test_healthcheck_runs_python_not_curl() -> None:
-    """HEALTHCHECK is exec-form python asking /-/ready on TOKEN_PROXY_PORT; no curl or wget
-    anywhere in the image's instructions."""
-    command = healthcheck_command()
-    assert command[:2] == ["python", "-c"]
-    assert "/-/ready" in command[2]
-    assert "TOKEN_PROXY_PORT" in command[2]
+def test_healthcheck_is_token_proxy_health() -> None:
+    """HEALTHCHECK is exec-form `token-proxy health --ready`, which finds the port wherever the
+    settings put it; no curl or wget anywhere in the image's instructions."""
+    assert healthcheck_command() == READY
     for stage in dockerfile_stages():
         for each in stage.instructions:
             assert not re.search(r"\b(curl|wget)\b", each.args), each.args
@@ -271,10 +274,18 @@ def test_dockerignore_sends_only_what_the_build_copies() -> None:
 # --- the image's behaviour, reproduced with a real process ---------------------------------------
 
 
+def console_script() -> list[str]:
+    """The installed token-proxy command next to this interpreter, as the image's PATH finds
+    it (else `python -m proxy`, the same program)."""
+    script = Path(sys.executable).parent / "token-proxy"
+    return [str(script)] if script.exists() else proxy_command()
+
+
 async def run_probe(argv: list[str], env: dict[str, str]) -> int:
     """Run a health check or probe command as the container would, with the container's
-    environment; `python` is this interpreter, which is what the image's PATH finds."""
-    command = [sys.executable if argv[0] == "python" else argv[0], *argv[1:]]
+    environment; `token-proxy` is the one installed beside this interpreter."""
+    assert argv[0] == "token-proxy", argv
+    command = [*console_script(), *argv[1:]]
     process = await asyncio.create_subprocess_exec(
         *command, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
     )
@@ -326,6 +337,45 @@ async def test_healthcheck_passes_on_a_ready_proxy_and_fails_without_one(
     assert await run_probe(healthcheck_command(), proxy.env) == 0
     assert await asyncio.to_thread(proxy.stop) == 0
     assert await run_probe(healthcheck_command(), proxy.env) != 0
+
+
+async def test_healthcheck_follows_a_port_set_in_the_toml_file(
+    token_server: FakeTokenServer, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """With the port set only in the TOML file that TOKEN_PROXY_CONFIG names (no
+    TOKEN_PROXY_PORT), the image's HEALTHCHECK still asks the right port: it passes once a
+    token is held."""
+    port = free_port()
+    config = tmp_path / "proxy.toml"
+    config.write_text(f"port = {port}\nallow_anonymous_remote = true\n", encoding="utf-8")
+    env = {
+        **without_proxy_settings(),
+        **{k: v for k, v in image_env().items() if k.startswith("TOKEN_PROXY_")},
+        "TOKEN_PROXY_CONFIG": str(config),
+        "TOKEN_PROXY_CLIENT_ID": TEST_CLIENT_ID,
+        "TOKEN_PROXY_CLIENT_SECRET": TEST_SECRET,
+        "TOKEN_PROXY_TOKEN_URL": token_server.url,
+        "TOKEN_PROXY_UPSTREAM": upstream.url,
+        "TOKEN_PROXY_SECRETS_DIR": str(tmp_path),
+    }
+    assert port != 8080
+    log_path = tmp_path / "toml-port.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            proxy_command(), env=env, stdout=log_file, stderr=subprocess.STDOUT
+        )
+    try:
+
+        async def healthy() -> bool:
+            assert process.poll() is None, log_path.read_text()
+            return await run_probe(healthcheck_command(), env) == 0
+
+        await wait_until(healthy, "the HEALTHCHECK did not pass")
+    finally:
+        process.terminate()
+        await asyncio.to_thread(process.wait, 20)
+        LEAKS.add("the log of the TOML-configured proxy", log_path.read_text(errors="replace"))
+    assert await run_probe(healthcheck_command(), env) != 0
 
 
 # --- deploy/*.yaml -------------------------------------------------------------------------------
@@ -394,14 +444,12 @@ def test_compose_proxies_get_the_secret_from_run_secrets() -> None:
 
 def test_compose_proxies_are_healthchecked_and_hardened() -> None:
     """Each proxy service runs the image's own health check, read-only, with no capabilities,
-    gets longer than shutdown_timeout to stop (Docker's default is 10 s), and is built from
-    the repository root."""
+    and is built from the repository root."""
     for name, service in proxy_services().items():
         assert service["healthcheck"]["test"] == ["CMD", *healthcheck_command()], name
         assert service["read_only"] is True, name
         assert service["cap_drop"] == ["ALL"], name
         assert "no-new-privileges:true" in service["security_opt"], name
-        assert int(service["stop_grace_period"].removesuffix("s")) > SHUTDOWN_TIMEOUT, name
         assert (COMPOSE.parent / service["build"]["context"] / "Dockerfile").resolve() == (
             DOCKERFILE
         )
@@ -446,36 +494,91 @@ def test_compose_team_pattern_needs_keys_and_publishes_on_loopback_only() -> Non
 def test_kubernetes_proxy_is_a_loopback_sidecar() -> None:
     """The Pod holds the app and the proxy; the proxy listens on the Pod's 127.0.0.1 and is
     a native sidecar (init container that keeps running, so it starts before the app and stops
-    after it, within a grace period longer than shutdown_timeout), and the app calls it
-    there."""
+    after it), and the app calls it there."""
     spec = pod_spec()
     proxy = proxy_container()
     assert proxy in spec.get("initContainers", [])
     assert proxy["restartPolicy"] == "Always"
-    assert spec["terminationGracePeriodSeconds"] > SHUTDOWN_TIMEOUT
     assert container_env(proxy)["TOKEN_PROXY_HOST"] == "127.0.0.1"
     assert "TOKEN_PROXY_ALLOW_ANONYMOUS_REMOTE" not in container_env(proxy)
     (app,) = spec["containers"]
     assert "http://127.0.0.1:8080" in container_env(app).values()
 
 
-def test_kubernetes_probes_are_exec_python_on_loopback() -> None:
+def test_kubernetes_probes_are_exec_token_proxy_health() -> None:
     """kubelet's httpGet probes would come from outside the Pod's loopback, so every probe
-    runs python inside the container: startup and liveness on /-/healthy, readiness on
-    /-/ready."""
+    runs `token-proxy health` inside the container, which asks the configured port on
+    loopback: startup and liveness /-/healthy, readiness /-/ready."""
     proxy = proxy_container()
-    paths = {
-        "startupProbe": "/-/healthy",
-        "livenessProbe": "/-/healthy",
-        "readinessProbe": "/-/ready",
-    }
-    for probe, path in paths.items():
+    commands = {"startupProbe": HEALTH, "livenessProbe": HEALTH, "readinessProbe": READY}
+    for probe, command in commands.items():
         assert set(proxy[probe]) - {"periodSeconds", "timeoutSeconds", "failureThreshold"} == {
             "exec"
         }, probe
-        command = proxy[probe]["exec"]["command"]
-        assert command[:2] == ["python", "-c"]
-        assert f"127.0.0.1:{{port}}{path}'" in command[2], probe
+        assert proxy[probe]["exec"]["command"] == command, probe
+        # health's own timeout (3 s) ends it before the kubelet gives up on it.
+        assert proxy[probe]["timeoutSeconds"] > 3, probe
+
+
+# --- stop grace periods ----------------------------------------------------------------------
+
+# Room for the container runtime beyond the longest stop of the proxy itself.
+GRACE_MARGIN = 2
+# What the app, which Kubernetes stops before its sidecar, gets at least of the Pod's grace.
+APP_SHARE = 10
+
+
+def numbers_after(pattern: str, text: str) -> set[int]:
+    return {int(found) for found in re.findall(pattern, text)}
+
+
+def comment_above(text: str, start: str) -> list[str]:
+    """The comment block directly above each line that starts with `start` (indentation
+    aside), one string per such line."""
+    lines = text.splitlines()
+    blocks = []
+    for index, line in enumerate(lines):
+        if line.strip().startswith(start):
+            above: list[str] = []
+            for previous in reversed(lines[:index]):
+                if not previous.strip().startswith("#"):
+                    break
+                above.insert(0, previous.strip())
+            blocks.append(" ".join(above))
+    return blocks
+
+
+def test_docker_stop_grace_covers_the_longest_stop_and_is_the_same_everywhere() -> None:
+    """Compose's stop_grace_period, the --stop-timeout the Dockerfile and README give, and the
+    README's stop_grace_period are one number, which covers shutdown_timeout plus the second a
+    stopping proxy may take beyond it plus a margin; each place says it is for
+    shutdown_timeout, next to the value."""
+    compose_text = COMPOSE.read_text(encoding="utf-8")
+    dockerfile = DOCKERFILE.read_text(encoding="utf-8")
+    readme = README.read_text(encoding="utf-8")
+    graces = {int(s["stop_grace_period"].removesuffix("s")) for s in proxy_services().values()}
+    (grace,) = graces
+    assert grace >= LONGEST_STOP + GRACE_MARGIN
+    assert numbers_after(r"--stop-timeout (\d+)", dockerfile) == {grace}
+    assert numbers_after(r"--stop-timeout (\d+)", readme) == {grace}
+    assert numbers_after(r"stop_grace_period: (\d+)s", readme) == {grace}
+    assert numbers_after(r"stop_grace_period: (\d+)s", dockerfile) == {grace}
+    reasons = comment_above(compose_text, "stop_grace_period:")
+    assert len(reasons) == len(proxy_services())
+    assert all("shutdown_timeout" in reason for reason in reasons), reasons
+    assert any("shutdown_timeout" in reason for reason in comment_above(dockerfile, "STOPSIGNAL "))
+
+
+def test_kubernetes_grace_leaves_the_proxy_its_longest_stop_after_the_app() -> None:
+    """terminationGracePeriodSeconds covers the app's stop (first) and then the proxy's
+    longest one with a margin, says so next to it, and README gives the same number."""
+    grace = pod_spec()["terminationGracePeriodSeconds"]
+    assert grace >= APP_SHARE + LONGEST_STOP + GRACE_MARGIN
+    text = KUBERNETES.read_text(encoding="utf-8")
+    (reason,) = comment_above(text, "terminationGracePeriodSeconds:")
+    assert "shutdown_timeout" in reason
+    readme = README.read_text(encoding="utf-8")
+    assert numbers_after(r"terminationGracePeriodSeconds: (\d+)", readme) == {grace}
 
 
 def test_kubernetes_secret_reaches_only_the_proxy() -> None:
