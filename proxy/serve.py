@@ -14,6 +14,7 @@ from proxy.config import Settings
 from proxy.log import get_logger
 from proxy.workers import WorkerLink
 
+# The start and stop lines keep the logger name they had when cli.py wrote them.
 log = get_logger("proxy.cli")
 
 
