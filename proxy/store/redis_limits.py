@@ -19,15 +19,12 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 
 from proxy.store.base import Admission, Claim, Slot
 from proxy.store.redis_calls import bounded
-
-if TYPE_CHECKING:
-    from proxy.store.redis import Events
+from proxy.store.redis_events import Events
 
 ORIGIN = "redis"
 _MICRO = 1_000_000
