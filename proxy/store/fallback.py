@@ -261,10 +261,7 @@ class FallbackTokens:
             except StoreUnavailable as exc:
                 store.failed(exc)
             else:
-                if snapshot.token is not None:
-                    self._local.install(snapshot.token)
-                if snapshot.failure is not None:
-                    self._local.install_failure(snapshot.failure)
+                self._local.mirror(snapshot)
                 return replace(snapshot, generation=(epoch << _EPOCH_SHIFT) | snapshot.generation)
         epoch = store.epoch
         snapshot = self._local.snapshot()

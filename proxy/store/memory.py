@@ -83,6 +83,19 @@ class MemoryTokens:
         self._failure = None
         self._bump()
 
+    def mirror(self, snapshot: TokenSnapshot) -> None:
+        """Take on another store's state, token and failure as they are (the fallback store
+        keeps what Redis said, for when it goes on alone)."""
+        token = snapshot.token
+        same_token = (self._token.version if self._token else None) == (
+            token.version if token else None
+        )
+        if same_token and self._failure == snapshot.failure:
+            return
+        self._token = token
+        self._failure = snapshot.failure
+        self._bump()
+
     async def drop(self, version: str) -> bool:
         token = self.snapshot().token
         if token is None or token.version != version:

@@ -231,3 +231,20 @@ async def test_counters_admit_what_the_limits_moving_window_admits(
             admitted_library.append(step)
     assert admitted_ours == admitted_library
     assert 100 < len(admitted_ours) < 600
+
+
+async def test_a_mirror_takes_on_another_stores_state_as_it_is() -> None:
+    clock = Clock()
+    source, mirror = MemoryTokens(clock=clock), MemoryTokens(clock=clock)
+    await source.publish(value="t", obtained_at=clock.now, expires_at=clock.now + 60, scope=None)
+    mirror.mirror(await source.load())
+    generation = (await mirror.load()).generation
+    assert (await mirror.load()).token == (await source.load()).token
+    mirror.mirror(await source.load())  # nothing new: no change to wake anyone for
+    assert (await mirror.load()).generation == generation
+    token = (await source.load()).token
+    assert token is not None
+    await source.drop(token.version)
+    mirror.mirror(await source.load())
+    assert (await mirror.load()).token is None
+    assert (await mirror.load()).generation > generation
