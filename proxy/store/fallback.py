@@ -76,6 +76,7 @@ class FallbackStore:
         self._errors: Counter[str] = Counter()
         self._last_error: str | None = None
         self._replicas = 1
+        self._said_alone = False
         self._member = secrets.token_hex(8)
         self._task: asyncio.Task[None] | None = None
         self._tokens: dict[tuple[str, int], FallbackTokens] = {}
@@ -87,6 +88,7 @@ class FallbackStore:
             await self._probe()
         except StoreUnavailable as exc:
             self._count(exc)
+            self._said_alone = True
             log.warning(
                 "Redis does not answer at start-up; this replica goes on alone (its own token "
                 "and its share of each rate limit) until it does",
@@ -147,6 +149,7 @@ class FallbackStore:
         if self._state != SHARED:
             return
         self._switch(ALONE)
+        self._said_alone = True
         log.warning(
             "Redis stopped answering; this replica goes on alone (its own token, each rate "
             "limit divided by the replicas last seen) and checks Redis in the background",
@@ -199,9 +202,9 @@ class FallbackStore:
             self._member, within=3 * self._presence_interval
         )
         if self._state != SHARED:
-            resumed = self._epoch > 0
             self._switch(SHARED)
-            if resumed:
+            if self._said_alone:
+                self._said_alone = False
                 log.info("Redis answers again; sharing resumed", replicas=self._replicas)
 
     async def _monitor(self) -> None:

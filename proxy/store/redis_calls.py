@@ -47,7 +47,8 @@ async def stop_task(task: asyncio.Future[Any]) -> None:
         await asyncio.wait({task}, timeout=0.1)
 
 
-async def bounded(operation: Awaitable[T], timeout: float) -> T:  # noqa: ASYNC109  # this is the bound: it turns running out of time into StoreUnavailable
+# ASYNC109: this is where the bound is set; callers cannot tell its timeout from their own.
+async def bounded(operation: Awaitable[T], timeout: float) -> T:  # noqa: ASYNC109
     """Await one Redis operation for at most `timeout` seconds; StoreUnavailable otherwise.
     A cancelled redis-py command disconnects its connection, so none is left half-read."""
     try:

@@ -165,7 +165,7 @@ async def test_redis_stopped_each_call_costs_at_most_one_timeout(
 
 
 async def test_redis_down_at_start_up_is_no_error_and_sharing_begins_when_it_answers(
-    redis_server: RedisServer,
+    redis_server: RedisServer, proxy_log: CapturedLog
 ) -> None:
     redis_server.kill()
     started = time.monotonic()
@@ -183,6 +183,9 @@ async def test_redis_down_at_start_up_is_no_error_and_sharing_begins_when_it_ans
         assert shared_owner is not None
         assert await tokens.lock(10.0) is None
         assert await tokens.unlock(shared_owner)
+    events = [line["event"] for line in proxy_log.lines(min_level="info")]
+    assert sum("does not answer at start-up" in event for event in events) == 1
+    assert sum("sharing resumed" in event for event in events) == 1
 
 
 async def test_alone_each_replica_keeps_to_its_share_of_a_limit(
