@@ -1,0 +1,42 @@
+"""Where shared state lives (tokens, rate-limit counters, 429 pauses): the interfaces, the
+in-memory store, and Redis behind a fallback to memory."""
+
+from proxy.store.base import (
+    ALONE,
+    SHARED,
+    Admission,
+    Claim,
+    Counters,
+    CredentialIdentity,
+    FetchFailure,
+    LimitStore,
+    PauseStore,
+    Rate,
+    SharedToken,
+    Slot,
+    Store,
+    StoreUnavailable,
+    TokenSnapshot,
+    TokenStore,
+)
+from proxy.store.memory import MemoryStore
+
+__all__ = [
+    "ALONE",
+    "SHARED",
+    "Admission",
+    "Claim",
+    "Counters",
+    "CredentialIdentity",
+    "FetchFailure",
+    "LimitStore",
+    "MemoryStore",
+    "PauseStore",
+    "Rate",
+    "SharedToken",
+    "Slot",
+    "Store",
+    "StoreUnavailable",
+    "TokenSnapshot",
+    "TokenStore",
+]

@@ -1,0 +1,300 @@
+"""The in-process store: every credential's token state, the rate-limit counters and the
+upstream-429 pauses of one process, with the same semantics as the Redis store.
+
+The counters are written here rather than wrapped around the `limits` library's MemoryStorage:
+a request holds a pending entry from admission until upstream answers and is then counted at
+that later time, entries of every limit of several limiters are taken at once or not at all,
+a pending entry stops counting after its hold, the time injected for tests must drive them,
+and "when is the next slot free" must be exact for Retry-After. MemoryStorage has none of these
+(it reads time.time() itself and counts at the hit). A test compares what these counters
+admit with the library's moving window where both apply (tests/store/test_memory.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from proxy.store.base import (
+    Admission,
+    Claim,
+    CredentialIdentity,
+    FetchFailure,
+    SharedToken,
+    Slot,
+    TokenSnapshot,
+)
+
+# A failure state outlives its retry_at by this much, so that the count of failures in a row
+# (and with it the backoff) survives until the next attempt has been made.
+FAILURE_MEMORY = 300.0
+ORIGIN = "memory"
+
+
+class MemoryTokens:
+    """One credential's token state in this process (see TokenStore)."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._token: SharedToken | None = None
+        self._failure: FetchFailure | None = None
+        self._owner: str | None = None
+        self._lock_until = 0.0
+        self._refusing: dict[str, float] = {}
+        self._generation = 0
+        self._changed = asyncio.Event()
+
+    async def load(self) -> TokenSnapshot:
+        return self.snapshot()
+
+    def snapshot(self) -> TokenSnapshot:
+        """As load(), without a wait (the fallback store reads it this way)."""
+        now = self._clock()
+        token = self._token
+        if token is not None and token.expires_at <= now:
+            token = self._token = None
+        failure = self._failure
+        if failure is not None and failure.retry_at + FAILURE_MEMORY <= now:
+            failure = self._failure = None
+        return TokenSnapshot(token=token, failure=failure, generation=self._generation)
+
+    async def publish(
+        self, *, value: str, obtained_at: float, expires_at: float, scope: str | None
+    ) -> SharedToken:
+        token = SharedToken(
+            value=value,
+            obtained_at=obtained_at,
+            expires_at=expires_at,
+            scope=scope,
+            version=secrets.token_hex(12),
+        )
+        self.install(token)
+        return token
+
+    def install(self, token: SharedToken) -> None:
+        """Make `token`, version and all, the current one (what another store published)."""
+        if self._token is not None and self._token.version == token.version:
+            return
+        self._token = token
+        self._failure = None
+        self._bump()
+
+    def mirror(self, snapshot: TokenSnapshot) -> None:
+        """Take on another store's state, token and failure as they are (the fallback store
+        keeps what Redis said, for when it goes on alone)."""
+        token = snapshot.token
+        same_token = (self._token.version if self._token else None) == (
+            token.version if token else None
+        )
+        if same_token and self._failure == snapshot.failure:
+            return
+        self._token = token
+        self._failure = snapshot.failure
+        self._bump()
+
+    async def drop(self, version: str) -> bool:
+        token = self.snapshot().token
+        if token is None or token.version != version:
+            return False
+        self._token = None
+        self._bump()
+        return True
+
+    async def record_failure(self, failure: FetchFailure) -> None:
+        self.install_failure(failure)
+
+    def install_failure(self, failure: FetchFailure) -> None:
+        """As record_failure, without a wait."""
+        if self._failure == failure:
+            return
+        self._failure = failure
+        self._bump()
+
+    async def lock(self, ttl: float) -> str | None:
+        now = self._clock()
+        if self._owner is not None and now < self._lock_until:
+            return None
+        self._owner = secrets.token_hex(16)
+        self._lock_until = now + ttl
+        return self._owner
+
+    async def unlock(self, owner: str) -> bool:
+        if self._owner is None or not secrets.compare_digest(self._owner, owner):
+            return False
+        if self._clock() >= self._lock_until:
+            self._owner = None
+            return False
+        self._owner = None
+        self._bump()
+        return True
+
+    async def wait_changed(self, generation: int) -> None:
+        while self._generation <= generation:
+            await self._changed.wait()
+
+    async def remember_refusing(self, path: str, seconds: float) -> None:
+        self.install_refusing(path, self._clock() + seconds)
+
+    def install_refusing(self, path: str, until: float) -> None:
+        now = self._clock()
+        for known in [known for known, end in self._refusing.items() if end <= now]:
+            del self._refusing[known]
+        self._refusing[path] = max(until, self._refusing.get(path, 0.0))
+
+    async def refuses(self, path: str) -> bool:
+        until = self._refusing.get(path)
+        return until is not None and self._clock() < until
+
+    def _bump(self) -> None:
+        self._generation += 1
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+
+class _Window:
+    """The settled entries of one limiter (their times, oldest first) and its pending ones
+    (their ids and the times they stop counting)."""
+
+    __slots__ = ("counted", "pending")
+
+    def __init__(self) -> None:
+        self.counted: deque[float] = deque()
+        self.pending: dict[str, float] = {}
+
+    def expire(self, now: float, longest: float) -> None:
+        counted = self.counted
+        while counted and counted[0] < now - longest:
+            counted.popleft()
+        for entry in [entry for entry, until in self.pending.items() if until <= now]:
+            del self.pending[entry]
+
+    def free_at(self, claim: Claim, now: float) -> float:
+        """When this limiter has room for one more (now if it has): an entry counts while its
+        time is at least now - window, as in the `limits` library's moving window."""
+        free_at = now
+        counted = self.counted
+        pending = len(self.pending)
+        for rate in claim.rates:
+            start = bisect.bisect_left(counted, now - rate.seconds)
+            in_window = len(counted) - start
+            over = in_window + pending + 1 - rate.amount
+            if over <= 0:
+                continue
+            if over <= in_window:
+                leaves = counted[start + over - 1] + rate.seconds
+                free_at = max(free_at, _after(leaves))
+            else:
+                # Pending entries fill it: they are counted when they settle, at now at the
+                # earliest, and leave one window after that.
+                free_at = max(free_at, now + rate.seconds)
+        return free_at
+
+
+def _after(moment: float) -> float:
+    """Just after `moment` (a microsecond, as Redis counts): when an entry that reaches the
+    edge of its window at `moment` has left it."""
+    return moment + 1e-6
+
+
+class MemoryCounters:
+    """Rate-limit counters and 429 pauses in this process (see LimitStore, PauseStore)."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._windows: dict[str, _Window] = {}
+        self._paused: dict[str, float] = {}
+
+    def _window(self, claim: Claim, now: float) -> _Window:
+        window = self._windows.get(claim.key)
+        if window is None:
+            window = self._windows[claim.key] = _Window()
+        window.expire(now, claim.longest)
+        return window
+
+    def _free_at(self, claims: Sequence[Claim], now: float) -> float:
+        free_at = now
+        for claim in claims:
+            free_at = max(free_at, self._paused.get(claim.key, 0.0))
+            free_at = max(free_at, self._window(claim, now).free_at(claim, now))
+        return free_at
+
+    async def acquire(self, claims: Sequence[Claim], *, hold: float) -> Admission:
+        now = self._clock()
+        free_at = self._free_at(claims, now)
+        if free_at > now:
+            return Admission(slot=None, wait=free_at - now)
+        entry = secrets.token_hex(8)
+        for claim in claims:
+            self._windows[claim.key].pending[entry] = now + hold
+        return Admission(slot=Slot(id=entry, claims=tuple(claims), origin=ORIGIN), wait=0.0)
+
+    async def settle(self, slot: Slot) -> None:
+        now = self._clock()
+        for claim in slot.claims:
+            window = self._window(claim, now)
+            window.pending.pop(slot.id, None)
+            # Clocks may step back; entries stay in order so that bisect holds.
+            at = max(now, window.counted[-1]) if window.counted else now
+            window.counted.append(at)
+
+    async def release(self, slot: Slot) -> None:
+        for claim in slot.claims:
+            window = self._windows.get(claim.key)
+            if window is not None:
+                window.pending.pop(slot.id, None)
+
+    async def next_free(self, claims: Sequence[Claim]) -> float:
+        now = self._clock()
+        return self._free_at(claims, now) - now
+
+    async def pause(self, key: str, seconds: float) -> float:
+        return self.install_pause(key, seconds)
+
+    def install_pause(self, key: str, seconds: float) -> float:
+        """As pause(), without a wait (the fallback store mirrors shared pauses this way)."""
+        now = self._clock()
+        until = max(now + seconds, self._paused.get(key, 0.0))
+        self._paused[key] = until
+        return until - now
+
+    async def pause_left(self, key: str) -> float:
+        return max(0.0, self._paused.get(key, 0.0) - self._clock())
+
+    def counted(self, key: str) -> list[float]:
+        """The times at which the settled entries of `key` were counted (for tests)."""
+        window = self._windows.get(key)
+        return list(window.counted) if window is not None else []
+
+
+class MemoryStore:
+    """Shared state within this process only (the default, and the fallback's own)."""
+
+    backend = "memory"
+
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._tokens: dict[str, MemoryTokens] = {}
+        self._counters = MemoryCounters(clock=clock)
+
+    async def start(self) -> None:
+        """Nothing runs in the background."""
+
+    async def close(self) -> None:
+        """Nothing to close."""
+
+    def tokens(self, identity: CredentialIdentity, secret: str) -> MemoryTokens:
+        tokens = self._tokens.get(identity.digest)
+        if tokens is None:
+            tokens = self._tokens[identity.digest] = MemoryTokens(clock=self._clock)
+        return tokens
+
+    @property
+    def counters(self) -> MemoryCounters:
+        return self._counters
+
+    def state(self) -> dict[str, Any]:
+        return {"backend": self.backend}

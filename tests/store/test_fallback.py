@@ -1,0 +1,206 @@
+"""The fallback store on a real redis-server that the tests kill (SIGKILL), stop (SIGSTOP) and
+start again: no call fails, none waits longer than one timeout, and sharing resumes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+
+from proxy.store.base import ALONE, SHARED, Claim, CredentialIdentity, Rate
+from proxy.store.fallback import FallbackStore
+from proxy.store.redis import RedisStore
+from proxy.store.redis_calls import stop_task
+from proxy.store.redis_url import parse_redis_url
+from tests.conftest import LEAKS, CapturedLog
+from tests.store.conftest import RedisServer, wait_until
+
+TIMEOUT = 0.2
+# What a loaded two-core machine adds to one timeout before a call returns.
+SLACK = 0.15
+SECRET = "Fallback-Client-Secret-77a1"
+IDENTITY = CredentialIdentity.of(token_url="https://oauth.example.test/token", client_id="fb")
+LIMIT = Claim(key="credential", rates=(Rate(1000, 1.0),))
+
+
+@contextlib.asynccontextmanager
+async def fallback_store(url: str, *, prefix: str = "fb:") -> AsyncIterator[FallbackStore]:
+    store = FallbackStore(
+        RedisStore(parse_redis_url(url), timeout=TIMEOUT, prefix=prefix),
+        probe_interval=0.1,
+        presence_interval=0.2,
+    )
+    await store.start()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def _publish(store: FallbackStore, label: str) -> str:
+    value = f"fallback-token-{label}-{time.monotonic_ns()}"
+    LEAKS.tokens.add(value)
+    now = time.time()
+    await store.tokens(IDENTITY, SECRET).publish(
+        value=value, obtained_at=now, expires_at=now + 60, scope=None
+    )
+    return value
+
+
+class Traffic:
+    """Calls a request would make (read the token, take and settle a slot), in a loop, each
+    round timed and marked with the state the store was in when it began."""
+
+    def __init__(self, store: FallbackStore) -> None:
+        self.store = store
+        self.rounds: list[tuple[float, str]] = []
+        self.tokens_seen: list[str | None] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        tokens, counters = self.store.tokens(IDENTITY, SECRET), self.store.counters
+        while True:
+            state = self.store.state()["state"]
+            started = time.monotonic()
+            snapshot = await tokens.load()
+            admission = await counters.acquire([LIMIT], hold=5.0)
+            if admission.slot is not None:
+                await counters.settle(admission.slot)
+            self.rounds.append((time.monotonic() - started, state))
+            self.tokens_seen.append(snapshot.token.value if snapshot.token else None)
+            await asyncio.sleep(0.005)
+
+    async def __aenter__(self) -> Traffic:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        await stop_task(self._task)
+
+    def slowest(self) -> float:
+        return max(duration for duration, _ in self.rounds)
+
+
+async def test_redis_killed_the_replica_goes_alone_at_once_and_shares_again_when_it_is_back(
+    redis_server_with_password: RedisServer, proxy_log: CapturedLog
+) -> None:
+    server = redis_server_with_password
+    async with fallback_store(server.url) as store:
+        assert store.state()["state"] == SHARED
+        assert store.store_up() == 1
+        value = await _publish(store, "before")
+        async with Traffic(store) as traffic:
+            await wait_until(lambda: len(traffic.rounds) > 20)
+            server.kill()
+            await wait_until(lambda: store.state()["state"] == ALONE, timeout=TIMEOUT + SLACK)
+            count = len(traffic.rounds)
+            await wait_until(lambda: len(traffic.rounds) > count + 50, timeout=5)
+            assert store.store_up() == 0
+            assert store.errors().get("connection", 0) >= 1
+            # Alone, the replica still has the token it last saw in Redis.
+            assert traffic.tokens_seen[-1] == value
+            await server.restart()
+            await wait_until(lambda: store.state()["state"] == SHARED, timeout=10)
+            count = len(traffic.rounds)
+            await wait_until(lambda: len(traffic.rounds) > count + 20, timeout=5)
+        print(f"Redis killed: slowest round {traffic.slowest():.3f} s of {len(traffic.rounds)}")
+        assert traffic.slowest() <= TIMEOUT + SLACK
+        alone = [duration for duration, state in traffic.rounds if state == ALONE]
+        assert alone
+        assert max(alone) < 0.05  # nothing is spent on the dead Redis
+        assert store.store_up() == 1
+        # Shared again: what it publishes is in the new Redis.
+        fresh = await _publish(store, "after")
+        assert store.shared_store is not None
+        loaded = await store.shared_store.tokens(IDENTITY, SECRET).load()
+        assert loaded.token is not None
+        assert loaded.token.value == fresh
+        state = store.state()
+    warnings = [
+        line for line in proxy_log.lines(min_level="warning") if "goes on alone" in line["event"]
+    ]
+    assert len(warnings) == 1
+    assert any("sharing resumed" in line["event"] for line in proxy_log.lines())
+    assert server.password is not None
+    assert server.password not in proxy_log.text()
+    assert server.password not in json.dumps(state)
+    assert set(state) >= {"backend", "state", "since", "replicas", "errors", "last_error"}
+    assert state["backend"] == "redis"
+
+
+async def test_redis_stopped_each_call_costs_at_most_one_timeout(
+    redis_server: RedisServer,
+) -> None:
+    async with fallback_store(redis_server.url) as store:
+        tokens = store.tokens(IDENTITY, SECRET)
+        await _publish(store, "stop")
+        waiter_generation = (await tokens.load()).generation
+        waiter = asyncio.create_task(tokens.wait_changed(waiter_generation))
+        async with Traffic(store) as traffic:
+            await wait_until(lambda: len(traffic.rounds) > 20)
+            redis_server.stop()
+            stopped_at = time.monotonic()
+            # Calls already under way each wait one timeout, in parallel, then go alone.
+            started = time.monotonic()
+            results = await asyncio.gather(*(tokens.load() for _ in range(10)))
+            assert time.monotonic() - started <= TIMEOUT + SLACK
+            assert all(result.token is not None for result in results)
+            await wait_until(lambda: store.state()["state"] == ALONE, timeout=TIMEOUT + SLACK)
+            # A waiter on Redis is told to read again, from memory now.
+            async with asyncio.timeout(TIMEOUT + SLACK):
+                await waiter
+            assert time.monotonic() - stopped_at <= TIMEOUT + SLACK
+            assert store.errors().get("timeout", 0) >= 1
+            count = len(traffic.rounds)
+            await wait_until(lambda: len(traffic.rounds) > count + 50, timeout=5)
+            redis_server.cont()
+            await wait_until(lambda: store.state()["state"] == SHARED, timeout=10)
+            count = len(traffic.rounds)
+            await wait_until(lambda: len(traffic.rounds) > count + 20, timeout=5)
+        print(f"Redis stopped: slowest round {traffic.slowest():.3f} s of {len(traffic.rounds)}")
+        assert traffic.slowest() <= TIMEOUT + SLACK
+
+
+async def test_redis_down_at_start_up_is_no_error_and_sharing_begins_when_it_answers(
+    redis_server: RedisServer, proxy_log: CapturedLog
+) -> None:
+    redis_server.kill()
+    started = time.monotonic()
+    async with fallback_store(redis_server.url) as store:
+        assert time.monotonic() - started <= TIMEOUT + SLACK
+        assert store.state()["state"] == ALONE
+        tokens = store.tokens(IDENTITY, SECRET)
+        owner = await tokens.lock(10.0)  # alone: the lock is this process's own
+        assert owner is not None
+        await redis_server.restart()
+        await wait_until(lambda: store.state()["state"] == SHARED, timeout=10)
+        # The lock taken alone is released where it was taken.
+        assert await tokens.unlock(owner)
+        shared_owner = await tokens.lock(10.0)
+        assert shared_owner is not None
+        assert await tokens.lock(10.0) is None
+        assert await tokens.unlock(shared_owner)
+    events = [line["event"] for line in proxy_log.lines(min_level="info")]
+    assert sum("does not answer at start-up" in event for event in events) == 1
+    assert sum("sharing resumed" in event for event in events) == 1
+
+
+async def test_alone_each_replica_keeps_to_its_share_of_a_limit(
+    redis_server: RedisServer,
+) -> None:
+    limit = [Claim(key="credential", rates=(Rate(10, 1.0), Rate(3600, 3600.0)))]
+    async with (
+        fallback_store(redis_server.url, prefix="share:") as one,
+        fallback_store(redis_server.url, prefix="share:") as two,
+    ):
+        await wait_until(lambda: one.replicas == 2 and two.replicas == 2, timeout=5)
+        redis_server.kill()
+        admitted = 0
+        while (await one.counters.acquire(limit, hold=5.0)).slot is not None:
+            admitted += 1
+        assert one.state()["state"] == ALONE
+        assert admitted == 5
+        assert await one.counters.next_free(limit) > 0
