@@ -54,7 +54,9 @@ lint: $(DEV_STAMP)
 typecheck: $(DEV_STAMP)
 	$(BIN)/mypy
 
+# The store tests start a real redis-server: Debian's package is installed when it is missing.
 test: $(DEV_STAMP) lint typecheck
+	scripts/ensure-redis-server
 	$(BIN)/pytest
 	$(BIN)/pytest -q tests/functional --upstream-client aiohttp
 

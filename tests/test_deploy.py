@@ -5,6 +5,7 @@ probes run against a real proxy process the way the container would run them."""
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import json
 import os
 import re
@@ -268,7 +269,22 @@ def test_dockerignore_sends_only_what_the_build_copies() -> None:
     assert copied == allowed
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     assert pyproject["project"]["readme"] in allowed
-    assert set(pyproject["tool"]["setuptools"]["packages"]) <= allowed
+    included = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert {pattern.split(".")[0] for pattern in included} <= allowed
+
+
+def test_every_package_of_proxy_is_built_into_the_wheel() -> None:
+    """setuptools' find patterns take in every package under proxy/, so none is missing from
+    `pip install .` or the image."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    included = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {
+        ".".join(init.parent.relative_to(ROOT).parts)
+        for init in (ROOT / "proxy").rglob("__init__.py")
+    }
+    assert len(packages) > 1
+    for package in packages:
+        assert any(fnmatch.fnmatchcase(package, pattern) for pattern in included), package
 
 
 # --- the image's behaviour, reproduced with a real process ---------------------------------------
