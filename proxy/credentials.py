@@ -4,10 +4,7 @@ single flight, exponential backoff with full jitter, and dropped when upstream r
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import json
-import math
 import random
 import time
 from collections.abc import Callable
@@ -22,11 +19,10 @@ from proxy.config import Credential
 from proxy.errors import ClientRejected, TokenEndpointError, TokenUnavailable
 from proxy.log import get_logger, redactor
 from proxy.metrics import Metrics
+from proxy.oauth import basic_credentials, parse_token_response
 
 log = get_logger("proxy.credentials")
 
-DEFAULT_EXPIRES_IN = 3600.0
-MAX_EXPIRES_IN = 365 * 24 * 3600.0
 REFRESH_FRACTION = 0.8
 SAFETY_MARGIN_CAP = 30.0
 SAFETY_MARGIN_FRACTION = 0.1
@@ -35,7 +31,6 @@ BACKOFF_CAP = 60.0
 # At most one token is dropped for an upstream 401 in this many seconds, per credential.
 INVALIDATE_COOLDOWN = 10.0
 MAX_TOKEN_RESPONSE = 1024 * 1024
-_DESCRIPTION_LIMIT = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,77 +64,6 @@ def backoff_delay(attempt: int, *, rng: Callable[[], float] = random.random) -> 
     doublings = min(max(0, attempt - 1), 32)  # 2**32 s is far past the cap, and never overflows
     ceiling = min(BACKOFF_CAP, BACKOFF_BASE * 2.0**doublings)
     return rng() * ceiling
-
-
-def parse_token_response(
-    status: int, content_type: str, body: bytes
-) -> tuple[str, float, str | None]:
-    """Read an RFC 6749 5.1 answer, or raise TokenEndpointError for a 5.2 or malformed one."""
-    try:
-        payload: object = json.loads(body)
-    except ValueError:
-        payload = None
-    if not isinstance(payload, dict):
-        error = "invalid_client" if status == 401 else "invalid_response"
-        raise TokenEndpointError(
-            f"token endpoint answered HTTP {status} with a body that is not a JSON object "
-            f"(content-type {content_type or 'none'!r})",
-            error=error,
-            status_code=status,
-        )
-    if status != 200 or "error" in payload:
-        raw_error = payload.get("error")
-        error = (
-            raw_error
-            if isinstance(raw_error, str) and raw_error.isprintable()
-            else f"http_{status}"
-        )
-        detail = f"token endpoint answered HTTP {status}: {error}"
-        description = payload.get("error_description")
-        if isinstance(description, str) and description:
-            detail += f" ({description[:_DESCRIPTION_LIMIT]!r})"
-        raise TokenEndpointError(detail, error=error[:64], status_code=status)
-    access_token = payload.get("access_token")
-    if not isinstance(access_token, str) or not access_token:
-        raise TokenEndpointError(
-            "token endpoint answered 200 without an access_token",
-            error="invalid_response",
-            status_code=status,
-        )
-    token_type = payload.get("token_type", "bearer")
-    if not isinstance(token_type, str) or token_type.lower() != "bearer":
-        raise TokenEndpointError(
-            f"token endpoint issued a token_type of {str(token_type)[:32]!r}; only bearer "
-            "tokens can be forwarded",
-            error="unsupported_token_type",
-            status_code=status,
-        )
-    expires_in = _expires_in(payload.get("expires_in"), status)
-    scope = payload.get("scope")
-    return access_token, expires_in, scope if isinstance(scope, str) else None
-
-
-def _expires_in(raw: Any, status: int) -> float:
-    if raw is None:
-        return DEFAULT_EXPIRES_IN
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        value = -1.0
-    if not 0 < value < math.inf or isinstance(raw, bool):
-        raise TokenEndpointError(
-            f"token endpoint answered an expires_in of {str(raw)[:32]!r}, not a positive number",
-            error="invalid_response",
-            status_code=status,
-        )
-    # A token that claims to live for more than a year is refreshed yearly all the same.
-    return min(value, MAX_EXPIRES_IN)
-
-
-def _basic_credentials(client_id: str, secret: str) -> str:
-    """RFC 6749 2.3.1: id and secret are form-urlencoded, then joined and Base64-encoded."""
-    pair = f"{quote_plus(client_id)}:{quote_plus(secret)}"
-    return base64.b64encode(pair.encode()).decode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +104,7 @@ def _register_secrets(credential: Credential) -> None:
     secret = credential.client_secret.get_secret_value()
     redactor.add_secret(secret)
     redactor.add_secret(quote_plus(secret))
-    redactor.add_secret(_basic_credentials(credential.client_id, secret))
+    redactor.add_secret(basic_credentials(credential.client_id, secret))
 
 
 class _TokenHolder:
@@ -374,7 +298,7 @@ class TokenManager(_TokenHolder):
         headers = {"Accept": "application/json"}
         secret = credential.client_secret.get_secret_value()
         if credential.auth_method == "client_secret_basic":
-            headers["Authorization"] = "Basic " + _basic_credentials(credential.client_id, secret)
+            headers["Authorization"] = "Basic " + basic_credentials(credential.client_id, secret)
         else:
             form["client_id"] = credential.client_id
             form["client_secret"] = secret

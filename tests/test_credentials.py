@@ -15,9 +15,10 @@ import pytest
 from aiohttp import web
 
 from proxy.config import Credential
-from proxy.credentials import Token, TokenManager, backoff_delay, parse_token_response
+from proxy.credentials import Token, TokenManager, backoff_delay
 from proxy.errors import ClientRejected, TokenEndpointError, TokenUnavailable
 from proxy.metrics import Metrics
+from proxy.oauth import parse_token_response
 from tests.conftest import TEST_CLIENT_ID, TEST_SECRET, FakeTokenServer, free_port, wait_for
 
 # An id and a secret with every character RFC 6749 2.3.1 form-urlencoding changes.
