@@ -19,7 +19,7 @@ from proxy.config import Credential
 from proxy.errors import ClientRejected, TokenEndpointError, TokenUnavailable
 from proxy.log import get_logger, redactor
 from proxy.metrics import Metrics
-from proxy.oauth import basic_credentials, parse_token_response
+from proxy.oauth import basic_credentials, oauth_error, parse_token_response
 
 log = get_logger("proxy.credentials")
 
@@ -73,6 +73,7 @@ class TokenStatus:
     token: Token | None
     failures: int = 0
     last_error: str | None = None
+    last_error_description: str | None = None
     rejected: bool = False
     retry_at: float | None = None
     invalidated_at: float | None = None
@@ -137,6 +138,7 @@ class _TokenHolder:
             "ready": usable,
             "expires_in": round(token.expires_at - now, 1) if token is not None else None,
             "last_error": status.last_error,
+            "last_error_description": status.last_error_description,
             "consecutive_failures": status.failures,
             "next_retry_in": (
                 round(max(0.0, status.retry_at - now), 1)
@@ -174,15 +176,20 @@ class _TokenHolder:
         return self._clock() - token.obtained_at
 
     def _rejected(self) -> ClientRejected:
+        status = self.status()
+        answered = oauth_error(status.last_error or "invalid_client", status.last_error_description)
         return ClientRejected(
-            f"the token endpoint rejected the client credentials of {self.name!r}; "
-            "check client_id and client_secret",
+            f"the token endpoint rejected the client credentials of {self.name!r} with "
+            f"{answered}; check client_id and client_secret",
             retry_after=self._retry_after(),
         )
 
     def _unavailable(self) -> TokenUnavailable:
-        error = self.status().last_error
-        reason = f" (last error: {error})" if error else ""
+        status = self.status()
+        error = status.last_error
+        reason = (
+            f" (last error: {oauth_error(error, status.last_error_description)})" if error else ""
+        )
         return TokenUnavailable(
             f"no usable access token for credential {self.name!r} within "
             f"{self._wait_timeout:g} s{reason}",
@@ -256,6 +263,7 @@ class TokenManager(_TokenHolder):
             token=self._token,
             failures=self._failures,
             last_error=error.error if error is not None else None,
+            last_error_description=error.description if error is not None else None,
             rejected=error is not None and error.rejects_client,
             retry_at=self._next_attempt_at,
             invalidated_at=self._invalidated_at,

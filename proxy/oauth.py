@@ -10,10 +10,12 @@ from typing import Any
 from urllib.parse import quote_plus
 
 from proxy.errors import TokenEndpointError
+from proxy.log import redactor
 
 DEFAULT_EXPIRES_IN = 3600.0
 MAX_EXPIRES_IN = 365 * 24 * 3600.0
 _DESCRIPTION_LIMIT = 200
+_ERROR_LIMIT = 64
 
 
 def parse_token_response(
@@ -35,15 +37,17 @@ def parse_token_response(
     if status != 200 or "error" in payload:
         raw_error = payload.get("error")
         error = (
-            raw_error
-            if isinstance(raw_error, str) and raw_error.isprintable()
+            redactor.scrub(raw_error)[:_ERROR_LIMIT]
+            if isinstance(raw_error, str) and raw_error and raw_error.isprintable()
             else f"http_{status}"
         )
-        detail = f"token endpoint answered HTTP {status}: {error}"
-        description = payload.get("error_description")
-        if isinstance(description, str) and description:
-            detail += f" ({description[:_DESCRIPTION_LIMIT]!r})"
-        raise TokenEndpointError(detail, error=error[:64], status_code=status)
+        description = _description(payload.get("error_description"))
+        raise TokenEndpointError(
+            f"token endpoint answered HTTP {status}: {oauth_error(error, description)}",
+            error=error,
+            status_code=status,
+            description=description,
+        )
     access_token = payload.get("access_token")
     if not isinstance(access_token, str) or not access_token:
         raise TokenEndpointError(
@@ -62,6 +66,23 @@ def parse_token_response(
     expires_in = _expires_in(payload.get("expires_in"), status)
     scope = payload.get("scope")
     return access_token, expires_in, scope if isinstance(scope, str) else None
+
+
+def _description(raw: Any) -> str | None:
+    """The endpoint's error_description as it sent it, bounded, printable and never a secret
+    (it reaches /-/ready and problem bodies, which the log's redactor does not see)."""
+    if not isinstance(raw, str) or not raw:
+        return None
+    # Scrubbed before it is cut, so that no part of a secret is left where the cut falls.
+    text = redactor.scrub(raw)
+    if len(text) > _DESCRIPTION_LIMIT:
+        text = text[: _DESCRIPTION_LIMIT - 1] + "\u2026"
+    return "".join(c if c.isprintable() else "\ufffd" for c in text)
+
+
+def oauth_error(error: str, description: str | None) -> str:
+    """An OAuth error as people read it: the code, and the endpoint's description if any."""
+    return error if description is None else f'{error} ("{description}")'
 
 
 def _expires_in(raw: Any, status: int) -> float:

@@ -17,6 +17,7 @@ from aiohttp import web
 from proxy.config import Credential
 from proxy.credentials import Token, TokenManager, backoff_delay
 from proxy.errors import ClientRejected, TokenEndpointError, TokenUnavailable
+from proxy.log import REDACTED, redactor
 from proxy.metrics import Metrics
 from proxy.oauth import parse_token_response
 from tests.conftest import TEST_CLIENT_ID, TEST_SECRET, FakeTokenServer, free_port, wait_for
@@ -235,6 +236,40 @@ def test_parse_error_response_is_reported_by_name(error: str, rejects: bool, sta
     assert "Client authentication failed" in str(caught.value)
     assert caught.value.status_code == status
     assert caught.value.rejects_client is rejects
+
+
+@pytest.mark.parametrize("status", [400, 401])
+def test_parse_error_keeps_code_and_description_as_sent(status: int) -> None:
+    """The error code and error_description are kept as the endpoint sent them, for the 503's
+    detail and /-/ready."""
+    body = json_body(
+        {"error": "invalid_client", "error_description": "Client authentication failed: id x"}
+    )
+    with pytest.raises(TokenEndpointError) as caught:
+        parse_token_response(status, "application/json", body)
+    assert caught.value.error == "invalid_client"
+    assert caught.value.description == "Client authentication failed: id x"
+    assert 'invalid_client ("Client authentication failed: id x")' in caught.value.detail
+
+
+def test_parse_error_description_is_bounded_printable_and_never_the_secret() -> None:
+    """A description that echoes the secret (even where it is cut), holds control characters
+    or runs long is kept redacted, printable and at most 200 characters long."""
+    redactor.add_secret(TEST_SECRET)
+    echoed = f"bad secret {TEST_SECRET}\x1b[31m!"
+    straddling = "x" * 190 + TEST_SECRET  # cut at 200 first, it would keep "Sup3r-S3c"
+    for text in (echoed, straddling, "y" * 5000):
+        body = json_body({"error": TEST_SECRET, "error_description": text})
+        with pytest.raises(TokenEndpointError) as caught:
+            parse_token_response(401, "application/json", body)
+        description = caught.value.description
+        assert description is not None
+        everything = f"{caught.value} {caught.value.error} {description}"
+        assert TEST_SECRET[:8] not in everything
+        assert description.isprintable()
+        assert len(description) <= 200
+    assert caught.value.error == REDACTED
+    assert description == "y" * 199 + "\u2026"
 
 
 def test_parse_error_in_200_answer_is_an_error() -> None:
@@ -524,8 +559,10 @@ async def test_manager_rejected_client_fails_fast(token_server: FakeTokenServer)
     assert elapsed < 2.0
     assert again < 0.1
     assert "rejected the client credentials" in caught.value.detail
+    assert 'invalid_client ("Client authentication failed")' in caught.value.detail
     assert caught.value.retry_after >= 1
     assert state["last_error"] == "invalid_client"
+    assert state["last_error_description"] == "Client authentication failed"
     assert state["ready"] is False
     assert state["consecutive_failures"] == 1
     assert TEST_SECRET not in json.dumps(state)

@@ -231,15 +231,17 @@ async def test_no_token_waits_then_503_and_ready_follows(
     assert auth_of_requests(upstream, "/data/x") == [f"Bearer {token_server.issued[0]}"]
 
 
+@pytest.mark.parametrize("status", [400, 401])
 async def test_rejected_client_gets_503_quickly_and_ready_names_error(
-    start_proxy: ProxyFactory, token_server: FakeTokenServer, upstream: FakeUpstream
+    start_proxy: ProxyFactory, token_server: FakeTokenServer, upstream: FakeUpstream, status: int
 ) -> None:
     """invalid_client from the token endpoint: requests get a quick 503 saying the credentials
-    were rejected, and /-/ready is 503 naming last_error."""
+    were rejected with the endpoint's error and error_description, and /-/ready is 503 naming
+    both."""
     token_server.script.append(
         web.json_response(
             {"error": "invalid_client", "error_description": "Client authentication failed"},
-            status=401,
+            status=status,
         )
     )
     client = await start_proxy()
@@ -253,6 +255,7 @@ async def test_rejected_client_gets_503_quickly_and_ready_names_error(
     problem = json.loads(text)
     assert elapsed < 2.0  # far below token_wait_timeout (10 s)
     assert "rejected the client credentials" in problem["detail"]
+    assert 'invalid_client ("Client authentication failed")' in problem["detail"]
     assert problem["status"] == 503
     assert retry_after is not None
     assert int(retry_after) >= 1
@@ -271,9 +274,38 @@ async def test_rejected_client_gets_503_quickly_and_ready_names_error(
         ready_text = await ready.text()
     state = json.loads(ready_text)
     assert state["credentials"]["default"]["last_error"] == "invalid_client"
+    assert state["credentials"]["default"]["last_error_description"] == (
+        "Client authentication failed"
+    )
     assert state["credentials"]["default"]["ready"] is False
     assert TEST_SECRET not in ready_text
     assert len(token_server.requests) == 1
+
+
+async def test_rejection_that_echoes_the_secret_is_reported_redacted(
+    start_proxy: ProxyFactory, token_server: FakeTokenServer
+) -> None:
+    """A token endpoint whose error_description quotes the secret back: the 503's detail and
+    /-/ready still name the error and the description, with the secret redacted."""
+    token_server.script.append(
+        web.json_response(
+            {"error": "invalid_client", "error_description": f"unknown secret {TEST_SECRET}"},
+            status=401,
+        )
+    )
+    client = await start_proxy()
+    status, _, body = await fetch(client, "GET", "/data/x")
+    assert status == 503
+    ready_status, _, ready_body = await fetch(client, "GET", "/-/ready")
+    assert ready_status == 503
+    assert TEST_SECRET not in body.decode()
+    assert TEST_SECRET not in ready_body.decode()
+    assert 'invalid_client ("unknown secret [redacted]")' in json.loads(body)["detail"]
+    state = json.loads(ready_body)["credentials"]["default"]
+    assert (state["last_error"], state["last_error_description"]) == (
+        "invalid_client",
+        "unknown secret [redacted]",
+    )
 
 
 # --- upstream 401 --------------------------------------------------------------------------------

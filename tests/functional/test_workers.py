@@ -188,6 +188,29 @@ async def get_fresh(url: str, count: int, *, path: str = "/thing") -> list[tuple
     return results
 
 
+async def send_fresh(
+    url: str, method: str, path: str, *, data: bytes | None = None
+) -> tuple[int, str, bytes]:
+    """One request on a connection of its own; status, the worker that answered, and body."""
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.request(method, url + path, data=data) as response,
+    ):
+        body = await response.read()
+        LEAKS.add(f"the response to {method} {path}", f"{response.headers}\n{body!r}")
+        return response.status, response.headers.get("X-Request-ID", ""), body
+
+
+def workers_by_request(group: Group) -> dict[str, int]:
+    """The worker that answered each request, by request id, as the access lines say so far."""
+    return {
+        str(event["request_id"]): int(event["worker"])
+        for event in group.events()
+        if event.get("logger") == "proxy.access"
+    }
+
+
 async def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     async with aiohttp.ClientSession() as session, session.get(url + "/-/metrics") as response:
         text = await response.text()
@@ -342,8 +365,14 @@ async def test_rejected_client_gives_503_from_every_worker(
     start_group: StartGroup, token_server: FakeTokenServer
 ) -> None:
     """invalid_client at the token endpoint: every worker answers 503 problem+json at once
-    (no wait for a token), and /-/ready says why."""
-    token_server.script = [web.json_response({"error": "invalid_client"}, status=401)]
+    (no wait for a token), and its detail and /-/ready name the endpoint's error and
+    error_description."""
+    token_server.script = [
+        web.json_response(
+            {"error": "invalid_client", "error_description": "Client authentication failed"},
+            status=401,
+        )
+    ]
     group = await start_group(2, ready=False)
     await until(lambda: len(token_server.requests) == 1, "the supervisor asked for a token")
     async with aiohttp.ClientSession() as session:
@@ -360,12 +389,25 @@ async def test_rejected_client_gives_503_from_every_worker(
             await asyncio.sleep(0.05)
         async with session.get(group.url + "/-/ready") as response:
             assert response.status == 503
+        async with session.get(group.url + "/-/ready") as response:
+            state = (await response.json(content_type=None))["credentials"]["default"]
+        assert state["last_error_description"] == "Client authentication failed"
     started = time.monotonic()
     results = await get_fresh(group.url, 16)
     assert time.monotonic() - started < 5
     assert set(results) == {(503, "application/problem+json")}
     await until(lambda: group.access_workers() == {1, 2}, "both workers answered")
     assert len(token_server.requests) == 1
+    details: dict[str, str] = {}  # the 503's detail by request id, until both workers gave one
+    answered: set[int] = set()
+    while answered != {1, 2}:
+        assert time.monotonic() - started < DEADLINE, f"only worker {answered} answered"
+        status, request_id, body = await send_fresh(group.url, "GET", "/data")
+        assert status == 503
+        details[request_id] = json.loads(body)["detail"]
+        answered = {w for rid, w in workers_by_request(group).items() if rid in details}
+    for detail in details.values():
+        assert 'invalid_client ("Client authentication failed")' in detail
 
 
 async def test_port_in_use_is_reported_as_for_one_process(
