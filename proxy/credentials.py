@@ -1,5 +1,6 @@
 """TokenManager: one access token per credential, fetched eagerly, refreshed in the background,
-single flight, exponential backoff with full jitter, and dropped when upstream rejects it."""
+single flight, exponential backoff with full jitter, and dropped when upstream rejects it
+(unless the path that rejected it refuses every token, see proxy.refusals)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from proxy.errors import ClientRejected, TokenEndpointError, TokenUnavailable
 from proxy.log import get_logger, redactor
 from proxy.metrics import Metrics
 from proxy.oauth import basic_credentials, oauth_error, parse_token_response
+from proxy.refusals import REMEMBER_FOR, Evidence, Refusal, RefusingPaths
 
 log = get_logger("proxy.credentials")
 
@@ -28,8 +30,6 @@ SAFETY_MARGIN_CAP = 30.0
 SAFETY_MARGIN_FRACTION = 0.1
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 60.0
-# At most one token is dropped for an upstream 401 in this many seconds, per credential.
-INVALIDATE_COOLDOWN = 10.0
 MAX_TOKEN_RESPONSE = 1024 * 1024
 
 
@@ -76,7 +76,6 @@ class TokenStatus:
     last_error_description: str | None = None
     rejected: bool = False
     retry_at: float | None = None
-    invalidated_at: float | None = None
 
 
 class TokenSource(Protocol):
@@ -97,7 +96,9 @@ class TokenSource(Protocol):
 
     def age(self, token: Token) -> float: ...
 
-    def invalidate(self, token: Token) -> bool: ...
+    def invalidate(self, token: Token, *, path: str, replayable: bool) -> bool: ...
+
+    def replayed(self, path: str, *, rejected: bool) -> None: ...
 
 
 def _register_secrets(credential: Credential) -> None:
@@ -233,7 +234,7 @@ class TokenManager(_TokenHolder):
         self._failures = 0
         self._last_error: TokenEndpointError | None = None
         self._next_attempt_at: float | None = None
-        self._invalidated_at: float | None = None
+        self._paths = RefusingPaths(clock=clock, on_refused=self._log_refused)
         _register_secrets(credential)
         metrics.token_expiry.labels(name).set(0)
         metrics.refresh_failures.labels(name).set(0)
@@ -266,7 +267,6 @@ class TokenManager(_TokenHolder):
             last_error_description=error.description if error is not None else None,
             rejected=error is not None and error.rejects_client,
             retry_at=self._next_attempt_at,
-            invalidated_at=self._invalidated_at,
         )
 
     async def wait_changed(self) -> None:
@@ -280,21 +280,56 @@ class TokenManager(_TokenHolder):
         if self._failures == 0:
             self._wake.set()  # during a backoff the next attempt is already scheduled
 
-    def invalidate(self, token: Token) -> bool:
-        """Upstream rejected `token`: drop it and fetch a new one now (once). True when a newer
-        token is on its way or already here, so that a replay can carry it."""
-        if self._token is not token:
-            return True
-        now = self._clock()
-        if self._invalidated_at is not None and now - self._invalidated_at < INVALIDATE_COOLDOWN:
-            # The token that replaced a rejected one is rejected too: the API refuses this
-            # credential for that path (a user-token endpoint, say), and new tokens won't help.
+    def invalidate(self, token: Token, *, path: str, replayable: bool) -> bool:
+        """Upstream answered 401 to `token` at `path` (its URL without the query): drop the
+        token and fetch a new one now (single flight), unless what that path showed says a new
+        token will not help. True when a newer token is on its way or already here, so that a
+        replay can carry it; False: the 401 goes to the client as it is."""
+        return self._on_401(
+            path, token.obtained_at, current=self._token is token, replayable=replayable
+        )
+
+    def relayed_401(self, obtained_at: float, *, path: str, replayable: bool) -> None:
+        """invalidate() for a worker, which names its token by the time it was obtained."""
+        token = self._token
+        current = token is not None and token.obtained_at == obtained_at
+        self._on_401(path, obtained_at, current=current, replayable=replayable)
+
+    def replayed(self, path: str, *, rejected: bool) -> None:
+        """The replay at `path`, with a token newer than the one rejected, was answered:
+        rejected too (a user-token endpoint, say: for a while its 401s drop no token and are
+        not replayed), or not (a revoked token, which the new one replaced)."""
+        self._paths.replayed(path, rejected=rejected)
+
+    def _on_401(self, path: str, obtained_at: float, *, current: bool, replayable: bool) -> bool:
+        if self._paths.spares(path, obtained_at=obtained_at, replayable=replayable):
             return False
-        self._invalidated_at = now
+        if not current:
+            return True
+        self._paths.dropped(path, obtained_at=obtained_at, replayable=replayable)
         self._token = None
         log.info("token rejected upstream, fetching a new one", credential=self.name)
         self._wake.set()
         return True
+
+    def _log_refused(self, path: str) -> None:
+        log.info(
+            "upstream rejected a fresh token too; this path's 401s go to the client for a while",
+            credential=self.name,
+            path=path,
+            seconds=REMEMBER_FOR,
+        )
+
+    def remembered(self, path: str) -> Refusal | None:
+        """What a worker should hold of `path` (the supervisor tells them); a replay under way
+        stays here, where every worker's 401s are decided."""
+        known = self._paths.get(path)
+        return None if known is None or known.evidence is Evidence.REPLAYING else known
+
+    def refusals(self) -> list[tuple[str, Refusal]]:
+        """Every path remembered() would tell of (for a worker that starts late)."""
+        paths = self._paths.items()
+        return [(path, known) for path, known in paths if known.evidence is not Evidence.REPLAYING]
 
     async def fetch(self) -> Token:
         """One token request, as RFC 6749 4.4 describes it; raises TokenEndpointError."""
@@ -436,8 +471,10 @@ class TokenManager(_TokenHolder):
 class TokenReplica(_TokenHolder):
     """A worker process's copy of one credential's token, which the supervisor's TokenManager
     fetches and refreshes for every worker: `apply` installs what the supervisor sends, and
-    `ask` carries this copy's requests back (fetch now, or drop a token upstream rejected).
-    It answers the forwarder as the TokenManager would, cooldown of invalidate included."""
+    `ask` carries this copy's requests back (fetch now, drop a token upstream rejected, how a
+    replay was answered). It answers the forwarder as the TokenManager would, and the 401
+    rule's memory of paths is the supervisor's: it decides each drop for the group, and the
+    worker's link copies what it learnt into `paths`."""
 
     def __init__(
         self,
@@ -445,6 +482,7 @@ class TokenReplica(_TokenHolder):
         name: str,
         credential: Credential,
         ask: Callable[[dict[str, Any]], None],
+        paths: RefusingPaths | None = None,
         wait_timeout: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -455,6 +493,7 @@ class TokenReplica(_TokenHolder):
         self._status = TokenStatus(token=None)
         self._changed = asyncio.Event()
         self._asked = False
+        self._paths = paths if paths is not None else RefusingPaths(clock=clock)
         _register_secrets(credential)
 
     def start(self) -> None:
@@ -483,16 +522,33 @@ class TokenReplica(_TokenHolder):
             self._asked = True
             self._ask({"ask": "token", "credential": self.name})
 
-    def invalidate(self, token: Token) -> bool:
-        """As TokenManager.invalidate, for the whole group: the supervisor drops the token
-        and fetches one new one, and the cooldown counts every worker's 401s."""
+    def invalidate(self, token: Token, *, path: str, replayable: bool) -> bool:
+        """As TokenManager.invalidate, for the whole group: the supervisor drops the token and
+        fetches one new one, unless what any worker showed of `path` says otherwise (then it
+        sends the same token back, and what it knows of the path)."""
+        if self._paths.spares(path, obtained_at=token.obtained_at, replayable=replayable):
+            return False
         status = self._status
         current = status.token
         if current is None or current.obtained_at != token.obtained_at:
             return True
-        now = self._clock()
-        if status.invalidated_at is not None and now - status.invalidated_at < INVALIDATE_COOLDOWN:
-            return False
-        self._status = replace(status, token=None, invalidated_at=now)
-        self._ask({"ask": "invalidate", "credential": self.name, "obtained_at": token.obtained_at})
+        self._status = replace(status, token=None)
+        self._ask(
+            {
+                "ask": "invalidate",
+                "credential": self.name,
+                "obtained_at": token.obtained_at,
+                "path": path,
+                "replayable": replayable,
+            }
+        )
         return True
+
+    def replayed(self, path: str, *, rejected: bool) -> None:
+        """As TokenManager.replayed; the supervisor tells every worker of a refusing path."""
+        if rejected:
+            known = self._paths.get(path)
+            if known is not None and known.evidence is Evidence.REFUSED:
+                return  # the supervisor knows: it told this worker, or this worker told it
+            self._paths.replayed(path, rejected=True)
+        self._ask({"ask": "replayed", "credential": self.name, "path": path, "rejected": rejected})

@@ -55,6 +55,23 @@ def rejects_token(token_server: FakeTokenServer, index: int = 0) -> Handler:
     return handler
 
 
+def revoking(revoked: set[str]) -> Handler:
+    """An upstream handler answering 401 to every token in `revoked` (as Authorization values),
+    200 to any other."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Authorization") in revoked:
+            return web.json_response({"error": "invalid_token"}, status=401)
+        return web.json_response({"ok": True, "path": request.raw_path})
+
+    return handler
+
+
+async def needs_user_token(request: web.Request) -> web.StreamResponse:
+    """An upstream handler refusing every application token, as a user-token endpoint does."""
+    return web.json_response({"error": "needs a user token"}, status=401)
+
+
 def auth_of_requests(upstream: FakeUpstream, path: str) -> list[str | None]:
     return [
         request.header("Authorization")
@@ -448,6 +465,113 @@ async def test_upstream_401_forever_is_not_looped(
     assert len(token_server.requests) == 2
 
 
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_two_revocations_milliseconds_apart_both_end_in_200(
+    start_proxy: ProxyFactory, token_server: FakeTokenServer, upstream: FakeUpstream, method: str
+) -> None:
+    """The token in use is revoked, and its replacement too the moment it is in use: each
+    revocation costs one token fetch and the request (bodiless, or with a small buffered body)
+    is replayed and succeeds, however soon after the previous fetch."""
+    revoked: set[str] = set()
+    upstream.handlers["/thing"] = revoking(revoked)
+    client = await start_proxy()
+    await wait_for(lambda: manager_of(client).ready, timeout=5)
+    payload = b'{"small": "body"}' if method == "POST" else None
+    for _ in range(2):
+        revoked.add(f"Bearer {token_server.issued[-1]}")
+        status, _, body = await fetch(client, method, "/thing", data=payload)
+        assert status == 200, body
+    first, second, third = token_server.issued
+    assert len(token_server.requests) == 3
+    assert auth_of_requests(upstream, "/thing") == [
+        f"Bearer {first}",
+        f"Bearer {second}",
+        f"Bearer {second}",
+        f"Bearer {third}",
+    ]
+    assert {request.body for request in upstream.requests} == {payload or b""}
+
+
+async def test_refusing_path_between_good_requests_costs_one_token_fetch(
+    start_proxy: ProxyFactory, token_server: FakeTokenServer, upstream: FakeUpstream
+) -> None:
+    """Twenty pairs of a request to a path that refuses every application token and a good
+    request elsewhere: the refusing path costs one token fetch (its first 401, whose replay
+    with the new token is rejected too), then its 401s go to the client without a fetch or a
+    replay, and every good request succeeds."""
+    upstream.handlers["/profile/user/wow"] = needs_user_token
+    client = await start_proxy()
+    await wait_for(lambda: manager_of(client).ready, timeout=5)
+    for _ in range(20):
+        status, _, body = await fetch(client, "GET", "/profile/user/wow?locale=en_US")
+        assert status == 401
+        assert json.loads(body) == {"error": "needs a user token"}
+        status, _, _ = await fetch(client, "GET", "/data/wow/realm/index")
+        assert status == 200
+    assert len(token_server.requests) <= 3
+    assert len(token_server.requests) == 2  # the first token, and one for the path's first 401
+    assert len(auth_of_requests(upstream, "/profile/user/wow")) == 21  # one replay
+
+
+async def test_a_401_to_the_new_token_before_the_replay_answers_is_evidence_too(
+    start_proxy: ProxyFactory, token_server: FakeTokenServer, upstream: FakeUpstream
+) -> None:
+    """Requests at a refusing path that waited for the new token alongside the replay are
+    answered 401 before the replay is: the path still costs one token fetch, because a 401
+    there to the token fetched for a 401 there is the evidence, whichever request brings it."""
+    answered: list[str] = []  # the r= of each request answered with the second token
+
+    async def refusing(request: web.Request) -> web.StreamResponse:
+        second = token_server.issued[1:2]
+        if second and request.headers.get("Authorization") == f"Bearer {second[0]}":
+            if request.query["r"] == "1":  # the replay waits for the other four
+                await wait_for(lambda: len(answered) == 4, timeout=5)
+            answered.append(request.query["r"])
+        return web.json_response({"error": "needs a user token"}, status=401)
+
+    upstream.handlers["/profile/user/wow"] = refusing
+    client = await start_proxy()
+    await wait_for(lambda: manager_of(client).ready, timeout=5)
+    token_server.release = asyncio.Event()
+    try:
+        tasks = [asyncio.create_task(fetch(client, "GET", "/profile/user/wow?r=1"))]
+        await wait_for(lambda: len(token_server.requests) == 2, timeout=5)  # held
+        tasks += [
+            asyncio.create_task(fetch(client, "GET", f"/profile/user/wow?r={r}"))
+            for r in range(2, 6)
+        ]
+        await wait_for(lambda: in_flight(client) == 5, timeout=5)
+    finally:
+        token_server.release.set()
+    results = await asyncio.gather(*tasks)
+    assert [status for status, _, _ in results] == [401] * 5
+    assert sorted(answered[:4]) == ["2", "3", "4", "5"]
+    assert answered[4:] == ["1"]
+    assert len(token_server.requests) == 2
+    assert len(auth_of_requests(upstream, "/profile/user/wow")) == 6  # one replay
+
+
+async def test_revocation_right_after_a_refusing_path_was_learnt_still_succeeds(
+    start_proxy: ProxyFactory, token_server: FakeTokenServer, upstream: FakeUpstream
+) -> None:
+    """Both halves of the 401 rule in one stream of traffic: a refusing path is learnt, then
+    the token is revoked a moment later; the good requests are replayed with a new token and
+    succeed, and the refusing path still costs no more fetches."""
+    revoked: set[str] = set()
+    upstream.handlers["/profile/user/wow"] = needs_user_token
+    upstream.handlers["/good"] = revoking(revoked)
+    client = await start_proxy()
+    await wait_for(lambda: manager_of(client).ready, timeout=5)
+    for pair in range(20):
+        if pair in (1, 10):
+            revoked.add(f"Bearer {token_server.issued[-1]}")
+        status, _, _ = await fetch(client, "GET", "/profile/user/wow")
+        assert status == 401
+        status, _, _ = await fetch(client, "GET", "/good")
+        assert status == 200, f"pair {pair}"
+    assert len(token_server.requests) == 4  # the first, the path's 401, two revocations
+
+
 async def test_path_that_rejects_every_token_does_not_churn_tokens(
     start_proxy: ProxyFactory, token_server: FakeTokenServer, upstream: FakeUpstream
 ) -> None:
@@ -464,3 +588,22 @@ async def test_path_that_rejects_every_token_does_not_churn_tokens(
             assert response.status == 401
     assert len(token_server.requests) == 2  # the first token, and one after the first 401
     assert len(upstream.requests) == 6  # one replay, then each request once
+
+
+@pytest.mark.parametrize("kind", ["content-length", "chunked"])
+async def test_refusing_path_with_unreplayable_bodies_costs_one_token_fetch(
+    start_proxy: ProxyFactory, token_server: FakeTokenServer, upstream: FakeUpstream, kind: str
+) -> None:
+    """Uploads over 1 MiB to a path that refuses every token cannot be replayed: the first 401
+    drops the token, the next ones there drop none; a replayable request elsewhere still
+    gets a fresh token when its own is rejected."""
+    upstream.handlers["/upload"] = needs_user_token
+    client = await start_proxy()
+    await wait_for(lambda: manager_of(client).ready, timeout=5)
+    for _ in range(5):
+        status, _, _ = await fetch(
+            client, "POST", "/upload", data=big_body(kind, REPLAYABLE_BODY_LIMIT + 1)
+        )
+        assert status == 401
+    assert len(token_server.requests) == 2
+    assert len(auth_of_requests(upstream, "/upload")) == 5
