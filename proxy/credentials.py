@@ -1,13 +1,11 @@
 """TokenManager: one access token per credential, fetched eagerly, refreshed in the background,
-single flight, exponential backoff with full jitter, and dropped when upstream rejects it."""
+single flight, exponential backoff with full jitter, and dropped when upstream rejects it
+(unless the path that rejected it refuses every token, see proxy.refusals)."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import json
-import math
 import random
 import time
 from collections.abc import Callable
@@ -22,20 +20,17 @@ from proxy.config import Credential
 from proxy.errors import ClientRejected, TokenEndpointError, TokenUnavailable
 from proxy.log import get_logger, redactor
 from proxy.metrics import Metrics
+from proxy.oauth import basic_credentials, oauth_error, parse_token_response
+from proxy.refusals import REMEMBER_FOR, Evidence, Refusal, RefusingPaths
 
 log = get_logger("proxy.credentials")
 
-DEFAULT_EXPIRES_IN = 3600.0
-MAX_EXPIRES_IN = 365 * 24 * 3600.0
 REFRESH_FRACTION = 0.8
 SAFETY_MARGIN_CAP = 30.0
 SAFETY_MARGIN_FRACTION = 0.1
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 60.0
-# At most one token is dropped for an upstream 401 in this many seconds, per credential.
-INVALIDATE_COOLDOWN = 10.0
 MAX_TOKEN_RESPONSE = 1024 * 1024
-_DESCRIPTION_LIMIT = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,77 +66,6 @@ def backoff_delay(attempt: int, *, rng: Callable[[], float] = random.random) -> 
     return rng() * ceiling
 
 
-def parse_token_response(
-    status: int, content_type: str, body: bytes
-) -> tuple[str, float, str | None]:
-    """Read an RFC 6749 5.1 answer, or raise TokenEndpointError for a 5.2 or malformed one."""
-    try:
-        payload: object = json.loads(body)
-    except ValueError:
-        payload = None
-    if not isinstance(payload, dict):
-        error = "invalid_client" if status == 401 else "invalid_response"
-        raise TokenEndpointError(
-            f"token endpoint answered HTTP {status} with a body that is not a JSON object "
-            f"(content-type {content_type or 'none'!r})",
-            error=error,
-            status_code=status,
-        )
-    if status != 200 or "error" in payload:
-        raw_error = payload.get("error")
-        error = (
-            raw_error
-            if isinstance(raw_error, str) and raw_error.isprintable()
-            else f"http_{status}"
-        )
-        detail = f"token endpoint answered HTTP {status}: {error}"
-        description = payload.get("error_description")
-        if isinstance(description, str) and description:
-            detail += f" ({description[:_DESCRIPTION_LIMIT]!r})"
-        raise TokenEndpointError(detail, error=error[:64], status_code=status)
-    access_token = payload.get("access_token")
-    if not isinstance(access_token, str) or not access_token:
-        raise TokenEndpointError(
-            "token endpoint answered 200 without an access_token",
-            error="invalid_response",
-            status_code=status,
-        )
-    token_type = payload.get("token_type", "bearer")
-    if not isinstance(token_type, str) or token_type.lower() != "bearer":
-        raise TokenEndpointError(
-            f"token endpoint issued a token_type of {str(token_type)[:32]!r}; only bearer "
-            "tokens can be forwarded",
-            error="unsupported_token_type",
-            status_code=status,
-        )
-    expires_in = _expires_in(payload.get("expires_in"), status)
-    scope = payload.get("scope")
-    return access_token, expires_in, scope if isinstance(scope, str) else None
-
-
-def _expires_in(raw: Any, status: int) -> float:
-    if raw is None:
-        return DEFAULT_EXPIRES_IN
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        value = -1.0
-    if not 0 < value < math.inf or isinstance(raw, bool):
-        raise TokenEndpointError(
-            f"token endpoint answered an expires_in of {str(raw)[:32]!r}, not a positive number",
-            error="invalid_response",
-            status_code=status,
-        )
-    # A token that claims to live for more than a year is refreshed yearly all the same.
-    return min(value, MAX_EXPIRES_IN)
-
-
-def _basic_credentials(client_id: str, secret: str) -> str:
-    """RFC 6749 2.3.1: id and secret are form-urlencoded, then joined and Base64-encoded."""
-    pair = f"{quote_plus(client_id)}:{quote_plus(secret)}"
-    return base64.b64encode(pair.encode()).decode()
-
-
 @dataclass(frozen=True, slots=True)
 class TokenStatus:
     """A TokenManager's state as a copy of it in another process needs it (see TokenReplica)."""
@@ -149,9 +73,9 @@ class TokenStatus:
     token: Token | None
     failures: int = 0
     last_error: str | None = None
+    last_error_description: str | None = None
     rejected: bool = False
     retry_at: float | None = None
-    invalidated_at: float | None = None
 
 
 class TokenSource(Protocol):
@@ -172,7 +96,9 @@ class TokenSource(Protocol):
 
     def age(self, token: Token) -> float: ...
 
-    def invalidate(self, token: Token) -> bool: ...
+    def invalidate(self, token: Token, *, path: str, replayable: bool) -> bool: ...
+
+    def replayed(self, path: str, *, rejected: bool) -> None: ...
 
 
 def _register_secrets(credential: Credential) -> None:
@@ -180,7 +106,7 @@ def _register_secrets(credential: Credential) -> None:
     secret = credential.client_secret.get_secret_value()
     redactor.add_secret(secret)
     redactor.add_secret(quote_plus(secret))
-    redactor.add_secret(_basic_credentials(credential.client_id, secret))
+    redactor.add_secret(basic_credentials(credential.client_id, secret))
 
 
 class _TokenHolder:
@@ -213,6 +139,7 @@ class _TokenHolder:
             "ready": usable,
             "expires_in": round(token.expires_at - now, 1) if token is not None else None,
             "last_error": status.last_error,
+            "last_error_description": status.last_error_description,
             "consecutive_failures": status.failures,
             "next_retry_in": (
                 round(max(0.0, status.retry_at - now), 1)
@@ -250,15 +177,20 @@ class _TokenHolder:
         return self._clock() - token.obtained_at
 
     def _rejected(self) -> ClientRejected:
+        status = self.status()
+        answered = oauth_error(status.last_error or "invalid_client", status.last_error_description)
         return ClientRejected(
-            f"the token endpoint rejected the client credentials of {self.name!r}; "
-            "check client_id and client_secret",
+            f"the token endpoint rejected the client credentials of {self.name!r} with "
+            f"{answered}; check client_id and client_secret",
             retry_after=self._retry_after(),
         )
 
     def _unavailable(self) -> TokenUnavailable:
-        error = self.status().last_error
-        reason = f" (last error: {error})" if error else ""
+        status = self.status()
+        error = status.last_error
+        reason = (
+            f" (last error: {oauth_error(error, status.last_error_description)})" if error else ""
+        )
         return TokenUnavailable(
             f"no usable access token for credential {self.name!r} within "
             f"{self._wait_timeout:g} s{reason}",
@@ -302,7 +234,7 @@ class TokenManager(_TokenHolder):
         self._failures = 0
         self._last_error: TokenEndpointError | None = None
         self._next_attempt_at: float | None = None
-        self._invalidated_at: float | None = None
+        self._paths = RefusingPaths(clock=clock, on_refused=self._log_refused)
         _register_secrets(credential)
         metrics.token_expiry.labels(name).set(0)
         metrics.refresh_failures.labels(name).set(0)
@@ -332,9 +264,9 @@ class TokenManager(_TokenHolder):
             token=self._token,
             failures=self._failures,
             last_error=error.error if error is not None else None,
+            last_error_description=error.description if error is not None else None,
             rejected=error is not None and error.rejects_client,
             retry_at=self._next_attempt_at,
-            invalidated_at=self._invalidated_at,
         )
 
     async def wait_changed(self) -> None:
@@ -348,21 +280,56 @@ class TokenManager(_TokenHolder):
         if self._failures == 0:
             self._wake.set()  # during a backoff the next attempt is already scheduled
 
-    def invalidate(self, token: Token) -> bool:
-        """Upstream rejected `token`: drop it and fetch a new one now (once). True when a newer
-        token is on its way or already here, so that a replay can carry it."""
-        if self._token is not token:
-            return True
-        now = self._clock()
-        if self._invalidated_at is not None and now - self._invalidated_at < INVALIDATE_COOLDOWN:
-            # The token that replaced a rejected one is rejected too: the API refuses this
-            # credential for that path (a user-token endpoint, say), and new tokens won't help.
+    def invalidate(self, token: Token, *, path: str, replayable: bool) -> bool:
+        """Upstream answered 401 to `token` at `path` (its URL without the query): drop the
+        token and fetch a new one now (single flight), unless what that path showed says a new
+        token will not help. True when a newer token is on its way or already here, so that a
+        replay can carry it; False: the 401 goes to the client as it is."""
+        return self._on_401(
+            path, token.obtained_at, current=self._token is token, replayable=replayable
+        )
+
+    def relayed_401(self, obtained_at: float, *, path: str, replayable: bool) -> None:
+        """invalidate() for a worker, which names its token by the time it was obtained."""
+        token = self._token
+        current = token is not None and token.obtained_at == obtained_at
+        self._on_401(path, obtained_at, current=current, replayable=replayable)
+
+    def replayed(self, path: str, *, rejected: bool) -> None:
+        """The replay at `path`, with a token newer than the one rejected, was answered:
+        rejected too (a user-token endpoint, say: for a while its 401s drop no token and are
+        not replayed), or not (a revoked token, which the new one replaced)."""
+        self._paths.replayed(path, rejected=rejected)
+
+    def _on_401(self, path: str, obtained_at: float, *, current: bool, replayable: bool) -> bool:
+        if self._paths.spares(path, obtained_at=obtained_at, replayable=replayable):
             return False
-        self._invalidated_at = now
+        if not current:
+            return True
+        self._paths.dropped(path, obtained_at=obtained_at, replayable=replayable)
         self._token = None
         log.info("token rejected upstream, fetching a new one", credential=self.name)
         self._wake.set()
         return True
+
+    def _log_refused(self, path: str) -> None:
+        log.info(
+            "upstream rejected a fresh token too; this path's 401s go to the client for a while",
+            credential=self.name,
+            path=path,
+            seconds=REMEMBER_FOR,
+        )
+
+    def remembered(self, path: str) -> Refusal | None:
+        """What a worker should hold of `path` (the supervisor tells them); a replay under way
+        stays here, where every worker's 401s are decided."""
+        known = self._paths.get(path)
+        return None if known is None or known.evidence is Evidence.REPLAYING else known
+
+    def refusals(self) -> list[tuple[str, Refusal]]:
+        """Every path remembered() would tell of (for a worker that starts late)."""
+        paths = self._paths.items()
+        return [(path, known) for path, known in paths if known.evidence is not Evidence.REPLAYING]
 
     async def fetch(self) -> Token:
         """One token request, as RFC 6749 4.4 describes it; raises TokenEndpointError."""
@@ -374,7 +341,7 @@ class TokenManager(_TokenHolder):
         headers = {"Accept": "application/json"}
         secret = credential.client_secret.get_secret_value()
         if credential.auth_method == "client_secret_basic":
-            headers["Authorization"] = "Basic " + _basic_credentials(credential.client_id, secret)
+            headers["Authorization"] = "Basic " + basic_credentials(credential.client_id, secret)
         else:
             form["client_id"] = credential.client_id
             form["client_secret"] = secret
@@ -504,8 +471,10 @@ class TokenManager(_TokenHolder):
 class TokenReplica(_TokenHolder):
     """A worker process's copy of one credential's token, which the supervisor's TokenManager
     fetches and refreshes for every worker: `apply` installs what the supervisor sends, and
-    `ask` carries this copy's requests back (fetch now, or drop a token upstream rejected).
-    It answers the forwarder as the TokenManager would, cooldown of invalidate included."""
+    `ask` carries this copy's requests back (fetch now, drop a token upstream rejected, how a
+    replay was answered). It answers the forwarder as the TokenManager would, and the 401
+    rule's memory of paths is the supervisor's: it decides each drop for the group, and the
+    worker's link copies what it learnt into `paths`."""
 
     def __init__(
         self,
@@ -513,6 +482,7 @@ class TokenReplica(_TokenHolder):
         name: str,
         credential: Credential,
         ask: Callable[[dict[str, Any]], None],
+        paths: RefusingPaths | None = None,
         wait_timeout: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -523,6 +493,7 @@ class TokenReplica(_TokenHolder):
         self._status = TokenStatus(token=None)
         self._changed = asyncio.Event()
         self._asked = False
+        self._paths = paths if paths is not None else RefusingPaths(clock=clock)
         _register_secrets(credential)
 
     def start(self) -> None:
@@ -551,16 +522,33 @@ class TokenReplica(_TokenHolder):
             self._asked = True
             self._ask({"ask": "token", "credential": self.name})
 
-    def invalidate(self, token: Token) -> bool:
-        """As TokenManager.invalidate, for the whole group: the supervisor drops the token
-        and fetches one new one, and the cooldown counts every worker's 401s."""
+    def invalidate(self, token: Token, *, path: str, replayable: bool) -> bool:
+        """As TokenManager.invalidate, for the whole group: the supervisor drops the token and
+        fetches one new one, unless what any worker showed of `path` says otherwise (then it
+        sends the same token back, and what it knows of the path)."""
+        if self._paths.spares(path, obtained_at=token.obtained_at, replayable=replayable):
+            return False
         status = self._status
         current = status.token
         if current is None or current.obtained_at != token.obtained_at:
             return True
-        now = self._clock()
-        if status.invalidated_at is not None and now - status.invalidated_at < INVALIDATE_COOLDOWN:
-            return False
-        self._status = replace(status, token=None, invalidated_at=now)
-        self._ask({"ask": "invalidate", "credential": self.name, "obtained_at": token.obtained_at})
+        self._status = replace(status, token=None)
+        self._ask(
+            {
+                "ask": "invalidate",
+                "credential": self.name,
+                "obtained_at": token.obtained_at,
+                "path": path,
+                "replayable": replayable,
+            }
+        )
         return True
+
+    def replayed(self, path: str, *, rejected: bool) -> None:
+        """As TokenManager.replayed; the supervisor tells every worker of a refusing path."""
+        if rejected:
+            known = self._paths.get(path)
+            if known is not None and known.evidence is Evidence.REFUSED:
+                return  # the supervisor knows: it told this worker, or this worker told it
+            self._paths.replayed(path, rejected=True)
+        self._ask({"ask": "replayed", "credential": self.name, "path": path, "rejected": rejected})

@@ -126,16 +126,25 @@ class UpstreamBusy(ProxyError):
 
 
 class TokenEndpointError(ProxyError):
-    """A token request failed; `error` is the RFC 6749 5.2 code or a short failure name."""
+    """A token request failed; `error` is the RFC 6749 5.2 code or a short failure name, and
+    `description` the endpoint's error_description when it sent one."""
 
     status = 503
     title = "Token endpoint error"
     type_slug = "token-endpoint"
 
-    def __init__(self, detail: str, *, error: str, status_code: int | None = None) -> None:
+    def __init__(
+        self,
+        detail: str,
+        *,
+        error: str,
+        status_code: int | None = None,
+        description: str | None = None,
+    ) -> None:
         super().__init__(detail)
         self.error = error
         self.status_code = status_code
+        self.description = description
 
     @property
     def rejects_client(self) -> bool:

@@ -150,6 +150,7 @@ class Forwarder:
             await self._hold_slot(route, slots)
         try:
             replay = True  # once, with a new token, when upstream answers 401
+            path = ""
             while True:
                 response, token = await self._send(
                     request,
@@ -160,10 +161,14 @@ class Forwarder:
                     route_label=route_label,
                     exchange=exchange,
                 )
-                if response.status != 401 or not replay:
+                if not replay:  # its answer shows whether a new token helps at that path
+                    tokens.replayed(path, rejected=response.status == 401)
+                    break
+                if response.status != 401:
                     break
                 replay = False
-                if not tokens.invalidate(token) or not replayable:
+                path = url.partition("?")[0]
+                if not tokens.invalidate(token, path=path, replayable=replayable) or not replayable:
                     break
                 response.close()
                 self._metrics.replays.labels(route_label).inc()

@@ -3,8 +3,9 @@ started, holds the port, runs the TokenManager of every credential, so that each
 fetched once for the whole group, and starts the workers. Each worker serves the whole app on
 the same port through SO_REUSEPORT, the kernel spreading connections between them, and keeps
 a TokenReplica per credential that the supervisor updates over a socketpair (newline-framed
-JSON). Written by hand: process managers such as gunicorn's arbiter share no state with their
-workers, and the shared token is the point here.
+JSON), with the token and with the 401 rule's memory of paths that refuse every token, so that
+the group learns each such path once. Written by hand: process managers such as gunicorn's
+arbiter share no state with their workers, and the shared token is the point here.
 
 The messages carry tokens, so they are never logged; tokens go to the redactor on both ends."""
 
@@ -32,6 +33,7 @@ from proxy.credentials import Token, TokenManager, TokenReplica, TokenStatus
 from proxy.errors import ProxyError
 from proxy.log import get_logger
 from proxy.metrics import Metrics, TokenFigures, TokenMetricsCopy
+from proxy.refusals import Evidence, Refusal, RefusingPaths
 
 log = get_logger("proxy.workers")
 
@@ -118,9 +120,9 @@ def _status_message(name: str, status: TokenStatus, figures: TokenFigures) -> di
         },
         "failures": status.failures,
         "last_error": status.last_error,
+        "last_error_description": status.last_error_description,
         "rejected": status.rejected,
         "retry_at": status.retry_at,
-        "invalidated_at": status.invalidated_at,
         "fetches": dict(figures.fetches),
         "expiry": figures.expiry,
         "refresh_failures": figures.failures,
@@ -143,9 +145,9 @@ def _read_status(message: Mapping[str, Any]) -> tuple[TokenStatus, TokenFigures]
         token=token,
         failures=int(message["failures"]),
         last_error=message["last_error"],
+        last_error_description=message["last_error_description"],
         rejected=bool(message["rejected"]),
         retry_at=message["retry_at"],
-        invalidated_at=message["invalidated_at"],
     )
     figures = TokenFigures(
         fetches={str(k): float(v) for k, v in message["fetches"].items()},
@@ -153,6 +155,17 @@ def _read_status(message: Mapping[str, Any]) -> tuple[TokenStatus, TokenFigures]
         failures=float(message["refresh_failures"]),
     )
     return status, figures
+
+
+def _path_message(name: str, path: str, refusal: Refusal) -> dict[str, Any]:
+    return {
+        "tell": "path",
+        "credential": name,
+        "path": path,
+        "evidence": refusal.evidence.value,
+        "until": refusal.until,
+        "dropped": refusal.dropped,
+    }
 
 
 # --- The worker's side -------------------------------------------------------------------------
@@ -170,6 +183,7 @@ class WorkerLink:
         self._settings = settings
         self._statuses: dict[str, tuple[TokenStatus, TokenFigures]] = {}
         self._replicas: dict[str, TokenReplica] = {}
+        self._paths: dict[str, RefusingPaths] = {}
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._closing = False
@@ -188,6 +202,7 @@ class WorkerLink:
             name=name,
             credential=credential,
             ask=self._send,
+            paths=self._paths_of(name),
             wait_timeout=self._settings.token_wait_timeout,
         )
         self._replicas[name] = replica
@@ -221,8 +236,16 @@ class WorkerLink:
         try:
             while line := await reader.readline():
                 message = json.loads(line)
-                if message.get("tell") == "status":
+                tell = message.get("tell")
+                if tell == "status":
                     self._apply(str(message["credential"]), *_read_status(message))
+                elif tell == "path":
+                    refusal = Refusal(
+                        until=float(message["until"]),
+                        evidence=Evidence(message["evidence"]),
+                        dropped=float(message["dropped"]),
+                    )
+                    self._paths_of(str(message["credential"])).learn(str(message["path"]), refusal)
         except (ConnectionError, ValueError, KeyError, TypeError) as exc:
             # The text of the exception could hold part of a message, a token: only its type.
             log.error("the link to the supervisor broke", error=type(exc).__name__)
@@ -236,6 +259,13 @@ class WorkerLink:
         replica = self._replicas.get(name)
         if replica is not None:
             replica.apply(status)
+
+    def _paths_of(self, name: str) -> RefusingPaths:
+        """The 401 rule's memory of one credential: it may arrive before the replica exists."""
+        paths = self._paths.get(name)
+        if paths is None:
+            paths = self._paths[name] = RefusingPaths()
+        return paths
 
     def _figures(self) -> dict[str, tuple[TokenFigures, float]]:
         now = time.monotonic()
@@ -485,8 +515,10 @@ class Supervisor:
             theirs.close()
         worker = _Worker(index=index, process=process, writer=writer, started_at=time.monotonic())
         self._workers[index] = worker
-        for name in self._managers:
+        for name, manager in self._managers.items():
             writer.write(self._status_line(name))
+            for path, refusal in manager.refusals():
+                writer.write(_line(_path_message(name, path, refusal)))
         worker.reader_task = asyncio.create_task(self._listen(worker, reader))
         log.info("worker started", worker=index, pid=process.pid)
         return worker
@@ -580,6 +612,15 @@ class Supervisor:
             if not worker.writer.is_closing():
                 worker.writer.write(line)
 
+    def _broadcast_path(self, name: str, path: str) -> None:
+        refusal = self._managers[name].remembered(path)
+        if refusal is None:
+            return
+        line = _line(_path_message(name, path, refusal))
+        for worker in self._workers.values():
+            if not worker.writer.is_closing():
+                worker.writer.write(line)
+
     async def _watch(self, name: str) -> None:
         manager = self._managers[name]
         while True:
@@ -609,10 +650,18 @@ class Supervisor:
         if manager is None:
             return
         if ask == "invalidate":
-            current = manager.status().token
-            if current is not None and current.obtained_at == float(message["obtained_at"]):
-                manager.invalidate(current)
+            # Whatever the worker guessed, the supervisor decides for the group: a path that
+            # some worker found refusing keeps the token, which goes back to the asking worker.
+            path = str(message["path"])
+            manager.relayed_401(
+                float(message["obtained_at"]), path=path, replayable=bool(message["replayable"])
+            )
             self._broadcast(name)
+            self._broadcast_path(name, path)
+        elif ask == "replayed":
+            path = str(message["path"])
+            manager.replayed(path, rejected=bool(message["rejected"]))
+            self._broadcast_path(name, path)
         elif ask == "token" and name not in self._fetching:
             task = asyncio.create_task(self._fetch_now(name, manager))
             self._fetching[name] = task

@@ -1,4 +1,5 @@
-"""TokenManager, Token, backoff_delay and parse_token_response against the fake token server."""
+"""TokenManager, Token, backoff_delay, parse_token_response and the 401 rule's memory of paths,
+against the fake token server."""
 
 from __future__ import annotations
 
@@ -15,9 +16,12 @@ import pytest
 from aiohttp import web
 
 from proxy.config import Credential
-from proxy.credentials import Token, TokenManager, backoff_delay, parse_token_response
+from proxy.credentials import Token, TokenManager, backoff_delay
 from proxy.errors import ClientRejected, TokenEndpointError, TokenUnavailable
+from proxy.log import REDACTED, redactor
 from proxy.metrics import Metrics
+from proxy.oauth import parse_token_response
+from proxy.refusals import REMEMBER_FOR, Evidence, Refusal, RefusingPaths
 from tests.conftest import TEST_CLIENT_ID, TEST_SECRET, FakeTokenServer, free_port, wait_for
 
 # An id and a secret with every character RFC 6749 2.3.1 form-urlencoding changes.
@@ -43,6 +47,7 @@ async def token_manager(
     wait_timeout: float = 5.0,
     request_timeout: float = 5.0,
     rng: Callable[[], float] = lambda: 0.0,
+    clock: Callable[[], float] = time.monotonic,
 ) -> AsyncIterator[TokenManager]:
     async with aiohttp.ClientSession() as session:
         manager = TokenManager(
@@ -53,6 +58,7 @@ async def token_manager(
             request_timeout=request_timeout,
             wait_timeout=wait_timeout,
             rng=rng,
+            clock=clock,
         )
         if start:
             manager.start()
@@ -234,6 +240,40 @@ def test_parse_error_response_is_reported_by_name(error: str, rejects: bool, sta
     assert "Client authentication failed" in str(caught.value)
     assert caught.value.status_code == status
     assert caught.value.rejects_client is rejects
+
+
+@pytest.mark.parametrize("status", [400, 401])
+def test_parse_error_keeps_code_and_description_as_sent(status: int) -> None:
+    """The error code and error_description are kept as the endpoint sent them, for the 503's
+    detail and /-/ready."""
+    body = json_body(
+        {"error": "invalid_client", "error_description": "Client authentication failed: id x"}
+    )
+    with pytest.raises(TokenEndpointError) as caught:
+        parse_token_response(status, "application/json", body)
+    assert caught.value.error == "invalid_client"
+    assert caught.value.description == "Client authentication failed: id x"
+    assert 'invalid_client ("Client authentication failed: id x")' in caught.value.detail
+
+
+def test_parse_error_description_is_bounded_printable_and_never_the_secret() -> None:
+    """A description that echoes the secret (even where it is cut), holds control characters
+    or runs long is kept redacted, printable and at most 200 characters long."""
+    redactor.add_secret(TEST_SECRET)
+    echoed = f"bad secret {TEST_SECRET}\x1b[31m!"
+    straddling = "x" * 190 + TEST_SECRET  # cut at 200 first, it would keep "Sup3r-S3c"
+    for text in (echoed, straddling, "y" * 5000):
+        body = json_body({"error": TEST_SECRET, "error_description": text})
+        with pytest.raises(TokenEndpointError) as caught:
+            parse_token_response(401, "application/json", body)
+        description = caught.value.description
+        assert description is not None
+        everything = f"{caught.value} {caught.value.error} {description}"
+        assert TEST_SECRET[:8] not in everything
+        assert description.isprintable()
+        assert len(description) <= 200
+    assert caught.value.error == REDACTED
+    assert description == "y" * 199 + "\u2026"
 
 
 def test_parse_error_in_200_answer_is_an_error() -> None:
@@ -523,12 +563,18 @@ async def test_manager_rejected_client_fails_fast(token_server: FakeTokenServer)
     assert elapsed < 2.0
     assert again < 0.1
     assert "rejected the client credentials" in caught.value.detail
+    assert 'invalid_client ("Client authentication failed")' in caught.value.detail
     assert caught.value.retry_after >= 1
     assert state["last_error"] == "invalid_client"
+    assert state["last_error_description"] == "Client authentication failed"
     assert state["ready"] is False
     assert state["consecutive_failures"] == 1
     assert TEST_SECRET not in json.dumps(state)
     assert TEST_SECRET not in str(caught.value)
+
+
+PATH = "http://api.test/profile/user/wow"
+OTHER = "http://api.test/data/wow/realm/index"
 
 
 async def test_manager_invalidate_drops_only_the_current_token(
@@ -537,43 +583,134 @@ async def test_manager_invalidate_drops_only_the_current_token(
     """invalidate(current) drops it and fetches one new token; a stale one is ignored."""
     async with token_manager(make_credential(token_server), start=True) as manager:
         first = await manager.token()
-        manager.invalidate(first)
+        assert manager.invalidate(first, path=PATH, replayable=True)
         assert not manager.ready
-        manager.invalidate(first)
+        assert manager.invalidate(first, path=PATH, replayable=True)
         second = await manager.token()
         assert second.value == token_server.issued[1]
-        manager.invalidate(first)  # stale: already replaced
+        assert manager.invalidate(first, path=PATH, replayable=True)  # stale: already replaced
         assert manager.ready
         assert (await manager.token()) is second
     assert len(token_server.requests) == 2
 
 
-async def test_manager_survives_infinite_expires_in(token_server: FakeTokenServer) -> None:
-    """An expires_in that parses as infinity (1e999) neither kills the refresh task nor strands
-    waiting callers: token() still returns a token."""
-    token_server.script.append(
-        web.Response(
-            text='{"access_token": "tok-infinite-lifetime", "token_type": "bearer", '
-            '"expires_in": 1e999}',
-            content_type="application/json",
-        )
-    )
-    async with token_manager(make_credential(token_server), start=True, wait_timeout=2) as manager:
-        token = await manager.token()
-    assert token.value
-
-
-async def test_manager_keeps_retrying_after_1100_failures(
+async def test_manager_drops_a_revoked_token_however_soon_after_the_last(
     token_server: FakeTokenServer,
 ) -> None:
-    """The refresh loop outlives a long outage: after 1100 failed token requests in a row it
-    still retries, and the next good answer becomes the token."""
-    token_server.script.extend(
-        web.Response(status=503, text="down", content_type="text/html") for _ in range(1100)
-    )
-    async with token_manager(make_credential(token_server), start=True, wait_timeout=3) as manager:
-        # 2**1024 overflows a float: the 1025th failure is where a naive backoff breaks.
-        await wait_for(lambda: len(token_server.requests) >= 1025, timeout=15)
-        token = await manager.token()
-    assert token.value == token_server.issued[0]
-    assert len(token_server.requests) == 1101
+    """A 401 to the current token drops it even a moment after the previous drop, on the same
+    path, once the replay with the new token succeeded: each revocation costs one fetch, and no
+    time-based cooldown passes it to the client."""
+    async with token_manager(make_credential(token_server), start=True) as manager:
+        for round_ in range(1, 4):
+            token = await manager.token()
+            assert manager.invalidate(token, path=PATH, replayable=True)
+            assert not manager.ready
+            assert (await manager.token()).value == token_server.issued[round_]
+            manager.replayed(PATH, rejected=False)
+    assert len(token_server.requests) == 4
+
+
+async def test_manager_spares_the_token_at_a_path_that_refused_a_fresh_one(
+    token_server: FakeTokenServer,
+) -> None:
+    """Once a replay with a fresh token was rejected at a path, that path's 401s drop no token
+    and get no replay, for 10 s (injected clock); other paths are not affected."""
+    now = [1000.0]
+    async with token_manager(
+        make_credential(token_server), start=True, clock=lambda: now[0]
+    ) as manager:
+        first = await manager.token()
+        assert manager.invalidate(first, path=PATH, replayable=True)
+        second = await manager.token()
+        manager.replayed(PATH, rejected=True)
+        for _ in range(5):
+            assert not manager.invalidate(second, path=PATH, replayable=True)
+            assert not manager.invalidate(second, path=PATH, replayable=False)
+        assert (await manager.token()) is second
+        now[0] += REMEMBER_FOR - 0.01
+        assert not manager.invalidate(second, path=PATH, replayable=True)
+        now[0] += 0.02  # forgotten: the next 401 there costs one fetch again
+        assert manager.invalidate(second, path=PATH, replayable=True)
+        third = await manager.token()
+        manager.replayed(PATH, rejected=True)
+        assert not manager.invalidate(third, path=PATH, replayable=True)
+        assert manager.invalidate(third, path=OTHER, replayable=True)  # a revocation elsewhere
+        assert (await manager.token()).value == token_server.issued[3]
+    assert len(token_server.requests) == 4
+
+
+async def test_manager_unreplayable_401s_cost_one_token_per_path(
+    token_server: FakeTokenServer,
+) -> None:
+    """A request that cannot be replayed shows nothing about the new token: its 401 drops the
+    token once, and the next such 401 at that path drops none; a replayable request there
+    still drops a rejected token."""
+    async with token_manager(make_credential(token_server), start=True) as manager:
+        first = await manager.token()
+        assert manager.invalidate(first, path=PATH, replayable=False)
+        second = await manager.token()
+        assert not manager.invalidate(second, path=PATH, replayable=False)
+        assert (await manager.token()) is second
+        assert manager.invalidate(second, path=PATH, replayable=True)
+        assert (await manager.token()).value == token_server.issued[2]
+    assert len(token_server.requests) == 3
+
+
+async def test_manager_takes_a_401_to_the_new_token_before_the_replay_answers_as_evidence(
+    token_server: FakeTokenServer,
+) -> None:
+    """Concurrent requests at a refusing path: once a 401 there dropped a token, a 401 there to
+    the next token, arriving before the replay's answer, is the evidence already (no second
+    fetch); a replay that succeeds clears that, so a revocation right after still drops."""
+    async with token_manager(make_credential(token_server), start=True) as manager:
+        first = await manager.token()
+        assert manager.invalidate(first, path=PATH, replayable=True)
+        second = await manager.token()
+        assert manager.invalidate(first, path=PATH, replayable=True)  # a slower twin: replay
+        assert not manager.invalidate(second, path=PATH, replayable=True)  # evidence
+        manager.replayed(PATH, rejected=True)  # the replays' own 401s
+        assert (await manager.token()) is second
+
+        assert manager.invalidate(second, path=OTHER, replayable=True)  # a revocation
+        third = await manager.token()
+        manager.replayed(OTHER, rejected=False)  # its replay succeeded
+        assert manager.invalidate(third, path=OTHER, replayable=True)  # and another, at once
+        assert (await manager.token()).value == token_server.issued[3]
+    assert len(token_server.requests) == 4
+
+
+def test_refusing_paths_is_a_bounded_lru_that_forgets() -> None:
+    """The memory holds at most `limit` paths (the oldest go first), forgets each after 10 s,
+    never extends a refusal it knows, and tells of each new refusal once."""
+    now = [0.0]
+    told: list[str] = []
+    paths = RefusingPaths(clock=lambda: now[0], limit=3, on_refused=told.append)
+    for index in range(10_000):
+        paths.replayed(f"/user/{index}", rejected=True)
+    assert len(paths) == 3
+    assert len(told) == 10_000
+    assert [path for path, _ in paths.items()] == ["/user/9997", "/user/9998", "/user/9999"]
+    assert paths.get("/user/0") is None
+    assert paths.spares("/user/9999", obtained_at=1.0, replayable=True)
+
+    now[0] = 5.0
+    paths.replayed("/user/9999", rejected=True)
+    assert paths.get("/user/9999") == Refusal(REMEMBER_FOR, Evidence.REFUSED)  # not extended
+    assert len(told) == 10_000
+    paths.dropped("/upload", obtained_at=2.0, replayable=False)
+    assert paths.spares("/upload", obtained_at=3.0, replayable=False)
+    assert not paths.spares("/upload", obtained_at=3.0, replayable=True)
+    paths.dropped("/upload", obtained_at=3.0, replayable=True)
+    assert not paths.spares("/upload", obtained_at=3.0, replayable=True)  # the dropped token
+    assert paths.spares("/upload", obtained_at=4.0, replayable=True)  # a newer one: evidence
+    assert told[-1] == "/upload"
+
+    now[0] = REMEMBER_FOR
+    assert paths.get("/user/9999") is None
+    assert not paths.spares("/user/9999", obtained_at=9.0, replayable=False)
+    assert [path for path, _ in paths.items()] == ["/upload"]
+    now[0] = 5.0 + REMEMBER_FOR
+    assert not paths.spares("/upload", obtained_at=9.0, replayable=True)
+    assert paths.items() == []
+    paths.replayed("/next", rejected=True)
+    assert len(paths) == 1  # what had run out went when the next path was learnt

@@ -43,7 +43,14 @@ Samples = dict[tuple[str, Labels], float]
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana-dashboard.json"
 SANE_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
-STATE_KEYS = {"ready", "expires_in", "last_error", "consecutive_failures", "next_retry_in"}
+STATE_KEYS = {
+    "ready",
+    "expires_in",
+    "last_error",
+    "last_error_description",
+    "consecutive_failures",
+    "next_retry_in",
+}
 
 
 # --- helpers -----------------------------------------------------------------------------------

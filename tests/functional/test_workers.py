@@ -1,6 +1,7 @@
 """`workers` > 1 as users run it: a supervisor and real worker processes on one loopback port.
-One token fetch serves the group, a 401 makes one new fetch for all of them, /-/metrics adds up
-every worker, a killed worker comes back, SIGTERM drains, and bad counts exit 2."""
+One token fetch serves the group, a 401 makes one new fetch for all of them, a path that refuses
+every token is learnt once for the group, /-/metrics adds up every worker, a killed worker comes
+back, SIGTERM drains, and bad counts exit 2."""
 
 from __future__ import annotations
 
@@ -188,6 +189,29 @@ async def get_fresh(url: str, count: int, *, path: str = "/thing") -> list[tuple
     return results
 
 
+async def send_fresh(
+    url: str, method: str, path: str, *, data: bytes | None = None
+) -> tuple[int, str, bytes]:
+    """One request on a connection of its own; status, the worker that answered, and body."""
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.request(method, url + path, data=data) as response,
+    ):
+        body = await response.read()
+        LEAKS.add(f"the response to {method} {path}", f"{response.headers}\n{body!r}")
+        return response.status, response.headers.get("X-Request-ID", ""), body
+
+
+def workers_by_request(group: Group) -> dict[str, int]:
+    """The worker that answered each request, by request id, as the access lines say so far."""
+    return {
+        str(event["request_id"]): int(event["worker"])
+        for event in group.events()
+        if event.get("logger") == "proxy.access"
+    }
+
+
 async def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     async with aiohttp.ClientSession() as session, session.get(url + "/-/metrics") as response:
         text = await response.text()
@@ -244,7 +268,8 @@ async def test_upstream_401_fetches_one_new_token_for_the_group(
     start_group: StartGroup, token_server: FakeTokenServer, upstream: FakeUpstream
 ) -> None:
     """A 401 to the group's token makes the supervisor fetch exactly one new token, and the
-    request is replayed with it; within the 10 s cooldown, 401s on any worker fetch no more."""
+    request is replayed with it; a path that rejects that new token too costs one more fetch,
+    and then its 401s on any worker fetch no more."""
     group = await start_group(2)
     first = token_server.issued[0]
 
@@ -272,7 +297,71 @@ async def test_upstream_401_fetches_one_new_token_for_the_group(
     results = await get_fresh(group.url, 12, path="/reject-all")
     assert {status for status, _ in results} == {401}
     await until(lambda: group.access_workers() == {1, 2}, "both workers answered")
-    assert len(token_server.requests) == 2
+    assert len(token_server.requests) == 3
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_two_revocations_milliseconds_apart_both_end_in_200_in_the_group(
+    start_group: StartGroup, token_server: FakeTokenServer, upstream: FakeUpstream, method: str
+) -> None:
+    """With two workers, the group's token is revoked and its replacement too the moment it is
+    in use: each revocation costs the group one fetch, and each request (bodiless or with a
+    small buffered body) is replayed and succeeds, whichever worker takes it."""
+    group = await start_group(2)
+    revoked: set[str] = set()
+
+    async def revoking(request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") in revoked:
+            return web.json_response({"error": "invalid_token"}, status=401)
+        return web.json_response({"ok": True})
+
+    upstream.handlers["/thing"] = revoking
+    payload = b'{"small": "body"}' if method == "POST" else None
+    for _ in range(2):
+        revoked.add(f"Bearer {token_server.issued[-1]}")
+        status, _, body = await send_fresh(group.url, method, "/thing", data=payload)
+        assert status == 200, body
+    assert len(token_server.requests) == 3
+    first, second, third = token_server.issued
+    assert [request.header("Authorization") for request in upstream.requests] == [
+        f"Bearer {first}",
+        f"Bearer {second}",
+        f"Bearer {second}",
+        f"Bearer {third}",
+    ]
+    assert {request.body for request in upstream.requests} == {payload or b""}
+
+
+async def test_refusing_path_is_learnt_once_for_the_group(
+    start_group: StartGroup, token_server: FakeTokenServer, upstream: FakeUpstream
+) -> None:
+    """Pairs of a request to a path that refuses every token and a good one, each on a new
+    connection, until both workers have answered the refusing path (twenty pairs at least):
+    the path costs the group one token fetch, learnt by one worker and known to the other."""
+    group = await start_group(2)
+
+    async def needs_user_token(request: web.Request) -> web.Response:
+        return web.json_response({"error": "needs a user token"}, status=401)
+
+    upstream.handlers["/profile/user/wow"] = needs_user_token
+    refused_by: set[int | None] = set()
+    refused_ids: list[str] = []
+    pairs = 0
+    deadline = time.monotonic() + DEADLINE
+    while pairs < 20 or refused_by != {1, 2}:
+        assert time.monotonic() < deadline, f"only worker {refused_by} answered the path"
+        status, request_id, _ = await send_fresh(group.url, "GET", "/profile/user/wow?x=1")
+        assert status == 401
+        refused_ids.append(request_id)
+        status, _, _ = await send_fresh(group.url, "GET", "/data/wow/realm/index")
+        assert status == 200
+        pairs += 1
+        answered = workers_by_request(group)
+        refused_by = {answered.get(request_id) for request_id in refused_ids}
+    assert len(token_server.requests) <= 3
+    assert len(token_server.requests) == 2  # the first token, and one for the path, group-wide
+    refusing = [r for r in upstream.requests if r.raw_path.startswith("/profile/user/wow")]
+    assert len(refusing) == pairs + 1  # one replay
 
 
 async def test_killed_worker_is_restarted(
@@ -342,8 +431,14 @@ async def test_rejected_client_gives_503_from_every_worker(
     start_group: StartGroup, token_server: FakeTokenServer
 ) -> None:
     """invalid_client at the token endpoint: every worker answers 503 problem+json at once
-    (no wait for a token), and /-/ready says why."""
-    token_server.script = [web.json_response({"error": "invalid_client"}, status=401)]
+    (no wait for a token), and its detail and /-/ready name the endpoint's error and
+    error_description."""
+    token_server.script = [
+        web.json_response(
+            {"error": "invalid_client", "error_description": "Client authentication failed"},
+            status=401,
+        )
+    ]
     group = await start_group(2, ready=False)
     await until(lambda: len(token_server.requests) == 1, "the supervisor asked for a token")
     async with aiohttp.ClientSession() as session:
@@ -360,12 +455,25 @@ async def test_rejected_client_gives_503_from_every_worker(
             await asyncio.sleep(0.05)
         async with session.get(group.url + "/-/ready") as response:
             assert response.status == 503
+        async with session.get(group.url + "/-/ready") as response:
+            state = (await response.json(content_type=None))["credentials"]["default"]
+        assert state["last_error_description"] == "Client authentication failed"
     started = time.monotonic()
     results = await get_fresh(group.url, 16)
     assert time.monotonic() - started < 5
     assert set(results) == {(503, "application/problem+json")}
     await until(lambda: group.access_workers() == {1, 2}, "both workers answered")
     assert len(token_server.requests) == 1
+    details: dict[str, str] = {}  # the 503's detail by request id, until both workers gave one
+    answered: set[int] = set()
+    while answered != {1, 2}:
+        assert time.monotonic() - started < DEADLINE, f"only worker {answered} answered"
+        status, request_id, body = await send_fresh(group.url, "GET", "/data")
+        assert status == 503
+        details[request_id] = json.loads(body)["detail"]
+        answered = {w for rid, w in workers_by_request(group).items() if rid in details}
+    for detail in details.values():
+        assert 'invalid_client ("Client authentication failed")' in detail
 
 
 async def test_port_in_use_is_reported_as_for_one_process(
