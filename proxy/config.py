@@ -159,7 +159,8 @@ class Credential(_Model):
         default=None, description="Battle.net preset for `token_url`: `us`, `eu`, `kr`, `tw`, `cn`"
     )
     token_url: str = Field(
-        description="token endpoint",
+        description="token endpoint; may be left out for Battle.net (`region`, `region_routes`, "
+        "or routes only to Battle.net APIs)",
         json_schema_extra={"shown_default": "the region's, else `https://oauth.battle.net/token`"},
     )
 
@@ -523,7 +524,7 @@ class Settings(BaseSettings):
     )
     upstream: str | None = Field(
         default=None,
-        description="upstream base URL of the route `/`",
+        description="upstream base URL of the route `/`; needs `token_url` (or `region`) with it",
         json_schema_extra={
             "shown_default": "`https://{region}.api.blizzard.com` "
             "(`cn`: `https://gateway.battlenet.com.cn`)"
@@ -531,7 +532,7 @@ class Settings(BaseSettings):
     )
     token_url: str | None = Field(
         default=None,
-        description="token endpoint",
+        description="token endpoint; another provider's needs `upstream` (or `region`) with it",
         json_schema_extra={
             "shown_default": "`https://oauth.battle.net/token` "
             "(`cn`: `https://oauth.battlenet.com.cn/token`)"
@@ -719,6 +720,7 @@ class Settings(BaseSettings):
 
 # Settings of the shorthand's credential and route, moved back to the key that set them.
 _FROM_SHORTHAND = frozenset({"client_id", "region", *_SHORTHAND_CREDENTIAL_KEYS})
+BATTLENET_API_HOSTS = {urlsplit(url).hostname: region for region, url in REGION_UPSTREAMS.items()}
 _BOOL: TypeAdapter[bool] = TypeAdapter(bool)
 
 
@@ -730,6 +732,11 @@ def _literal(value: Any) -> str:
 def _field(table: Any, key: str) -> Any:
     """A key of a table as given, or None when the table is not one (pydantic says so)."""
     return table.get(key) if isinstance(table, dict) else None
+
+
+def _battlenet_region(url: Any) -> str | None:
+    """The region whose Battle.net API host the URL names, or None for any other host."""
+    return BATTLENET_API_HOSTS.get(urlsplit(str(url)).hostname) if url else None
 
 
 @dataclass(frozen=True)
@@ -774,7 +781,7 @@ class _Expanded:
 
 def _expand(given: dict[str, Any]) -> _Expanded:
     """Add the shorthand's credential `default` and route `/`, and each credential's region
-    routes; check what no single key can (names that refer to each other)."""
+    routes; check what no single key can (names that refer to each other, the token URL)."""
     data = dict(given)
     credentials = data.get("credentials") or {}
     routes = data.get("routes") or []
@@ -783,6 +790,7 @@ def _expand(given: dict[str, Any]) -> _Expanded:
     credentials, routes = dict(credentials), list(routes)
     problems: list[Problem] = []
     client_id = data.get("client_id")
+    explicit_region = data.get("region") is not None
     region = str(data.get("region") or "us").lower()
     shorthand = shorthand_route = conflict = False
     if client_id == "":
@@ -806,6 +814,8 @@ def _expand(given: dict[str, Any]) -> _Expanded:
         credentials["default"] = {"client_id": client_id, **shorthand_keys}
         if region in REGION_UPSTREAMS:
             credentials["default"]["region"] = region
+        if not explicit_region:
+            problems += _shorthand_provider(data, routes=bool(routes), region=region)
         if not routes:
             upstream = data.get("upstream") or REGION_UPSTREAMS.get(region, "https://invalid")
             routes = [{"prefix": "/", "upstream": upstream, "credential": "default"}]
@@ -826,11 +836,50 @@ def _expand(given: dict[str, Any]) -> _Expanded:
             )
         )
     problems += _route_problems(routes, credentials)
+    # The shorthand's own route and an explicit region are checked by _shorthand_provider.
+    checked_default = shorthand and not explicit_region and not shorthand_route
+    problems += _token_url_problems(
+        credentials,
+        routes,
+        skip="default" if shorthand and not checked_default else None,
+        shorthand="default" if checked_default else None,
+    )
     problems += _client_problems(data.get("clients"))
     problems += _exposure_problems(data)
     data["credentials"] = credentials
     data["routes"] = routes
     return _Expanded(data, problems, shorthand, shorthand_route)
+
+
+def _shorthand_provider(data: dict[str, Any], *, routes: bool, region: str) -> list[Problem]:
+    """Without an explicit region, the shorthand takes Battle.net's token URL and API only as
+    a pair: another provider's secret must never reach Battle.net's token endpoint."""
+    upstream, token_url = data.get("upstream"), data.get("token_url")
+    if upstream is not None and token_url is None:
+        hint = _battlenet_region(upstream)
+        fix = (
+            f'it is Battle.net\'s {hint} API: set {{region="{hint}"}}'
+            if hint
+            else "set {token_url} to the token endpoint of this API's provider (or {region}, "
+            "if it is a Battle.net API)"
+        )
+        message = (
+            "is set but {token_url} is not, and the client secret must not go to Battle.net's "
+            f"token endpoint for another provider's API; {fix}"
+        )
+        missing = frozenset({("token_url",), ("region",)})
+        return [Problem(("upstream",), message, missing=missing, template=True)]
+    if token_url is not None and upstream is None and not routes:
+        if urlsplit(str(token_url)).hostname in BATTLENET_TOKEN_HOSTS:
+            return []
+        message = (
+            "is set but {upstream} is not, so requests would go to Battle.net's API "
+            f"({REGION_UPSTREAMS.get(region, '?')}) with this endpoint's tokens; set {{upstream}} "
+            "to the API's base URL (or {region}, if this token endpoint serves Battle.net)"
+        )
+        missing = frozenset({("upstream",), ("region",)})
+        return [Problem(("token_url",), message, missing=missing, template=True)]
+    return []
 
 
 def _stray_shorthand_keys(data: dict[str, Any]) -> list[Problem]:
@@ -905,6 +954,45 @@ def _route_problems(routes: list[Any], credentials: dict[str, Any]) -> list[Prob
                 f"the prefix {prefix or '/'!r} is used by more than one route; keep one",
             )
         )
+    return problems
+
+
+def _token_url_problems(
+    credentials: dict[str, Any], routes: list[Any], *, skip: str | None, shorthand: str | None
+) -> list[Problem]:
+    """A credential without token_url or region gets Battle.net's token URL: refused when
+    its token would go to an API that is not Battle.net's (or to none), as its secret is
+    probably another provider's. `shorthand` names the credential made from top-level keys,
+    reported there."""
+    named = [_field(route, "credential") for route in routes]
+    unresolved = any(isinstance(n, str) and n not in credentials for n in named)
+    problems = []
+    for name, table in credentials.items():
+        if name == skip or not isinstance(table, dict) or table.get("token_url") is not None:
+            continue
+        said = table.get("region") is not None or table.get("region_routes")
+        if said and name != shorthand:  # the shorthand's region is the default one
+            continue
+        used = [i for i, n in enumerate(named) if n == name]
+        foreign = [i for i in used if _battlenet_region(routes[i].get("upstream")) is None]
+        if foreign:
+            upstream = routes[foreign[0]].get("upstream")
+            why = f"but routes[{foreign[0]}] sends its token to {_literal(upstream)}"
+        elif not used and routes and not unresolved:
+            why = "and no route uses this credential"
+        else:
+            continue
+        loc: tuple[str | int, ...] = ("credentials", name, "token_url")
+        token_url, region = "token_url", "region"
+        if name == shorthand:
+            loc, token_url, region = ("token_url",), "{token_url}", "{region}"
+        message = (
+            "is not set, so the client secret would be sent to Battle.net's token endpoint, "
+            f"{why}; set {token_url} to the provider's token endpoint (or {region}, if this "
+            "is a Battle.net client)"
+        )
+        missing = frozenset({loc, (*loc[:-1], "region")})
+        problems.append(Problem(loc, message, missing=missing, template=len(loc) == 1))
     return problems
 
 

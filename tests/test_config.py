@@ -8,7 +8,7 @@ from pathlib import Path
 import certifi
 import pytest
 
-from proxy.config import Settings, load_settings
+from proxy.config import REGION_TOKEN_URLS, Settings, load_settings
 from proxy.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -298,7 +298,7 @@ def test_shorthand_from_toml_only(tmp_path: Path) -> None:
     config = write_toml(
         tmp_path,
         f'client_id = "{CLIENT_ID}"\nclient_secret_file = "{secret_file}"\n'
-        'upstream = "https://eu.api.blizzard.com"\n',
+        'region = "eu"\nupstream = "https://eu.api.blizzard.com"\n',
     )
     settings = load_settings(config_file=config)
     assert secret_of(settings) == SECRET
@@ -943,6 +943,126 @@ def test_secrets_directory_links_inside_it_are_read(secrets_dir: Path) -> None:
     (secrets_dir / "..data").symlink_to(data.name)
     (secrets_dir / "token_proxy_port").symlink_to("..data/token_proxy_port")
     assert load_settings().port == 9007
+
+
+# --- A custom upstream needs its own token URL -------------------------------------------------
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_custom_upstream_without_token_url_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TOKEN_PROXY_UPSTREAM without TOKEN_PROXY_TOKEN_URL would send another provider's secret
+    to Battle.net's token endpoint: refused, naming both."""
+    monkeypatch.setenv("TOKEN_PROXY_UPSTREAM", "https://api.example.com")
+    message = config_error()
+    assert message.startswith("environment variable TOKEN_PROXY_UPSTREAM: is set but ")
+    assert "set TOKEN_PROXY_TOKEN_URL" in message
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_battlenet_upstream_without_region_is_told_its_region(tmp_path: Path) -> None:
+    """Even a Battle.net API host needs region (or token_url) with it; the fix names it."""
+    config = write_toml(tmp_path, 'upstream = "https://eu.api.blizzard.com"\n')
+    message = config_error(config_file=config)
+    assert message.startswith(f"{config}: upstream: is set but token_url is not")
+    assert 'set region = "eu"' in message
+
+
+@pytest.mark.usefixtures("shorthand")
+@pytest.mark.parametrize("region", ["us", "cn"])
+def test_custom_upstream_with_explicit_region_uses_the_region_token_url(
+    monkeypatch: pytest.MonkeyPatch, region: str
+) -> None:
+    """With TOKEN_PROXY_REGION given, the region's token URL goes with a custom upstream."""
+    monkeypatch.setenv("TOKEN_PROXY_UPSTREAM", "https://bnet-mirror.example.com")
+    monkeypatch.setenv("TOKEN_PROXY_REGION", region)
+    settings = load_settings()
+    assert settings.credentials["default"].token_url == REGION_TOKEN_URLS[region]
+    assert settings.routes[0].upstream == "https://bnet-mirror.example.com"
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_custom_token_url_without_upstream_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another provider's token URL without an upstream would send its tokens to Battle.net."""
+    monkeypatch.setenv("TOKEN_PROXY_TOKEN_URL", "https://auth.example.com/token")
+    message = config_error()
+    assert message.startswith("environment variable TOKEN_PROXY_TOKEN_URL: is set but ")
+    assert "set TOKEN_PROXY_UPSTREAM" in message
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_battlenet_token_url_alone_keeps_the_region_api(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Battle.net's own token URL without an upstream is the Battle.net preset, spelt out."""
+    monkeypatch.setenv("TOKEN_PROXY_TOKEN_URL", BATTLENET_TOKEN_URL)
+    assert load_settings().routes[0].upstream == "https://us.api.blizzard.com"
+
+
+CREDENTIAL_WITHOUT_TOKEN_URL = """
+[credentials.api]
+client_id = "api-id"
+client_secret = "api-secret"
+{extra}
+[[routes]]
+prefix = "/"
+upstream = "{upstream}"
+credential = "api"
+"""
+
+
+def test_credential_without_token_url_for_another_api_is_refused(tmp_path: Path) -> None:
+    """A [credentials.x] table without token_url or region whose route goes to an API that is
+    not Battle.net's is refused: its secret would go to Battle.net's token endpoint."""
+    toml = CREDENTIAL_WITHOUT_TOKEN_URL.format(extra="", upstream="https://api.example.com")
+    config = write_toml(tmp_path, toml)
+    message = config_error(config_file=config)
+    assert message.startswith(f"{config}: credentials.api.token_url: is not set, ")
+    assert "routes[0]" in message
+    assert "https://api.example.com" in message
+
+
+@pytest.mark.parametrize(
+    ("extra", "upstream"),
+    [
+        ("", "https://eu.api.blizzard.com"),
+        ("", "https://gateway.battlenet.com.cn"),
+        ('region = "eu"', "https://bnet-mirror.example.com"),
+        ('region_routes = ["us"]', "http://127.0.0.1:9"),
+        (f'token_url = "{BATTLENET_TOKEN_URL}"', "http://127.0.0.1:9"),
+    ],
+    ids=["eu-api", "cn-api", "region", "region_routes", "token_url"],
+)
+def test_battlenet_credential_tables_need_no_token_url(
+    tmp_path: Path, extra: str, upstream: str
+) -> None:
+    """Battle.net TOML configurations keep working: a route to a Battle.net API, or region,
+    region_routes or token_url in the table, says where the secret goes."""
+    config = write_toml(
+        tmp_path, CREDENTIAL_WITHOUT_TOKEN_URL.format(extra=extra, upstream=upstream)
+    )
+    assert load_settings(config_file=config).credentials["api"].client_id == "api-id"
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_shorthand_credential_routed_to_another_api_needs_a_token_url(tmp_path: Path) -> None:
+    """The shorthand's credential 'default' named by a [[routes]] entry to another API needs
+    token_url as well (or region)."""
+    route = (
+        '[[routes]]\nprefix = "/"\nupstream = "https://api.example.com"\ncredential = "default"\n'
+    )
+    message = config_error(config_file=write_toml(tmp_path, route))
+    assert message.startswith("token_url: is not set, ")
+    assert "https://api.example.com" in message
+    config = write_toml(tmp_path, 'region = "us"\n' + route)
+    assert load_settings(config_file=config).credentials["default"].token_url == BATTLENET_TOKEN_URL
+
+
+def test_unused_credential_without_token_url_is_refused(tmp_path: Path) -> None:
+    """A credential no route uses still fetches a token at start-up: without token_url or
+    region it is refused too."""
+    toml = CREDENTIAL_WITHOUT_TOKEN_URL.format(extra="", upstream="https://eu.api.blizzard.com")
+    toml += '[credentials.spare]\nclient_id = "spare-id"\nclient_secret = "spare-secret"\n'
+    message = config_error(config_file=write_toml(tmp_path, toml))
+    assert "credentials.spare.token_url: is not set" in message
+    assert "no route uses this credential" in message
 
 
 # --- Secrets are never shown ------------------------------------------------------------------

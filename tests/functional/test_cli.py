@@ -225,6 +225,22 @@ SHORTHAND = {"TOKEN_PROXY_CLIENT_ID": TEST_CLIENT_ID, "TOKEN_PROXY_CLIENT_SECRET
             id="non-loopback-host",
         ),
         pytest.param(
+            [],
+            {**SHORTHAND, "TOKEN_PROXY_UPSTREAM": "https://api.example.com"},
+            None,
+            ["environment variable TOKEN_PROXY_UPSTREAM: is set but", "TOKEN_PROXY_TOKEN_URL"],
+            id="upstream-without-token-url",
+        ),
+        pytest.param(
+            ["--config", "{config}"],
+            {},
+            '[credentials.api]\nclient_id = "x"\nclient_secret = "y"\n'
+            '[[routes]]\nprefix = "/"\nupstream = "https://api.example.com"\n'
+            'credential = "api"\n',
+            ["config.toml: credentials.api.token_url: is not set", "https://api.example.com"],
+            id="credential-without-token-url",
+        ),
+        pytest.param(
             ["--config", "{config}"],
             {},
             '[credential.api]\nclient_id = "x"\nclient_secret = "y"\n',
