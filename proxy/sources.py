@@ -127,9 +127,9 @@ def unreadable_fix(path: Path, exc: OSError) -> str:
     """Why a file cannot be read and how to fix it, for the usual causes in a container."""
     if isinstance(exc, IsADirectoryError) or path.is_dir():
         return (
-            "is a directory, not a file; Docker creates an empty directory there when the host "
-            "file of a bind mount does not exist: create the file on the host (or correct the "
-            "mount's source path), remove the directory and recreate the container"
+            "is a directory, not a file; Docker makes one when the host file of a bind mount "
+            "does not exist: remove the directory it made on the host, put the file there (or "
+            "correct the mount's source path) and recreate the container"
         )
     if isinstance(exc, PermissionError):
         uid = os.geteuid()
