@@ -976,8 +976,9 @@ def _token_url_problems(
         used = [i for i, n in enumerate(named) if n == name]
         foreign = [i for i in used if _battlenet_region(routes[i].get("upstream")) is None]
         if foreign:
-            upstream = routes[foreign[0]].get("upstream")
-            why = f"but routes[{foreign[0]}] sends its token to {_literal(upstream)}"
+            # Only the host: a URL may carry a password (refused, but never shown).
+            host = urlsplit(str(routes[foreign[0]].get("upstream"))).hostname
+            why = f"but routes[{foreign[0]}] sends its token to {_literal(host)}"
         elif not used and routes and not unresolved:
             why = "and no route uses this credential"
         else:

@@ -237,7 +237,7 @@ SHORTHAND = {"TOKEN_PROXY_CLIENT_ID": TEST_CLIENT_ID, "TOKEN_PROXY_CLIENT_SECRET
             '[credentials.api]\nclient_id = "x"\nclient_secret = "y"\n'
             '[[routes]]\nprefix = "/"\nupstream = "https://api.example.com"\n'
             'credential = "api"\n',
-            ["config.toml: credentials.api.token_url: is not set", "https://api.example.com"],
+            ["config.toml: credentials.api.token_url: is not set", "'api.example.com'"],
             id="credential-without-token-url",
         ),
         pytest.param(
