@@ -165,9 +165,13 @@ def _load(args: argparse.Namespace) -> Settings | None:
     try:
         return load_settings(flags=flags, config_file=args.config)
     except ConfigError as exc:
-        lines = "\n".join(f"  - {line}" for line in exc.detail.splitlines())
+        problems = exc.detail.splitlines()
+        title = (
+            "configuration error" if len(problems) == 1 else f"{len(problems)} configuration errors"
+        )
+        lines = "\n".join(f"  - {line}" for line in problems)
         print(
-            f"token-proxy: configuration error\n{lines}\n"
+            f"token-proxy: {title}\n{lines}\n"
             "See README.md (Configuration) or config.example.toml for every setting.",
             file=sys.stderr,
         )

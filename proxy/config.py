@@ -4,15 +4,14 @@ message that names the setting and says how to fix it."""
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import ipaddress
 import os
 import re
 import ssl
-import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -22,7 +21,9 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ModelWrapValidatorHandler,
     SecretStr,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -30,12 +31,29 @@ from pydantic import (
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
+    SecretsSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
+from proxy import sources
 from proxy.errors import ConfigError
+from proxy.sources import (
+    Origins,
+    Problem,
+    Problems,
+    SecretsScan,
+    TomlSchema,
+    check_environment,
+    check_toml,
+    drop_implied,
+    read_toml,
+    scan_secrets_dir,
+    suggest,
+    unreadable_fix,
+)
 
-ENV_PREFIX = "TOKEN_PROXY_"
+ENV_PREFIX = sources.ENV_PREFIX
 DEFAULT_SECRETS_DIR = Path("/run/secrets")
 
 RegionName = Literal["us", "eu", "kr", "tw", "cn"]
@@ -141,7 +159,8 @@ class Credential(_Model):
         default=None, description="Battle.net preset for `token_url`: `us`, `eu`, `kr`, `tw`, `cn`"
     )
     token_url: str = Field(
-        description="token endpoint",
+        description="token endpoint; may be left out for Battle.net (`region`, `region_routes`, "
+        "or routes only to Battle.net APIs)",
         json_schema_extra={"shown_default": "the region's, else `https://oauth.battle.net/token`"},
     )
 
@@ -191,26 +210,46 @@ class Credential(_Model):
             return self.rate_limit
         return BATTLENET_RATE_LIMIT if self.is_battlenet else ()
 
-    @model_validator(mode="before")
+    @model_validator(mode="wrap")
     @classmethod
-    def _resolve(cls, data: Any) -> Any:
+    def _resolve(cls, data: Any, handler: ModelWrapValidatorHandler[Credential]) -> Credential:
+        """Fill in the token URL and the secret (from its file), then report every problem
+        of the table together: the secret's and those of each key."""
         if not isinstance(data, dict):
-            return data
+            return handler(data)
         data = dict(data)
         if data.get("token_url") is None:
             region = str(data.get("region") or "us").lower()
             data["token_url"] = REGION_TOKEN_URLS.get(region, BATTLENET_TOKEN_URL)
+        problems: list[Problem] = []
         secret_file = data.get("client_secret_file")
-        if secret_file is not None:
-            if data.get("client_secret") is not None:
-                raise ValueError("both client_secret and client_secret_file are set; keep only one")
-            data["client_secret"] = _read_secret_file(Path(secret_file))
-        elif data.get("client_secret") is None:
-            raise ValueError(
-                "client_secret is missing; set client_secret or client_secret_file "
-                "(environment: TOKEN_PROXY_CLIENT_SECRET or TOKEN_PROXY_CLIENT_SECRET_FILE)"
+        if secret_file is not None and data.get("client_secret") is not None:
+            problems.append(
+                Problem(("client_secret_file",), "is set and so is client_secret; keep only one")
             )
-        return data
+        elif isinstance(secret_file, str | Path):
+            try:
+                data["client_secret"] = _read_secret_file(Path(secret_file))
+            except ValueError as exc:
+                problems.append(Problem(("client_secret_file",), str(exc)))
+        elif secret_file is None and data.get("client_secret") is None:
+            problems.append(
+                Problem(
+                    ("client_secret",),
+                    'is not set; add client_secret_file = "/path/to/file" (or client_secret) '
+                    "to this table",
+                    missing=_SECRET_MISSING,
+                )
+            )
+        try:
+            credential = handler(data)
+        except ValidationError as exc:
+            # The secret's absence is reported above, with how to give it.
+            found = [p for p in problems_of(exc) if p.missing != {("client_secret",)}]
+            raise Problems([*problems, *found]) from None
+        if problems:
+            raise Problems(problems)
+        return credential
 
     @field_validator("token_url")
     @classmethod
@@ -236,18 +275,18 @@ class Credential(_Model):
         return value
 
 
+_SECRET_MISSING = frozenset({("client_secret",), ("client_secret_file",)})
+
+
 def _read_secret_file(path: Path) -> str:
     try:
         secret = path.read_text(encoding="utf-8").rstrip("\r\n")
     except OSError as exc:
-        raise ValueError(
-            f"client_secret_file {str(path)!r} cannot be read ({exc.strerror}); "
-            "check the path and that token-proxy's user may read it"
-        ) from None
+        raise ValueError(f"{str(path)!r} {unreadable_fix(path, exc)}") from None
     except UnicodeDecodeError:
-        raise ValueError(f"client_secret_file {str(path)!r} is not UTF-8 text") from None
+        raise ValueError(f"{str(path)!r} is not UTF-8 text") from None
     if not secret:
-        raise ValueError(f"client_secret_file {str(path)!r} is empty")
+        raise ValueError(f"{str(path)!r} is empty; write the client secret in it")
     return secret
 
 
@@ -275,7 +314,7 @@ class Route(_Model):
                 ssl.create_default_context(cafile=str(value))
             except (OSError, ssl.SSLError) as exc:
                 raise ValueError(
-                    f"ca_bundle {str(value)!r} is not a readable PEM file of CA certificates "
+                    f"{str(value)!r} is not a readable PEM file of CA certificates "
                     f"({exc}); fix the path, or remove the key to use the system's"
                 ) from None
         return value
@@ -365,7 +404,17 @@ class Client(_Model):
 
     @model_validator(mode="after")
     def _one_key(self) -> Client:
-        if (self.key is None) == (self.key_sha256 is None):
+        if self.key is None and self.key_sha256 is None:
+            raise Problems(
+                [
+                    Problem(
+                        ("key_sha256",),
+                        f"client {self.name!r} has no key: set exactly one of key or key_sha256",
+                        missing=frozenset({("key",), ("key_sha256",)}),
+                    )
+                ]
+            )
+        if self.key is not None and self.key_sha256 is not None:
             raise ValueError(f"client {self.name!r}: set exactly one of key or key_sha256")
         return self
 
@@ -379,7 +428,18 @@ class Client(_Model):
         return hashlib.sha256(self.key.get_secret_value().encode()).digest()
 
 
-_toml_data: ContextVar[dict[str, Any]] = ContextVar("_toml_data", default={})  # noqa: B039  (read-only default)
+@dataclass(frozen=True)
+class _Loading:
+    """What load_settings has read and checked already, for the sources it gives pydantic."""
+
+    toml: Mapping[str, Any]
+    unusable_secrets: frozenset[str] = frozenset()
+
+
+_loading: ContextVar[_Loading] = ContextVar("_loading", default=_Loading(toml={}))  # noqa: B039  (read-only default)
+
+
+_expanding: ContextVar[bool] = ContextVar("_expanding", default=False)
 
 
 class _TomlSource(PydanticBaseSettingsSource):
@@ -389,7 +449,17 @@ class _TomlSource(PydanticBaseSettingsSource):
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        return dict(_toml_data.get())
+        return dict(_loading.get().toml)
+
+
+class _SecretsDir(SecretsSettingsSource):
+    """The secrets directory without the files load_settings found unusable and reported (a
+    directory, a file it may not read), which pydantic-settings would warn about or crash on."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        if field_name in _loading.get().unusable_secrets:
+            return None, field_name, False
+        return super().get_field_value(field, field_name)
 
 
 _SECRET_KEYS = ("client_secret", "client_secret_file")
@@ -454,7 +524,7 @@ class Settings(BaseSettings):
     )
     upstream: str | None = Field(
         default=None,
-        description="upstream base URL of the route `/`",
+        description="upstream base URL of the route `/`; needs `token_url` (or `region`) with it",
         json_schema_extra={
             "shown_default": "`https://{region}.api.blizzard.com` "
             "(`cn`: `https://gateway.battlenet.com.cn`)"
@@ -462,7 +532,7 @@ class Settings(BaseSettings):
     )
     token_url: str | None = Field(
         default=None,
-        description="token endpoint",
+        description="token endpoint; another provider's needs `upstream` (or `region`) with it",
         json_schema_extra={
             "shown_default": "`https://oauth.battle.net/token` "
             "(`cn`: `https://oauth.battlenet.com.cn/token`)"
@@ -543,6 +613,10 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
+        if isinstance(file_secret_settings, SecretsSettingsSource):
+            file_secret_settings = _SecretsDir(
+                settings_cls, secrets_dir=file_secret_settings.secrets_dir
+            )
         lower = (env_settings, file_secret_settings, _TomlSource(settings_cls))
         return (init_settings, *(_YieldSecret(source) for source in lower))
 
@@ -562,122 +636,58 @@ class Settings(BaseSettings):
             )
         return value
 
-    @model_validator(mode="before")
+    @model_validator(mode="wrap")
     @classmethod
-    def _expand_shorthand(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        data = dict(data)
-        credentials = dict(data.get("credentials") or {})
-        routes = list(data.get("routes") or [])
-        if data.get("client_id") == "":
-            raise ValueError(
-                "client_id (TOKEN_PROXY_CLIENT_ID) is empty; set it to your OAuth client id"
-            )
-        if data.get("client_id") is not None:
-            if "default" in credentials:
-                raise ValueError(
-                    "client_id (TOKEN_PROXY_CLIENT_ID) defines the credential 'default', "
-                    "and the config file has a [credentials.default] table too; keep one"
-                )
-            region = str(data.get("region") or "us").lower()
-            shorthand = {
-                key: data[key] for key in _SHORTHAND_CREDENTIAL_KEYS if data.get(key) is not None
-            }
-            for key in ("token_url", "upstream"):
-                if data.get(key) is not None:
-                    _check_shorthand_url(key, data[key])
-            credentials["default"] = {"client_id": data["client_id"], **shorthand}
-            if region in REGION_UPSTREAMS:
-                credentials["default"]["region"] = region
-            if not routes:
-                upstream = data.get("upstream") or REGION_UPSTREAMS.get(region, "https://invalid")
-                routes = [{"prefix": "/", "upstream": upstream, "credential": "default"}]
-        else:
-            stray = [
-                key
-                for key in (*_SHORTHAND_CREDENTIAL_KEYS, "upstream")
-                if data.get(key) not in (None, "", cls.model_fields[key].default)
-            ]
-            if not credentials:
-                raise ValueError(
-                    "no credentials are configured; set TOKEN_PROXY_CLIENT_ID and "
-                    "TOKEN_PROXY_CLIENT_SECRET (or TOKEN_PROXY_CLIENT_SECRET_FILE), "
-                    "or add a [credentials.NAME] table to the config file"
-                )
-            if stray:
-                raise ValueError(
-                    f"{', '.join(stray)} only apply together with client_id (the single-API "
-                    "shorthand); set client_id too, or move them into a [credentials.NAME] "
-                    "table and a [[routes]] entry"
-                )
-        for name, table in credentials.items():
-            regions = table.get("region_routes", ()) if isinstance(table, dict) else ()
-            for region in regions if isinstance(regions, list | tuple) else ():
-                if region in REGION_UPSTREAMS:
-                    routes.append(
-                        {
-                            "prefix": f"/{region}/",
-                            "upstream": REGION_UPSTREAMS[region],
-                            "credential": name,
-                        }
-                    )
-        if not routes:
-            raise ValueError(
-                "no routes are configured; add a [[routes]] table with prefix, upstream "
-                "and credential to the config file"
-            )
-        data["credentials"] = credentials
-        data["routes"] = routes
-        return data
+    def _validate_all(cls, data: Any, handler: ModelWrapValidatorHandler[Settings]) -> Settings:
+        """Expand the single-API shorthand, then report every problem at once: those of the
+        configuration as a whole, found on the values as given, with those of each setting."""
+        if not isinstance(data, dict) or _expanding.get():
+            return handler(data)
+        expanded = _expand(data)
+        # model_validate goes through BaseSettings.__init__, which validates the expanded
+        # data once more: that pass must not expand it again.
+        reset = _expanding.set(True)
+        try:
+            settings = handler(expanded.data)
+        except ValidationError as exc:
+            found = [expanded.relocate(problem) for problem in problems_of(exc)]
+            raise Problems([*expanded.problems, *found]) from None
+        finally:
+            _expanding.reset(reset)
+        if expanded.problems:
+            raise Problems(expanded.problems)
+        return settings
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
-        for index, route in enumerate(self.routes):
-            if route.credential not in self.credentials:
-                known = ", ".join(sorted(self.credentials))
-                raise ValueError(
-                    f"routes[{index}].credential = {route.credential!r} names no credential; "
-                    f"defined credentials: {known}"
-                )
-        prefixes = [route.match_prefix for route in self.routes]
-        duplicates = sorted({p or "/" for p in prefixes if prefixes.count(p) > 1})
-        if duplicates:
-            raise ValueError(f"routes: prefix {duplicates[0]!r} is used by more than one route")
-        names = [client.name for client in self.clients]
-        repeated = sorted({name for name in names if names.count(name) > 1})
-        if repeated:
-            raise ValueError(f"clients: the name {repeated[0]!r} is used more than once")
+        problems: list[Problem] = []
         digests = [client.digest for client in self.clients]
         if len(set(digests)) != len(digests):
-            raise ValueError("clients: two clients share one key; give each its own")
+            problems.append(Problem(("clients",), "two clients share one key; give each its own"))
         if self.workers > 1:
-            self._check_split_limits()
-        if self.exposed_anonymously and not self.allow_anonymous_remote:
-            raise ValueError(
-                f"host (TOKEN_PROXY_HOST) = {self.host!r} is not a loopback address and no "
-                "[[clients]] are configured, so anyone who can reach it could use your "
-                "credentials; listen on 127.0.0.1, add [[clients]] with team keys, or set "
-                "allow_anonymous_remote = true (TOKEN_PROXY_ALLOW_ANONYMOUS_REMOTE=true) "
-                "if that is really intended"
-            )
+            problems += self._split_limit_problems()
+        if problems:
+            raise Problems(problems)
         return self
 
-    def _check_split_limits(self) -> None:
-        tables = [
-            (f"credentials.{name}.rate_limit", credential.rate_limits)
+    def _split_limit_problems(self) -> list[Problem]:
+        tables: list[tuple[tuple[str | int, ...], tuple[str, ...]]] = [
+            (("credentials", name, "rate_limit"), credential.rate_limits)
             for name, credential in self.credentials.items()
         ]
-        tables += [(f"clients[{i}].rate_limit", c.rate_limit) for i, c in enumerate(self.clients)]
-        for where, values in tables:
-            for value in values:
-                if limits.parse(value).amount < self.workers:
-                    raise ValueError(
-                        f"{where} {value!r} cannot be split between {self.workers} workers "
-                        "(workers, TOKEN_PROXY_WORKERS): each would get less than one "
-                        "request; lower workers, or count the limit over a longer window "
-                        '(e.g. "60/minute" rather than "1/second")'
-                    )
+        tables += [(("clients", i, "rate_limit"), c.rate_limit) for i, c in enumerate(self.clients)]
+        return [
+            Problem(
+                loc,
+                f"{value!r} cannot be split between {self.workers} workers ({{workers}}): each "
+                "would get less than one request; lower {workers}, or count the limit over a "
+                'longer window (e.g. "60/minute" rather than "1/second")',
+                template=True,
+            )
+            for loc, values in tables
+            for value in values
+            if limits.parse(value).amount < self.workers
+        ]
 
     def split_limits(self) -> tuple[dict[str, Credential], tuple[Client, ...]]:
         """The credentials and clients with every rate limit divided between the workers
@@ -706,82 +716,372 @@ class Settings(BaseSettings):
         return tuple(sorted(self.routes, key=lambda r: len(r.match_prefix), reverse=True))
 
 
-def _check_shorthand_url(key: str, value: Any) -> None:
-    try:
-        check_url(str(value), what=key, allow_path=key != "upstream")
-    except ValueError as exc:
-        raise ValueError(f"{key} ({ENV_PREFIX}{key.upper()}): {exc}") from None
+# --- what is wrong with the configuration as a whole, found on the values as given ----------
+
+# Settings of the shorthand's credential and route, moved back to the key that set them.
+_FROM_SHORTHAND = frozenset({"client_id", "region", *_SHORTHAND_CREDENTIAL_KEYS})
+BATTLENET_API_HOSTS = {urlsplit(url).hostname: region for region, url in REGION_UPSTREAMS.items()}
+_BOOL: TypeAdapter[bool] = TypeAdapter(bool)
 
 
-def _setting_name(loc: tuple[int | str, ...]) -> str:
-    parts: list[str] = []
-    for item in loc:
-        if isinstance(item, int):
-            parts[-1:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]
-        else:
-            parts.append(item)
-    name = ".".join(parts)
-    if len(loc) == 1 and isinstance(loc[0], str) and loc[0] in Settings.model_fields:
-        name = f"{name} ({ENV_PREFIX}{loc[0].upper()})"
-    return name
+def _literal(value: Any) -> str:
+    """A value quoted in a templated message, its braces kept as they are."""
+    return repr(value).replace("{", "{{").replace("}", "}}")
 
 
-def _describe(error: Mapping[str, Any]) -> str:
-    loc = tuple(error.get("loc", ()))
-    message = str(error.get("msg", "invalid"))
-    message = message.removeprefix("Value error, ")
-    kind = error.get("type")
-    # Credential and route tables report their own nested location in the message.
-    loc = tuple(item for item in loc if not str(item).startswith(("function-", "tagged-union")))
-    if kind == "extra_forbidden":
-        field = str(loc[-1]) if loc else "?"
-        known = _known_keys(loc[:-1])
-        hint = difflib.get_close_matches(field, known, n=1)
-        fix = f"did you mean {hint[0]!r}?" if hint else "remove it or check the spelling"
-        return f"{_setting_name(loc)}: unknown setting; {fix}"
-    if kind == "missing":
-        return f"{_setting_name(loc)}: is required but not set"
-    if not loc:
-        return message
-    return f"{_setting_name(loc)}: {message}"
+def _field(table: Any, key: str) -> Any:
+    """A key of a table as given, or None when the table is not one (pydantic says so)."""
+    return table.get(key) if isinstance(table, dict) else None
 
 
-def _known_keys(parent: tuple[int | str, ...]) -> list[str]:
-    if not parent:
-        return list(Settings.model_fields)
-    if parent[0] == "credentials":
-        return list(Credential.model_fields)
-    if parent[0] == "routes":
-        return list(Route.model_fields)
-    if parent[0] == "clients":
-        return list(Client.model_fields)
+def _battlenet_region(url: Any) -> str | None:
+    """The region whose Battle.net API host the URL names, or None for any other host."""
+    return BATTLENET_API_HOSTS.get(urlsplit(str(url)).hostname) if url else None
+
+
+@dataclass(frozen=True)
+class _Expanded:
+    """The settings as given with the shorthand's credential and routes added, and what is
+    wrong with them as a whole."""
+
+    data: dict[str, Any]
+    problems: list[Problem]
+    shorthand: bool = False  # credentials.default was made from the top-level keys
+    shorthand_route: bool = False  # and routes[0] from the top-level upstream
+
+    def relocate(self, problem: Problem) -> Problem:
+        """A problem of the shorthand's credential or route, told at the key that set it."""
+        if not self.shorthand:
+            return problem
+        if problem.loc == ("credentials", "default", "client_secret") and problem.missing:
+            return Problem(
+                ("client_secret",),
+                "is not set; set TOKEN_PROXY_CLIENT_SECRET_FILE (or TOKEN_PROXY_CLIENT_SECRET) in "
+                "the environment, put the secret in the file token_proxy_client_secret of the "
+                "secrets directory, or set client_secret_file in the config file",
+                where="client_secret",
+                missing=frozenset({("client_secret",), ("client_secret_file",)}),
+            )
+        return Problem(
+            self._lift(problem.loc),
+            problem.message,
+            where=problem.where,
+            missing=frozenset(self._lift(loc) for loc in problem.missing),
+            covers=None if problem.covers is None else self._lift(problem.covers),
+            template=problem.template,
+        )
+
+    def _lift(self, loc: tuple[str | int, ...]) -> tuple[str | int, ...]:
+        if loc[:2] == ("credentials", "default") and len(loc) > 2 and loc[2] in _FROM_SHORTHAND:
+            return loc[2:]
+        if self.shorthand_route and loc[:3] == ("routes", 0, "upstream"):
+            return loc[2:]
+        return loc
+
+
+def _expand(given: dict[str, Any]) -> _Expanded:
+    """Add the shorthand's credential `default` and route `/`, and each credential's region
+    routes; check what no single key can (names that refer to each other, the token URL)."""
+    data = dict(given)
+    credentials = data.get("credentials") or {}
+    routes = data.get("routes") or []
+    if not isinstance(credentials, dict) or not isinstance(routes, list | tuple):
+        return _Expanded(data, [])  # pydantic says what they should be
+    credentials, routes = dict(credentials), list(routes)
+    problems: list[Problem] = []
+    client_id = data.get("client_id")
+    explicit_region = data.get("region") is not None
+    region = str(data.get("region") or "us").lower()
+    shorthand = shorthand_route = conflict = False
+    if client_id == "":
+        problems.append(
+            Problem(
+                ("client_id",), "is empty; set it to your OAuth client id", covers=("client_id",)
+            )
+        )
+    elif client_id is not None and "default" in credentials:
+        conflict = True
+        problems.append(
+            Problem(
+                ("client_id",),
+                "defines the credential 'default' (the single-API shorthand), and the config "
+                "file has a [credentials.default] table too; keep one",
+            )
+        )
+    elif client_id is not None:
+        shorthand = True
+        shorthand_keys = {k: data[k] for k in _SHORTHAND_CREDENTIAL_KEYS if data.get(k) is not None}
+        credentials["default"] = {"client_id": client_id, **shorthand_keys}
+        if region in REGION_UPSTREAMS:
+            credentials["default"]["region"] = region
+        if not explicit_region:
+            problems += _shorthand_provider(data, routes=bool(routes), region=region)
+        if not routes:
+            upstream = data.get("upstream") or REGION_UPSTREAMS.get(region, "https://invalid")
+            routes = [{"prefix": "/", "upstream": upstream, "credential": "default"}]
+            shorthand_route = True
+    else:
+        problems += _stray_shorthand_keys(data)
+        if not credentials:
+            problems.append(_no_credentials(routes))
+    routes += _region_routes(credentials)
+    if credentials and not routes and not conflict:
+        problems.append(
+            Problem(
+                ("routes",),
+                "no routes are configured; add a [[routes]] table with prefix, upstream and "
+                "credential to the config file (or region_routes to a Battle.net credential)",
+                where="",
+                missing=frozenset({("routes",)}),
+            )
+        )
+    problems += _route_problems(routes, credentials)
+    # The shorthand's own route and an explicit region are checked by _shorthand_provider.
+    checked_default = shorthand and not explicit_region and not shorthand_route
+    problems += _token_url_problems(
+        credentials,
+        routes,
+        skip="default" if shorthand and not checked_default else None,
+        shorthand="default" if checked_default else None,
+    )
+    problems += _client_problems(data.get("clients"))
+    problems += _exposure_problems(data)
+    data["credentials"] = credentials
+    data["routes"] = routes
+    return _Expanded(data, problems, shorthand, shorthand_route)
+
+
+def _shorthand_provider(data: dict[str, Any], *, routes: bool, region: str) -> list[Problem]:
+    """Without an explicit region, the shorthand takes Battle.net's token URL and API only as
+    a pair: another provider's secret must never reach Battle.net's token endpoint."""
+    upstream, token_url = data.get("upstream"), data.get("token_url")
+    if upstream is not None and token_url is None:
+        hint = _battlenet_region(upstream)
+        fix = (
+            f'it is Battle.net\'s {hint} API: set {{region="{hint}"}}'
+            if hint
+            else "set {token_url} to the token endpoint of this API's provider (or {region}, "
+            "if it is a Battle.net API)"
+        )
+        message = (
+            "is set but {token_url} is not, and the client secret must not go to Battle.net's "
+            f"token endpoint for another provider's API; {fix}"
+        )
+        missing = frozenset({("token_url",), ("region",)})
+        return [Problem(("upstream",), message, missing=missing, template=True)]
+    if token_url is not None and upstream is None and not routes:
+        if urlsplit(str(token_url)).hostname in BATTLENET_TOKEN_HOSTS:
+            return []
+        message = (
+            "is set but {upstream} is not, so requests would go to Battle.net's API "
+            f"({REGION_UPSTREAMS.get(region, '?')}) with this endpoint's tokens; set {{upstream}} "
+            "to the API's base URL (or {region}, if this token endpoint serves Battle.net)"
+        )
+        missing = frozenset({("upstream",), ("region",)})
+        return [Problem(("token_url",), message, missing=missing, template=True)]
     return []
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
-    except OSError as exc:
-        raise ConfigError(
-            f"config (--config / TOKEN_PROXY_CONFIG): cannot read {str(path)!r} "
-            f"({exc.strerror}); check the path"
-        ) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
-
-
-def _check_environment(environ: Mapping[str, str]) -> None:
-    known = {name.upper() for name in Settings.model_fields} | _LOADER_ENV
-    for name in environ:
-        upper = name.upper()
-        if not upper.startswith(ENV_PREFIX):
+def _stray_shorthand_keys(data: dict[str, Any]) -> list[Problem]:
+    problems = []
+    for key in (*_SHORTHAND_CREDENTIAL_KEYS, "upstream"):
+        if data.get(key) in (None, "", Settings.model_fields[key].default):
             continue
-        suffix = upper.removeprefix(ENV_PREFIX)
-        if suffix not in known:
-            hint = difflib.get_close_matches(suffix, sorted(known), n=1)
-            fix = f"did you mean {ENV_PREFIX}{hint[0]}?" if hint else "unset it"
-            raise ConfigError(f"environment variable {name} is not a setting; {fix}")
+        table = "a [[routes]] entry" if key == "upstream" else "a [credentials.NAME] table"
+        problems.append(
+            Problem(
+                (key,),
+                "applies only together with {client_id} (the single-API shorthand); set "
+                f"{{client_id}} too, or move it into {table}",
+                covers=("client_id",),
+                template=True,
+            )
+        )
+    return problems
+
+
+def _no_credentials(routes: list[Any]) -> Problem:
+    named = sorted({name for r in routes if isinstance(name := _field(r, "credential"), str)})
+    if named:
+        message = (
+            f"no credentials are configured, but [[routes]] name {', '.join(map(repr, named))}; "
+            "add a [credentials.NAME] table for each to the config file"
+        )
+    else:
+        message = (
+            "no credentials are configured; set TOKEN_PROXY_CLIENT_ID and "
+            "TOKEN_PROXY_CLIENT_SECRET (or TOKEN_PROXY_CLIENT_SECRET_FILE), "
+            "or add a [credentials.NAME] table to the config file"
+        )
+    missing = frozenset({("credentials",), ("client_id",)})
+    return Problem(("credentials",), message, where="", missing=missing)
+
+
+def _region_routes(credentials: dict[str, Any]) -> list[dict[str, Any]]:
+    routes = []
+    for name, table in credentials.items():
+        regions = table.get("region_routes", ()) if isinstance(table, dict) else ()
+        for region in regions if isinstance(regions, list | tuple) else ():
+            if region in REGION_UPSTREAMS:
+                upstream = REGION_UPSTREAMS[region]
+                routes.append({"prefix": f"/{region}/", "upstream": upstream, "credential": name})
+    return routes
+
+
+def _route_problems(routes: list[Any], credentials: dict[str, Any]) -> list[Problem]:
+    problems = []
+    for index, route in enumerate(routes):
+        name = route.get("credential") if isinstance(route, dict) else None
+        if isinstance(name, str) and credentials and name not in credentials:
+            known = ", ".join(sorted(credentials))
+            hint = suggest(name, credentials)
+            fix = f"; did you mean {hint!r}?" if hint else ""
+            problems.append(
+                Problem(
+                    ("routes", index, "credential"),
+                    f"{name!r} names no credential; defined credentials: {known}{fix}",
+                )
+            )
+    prefixes = [
+        r["prefix"].rstrip("/")
+        for r in routes
+        if isinstance(r, dict) and isinstance(r.get("prefix"), str)
+    ]
+    for prefix in sorted({p for p in prefixes if prefixes.count(p) > 1}):
+        problems.append(
+            Problem(
+                ("routes",),
+                f"the prefix {prefix or '/'!r} is used by more than one route; keep one",
+            )
+        )
+    return problems
+
+
+def _token_url_problems(
+    credentials: dict[str, Any], routes: list[Any], *, skip: str | None, shorthand: str | None
+) -> list[Problem]:
+    """A credential without token_url or region gets Battle.net's token URL: refused when
+    its token would go to an API that is not Battle.net's (or to none), as its secret is
+    probably another provider's. `shorthand` names the credential made from top-level keys,
+    reported there."""
+    named = [_field(route, "credential") for route in routes]
+    unresolved = any(isinstance(n, str) and n not in credentials for n in named)
+    problems = []
+    for name, table in credentials.items():
+        if name == skip or not isinstance(table, dict) or table.get("token_url") is not None:
+            continue
+        said = table.get("region") is not None or table.get("region_routes")
+        if said and name != shorthand:  # the shorthand's region is the default one
+            continue
+        used = [i for i, n in enumerate(named) if n == name]
+        foreign = [i for i in used if _battlenet_region(routes[i].get("upstream")) is None]
+        if foreign:
+            # Only the host: a URL may carry a password (refused, but never shown).
+            host = urlsplit(str(routes[foreign[0]].get("upstream"))).hostname
+            why = f"but routes[{foreign[0]}] sends its token to {_literal(host)}"
+        elif not used and routes and not unresolved:
+            why = "and no route uses this credential"
+        else:
+            continue
+        loc: tuple[str | int, ...] = ("credentials", name, "token_url")
+        token_url, region = "token_url", "region"
+        if name == shorthand:
+            loc, token_url, region = ("token_url",), "{token_url}", "{region}"
+        message = (
+            "is not set, so the client secret would be sent to Battle.net's token endpoint, "
+            f"{why}; set {token_url} to the provider's token endpoint (or {region}, if this "
+            "is a Battle.net client)"
+        )
+        missing = frozenset({loc, (*loc[:-1], "region")})
+        problems.append(Problem(loc, message, missing=missing, template=len(loc) == 1))
+    return problems
+
+
+def _client_problems(clients: Any) -> list[Problem]:
+    if not isinstance(clients, list | tuple):
+        return []
+    names = [name for c in clients if isinstance(name := _field(c, "name"), str)]
+    return [
+        Problem(("clients",), f"the name {name!r} is used more than once; give each client its own")
+        for name in sorted({n for n in names if names.count(n) > 1})
+    ]
+
+
+def _exposure_problems(data: dict[str, Any]) -> list[Problem]:
+    host = data.get("host", Settings.model_fields["host"].default)
+    if not isinstance(host, str) or is_loopback_host(host) or data.get("clients"):
+        return []
+    try:
+        if _BOOL.validate_python(data.get("allow_anonymous_remote", False)):
+            return []
+    except ValidationError:
+        return []  # the key's own problem says what it should be
+    return [
+        Problem(
+            ("host",),
+            f"{_literal(host)} is not a loopback address and no [[clients]] are configured, so "
+            "anyone who can reach it could use your credentials; listen on 127.0.0.1, add "
+            "[[clients]] with team keys, or set {allow_anonymous_remote=true} if that is "
+            "really intended",
+            template=True,
+        )
+    ]
+
+
+# --- pydantic's errors, and loading ------------------------------------------------------------
+
+
+def problems_of(exc: ValidationError) -> list[Problem]:
+    """pydantic's errors as Problems, each at the setting it is about."""
+    problems: list[Problem] = []
+    for error in exc.errors():
+        # Wrapping validators add steps to the location that name no setting.
+        loc = tuple(i for i in error["loc"] if not str(i).startswith(("function-", "tagged-union")))
+        cause = (error.get("ctx") or {}).get("error")
+        if isinstance(cause, Problems):
+            problems.extend(problem.moved(loc) for problem in cause.problems)
+        elif error["type"] == "extra_forbidden" and loc:
+            hint = suggest(str(loc[-1]), _known_keys(loc[:-1]))
+            fix = f"did you mean {hint}?" if hint else "remove it or check the spelling"
+            covers = None if hint is None else (*loc[:-1], hint)
+            problems.append(Problem(loc, f"unknown key; {fix}", covers=covers))
+        elif error["type"] == "missing":
+            problems.append(Problem(loc, "is required but not set", missing=frozenset({loc})))
+        else:
+            problems.append(Problem(loc, str(error["msg"]).removeprefix("Value error, ")))
+    return problems
+
+
+def _known_keys(parent: tuple[int | str, ...]) -> list[str]:
+    tables: dict[str, type[BaseModel]] = {
+        "credentials": Credential,
+        "routes": Route,
+        "clients": Client,
+    }
+    if not parent:
+        return list(Settings.model_fields)
+    model = tables.get(str(parent[0]))
+    return [] if model is None else list(model.model_fields)
+
+
+_SCHEMA = TomlSchema(
+    top=Settings, named={"credentials": Credential}, listed={"routes": Route, "clients": Client}
+)
+
+
+def _secrets_dir(environ: Mapping[str, str]) -> Path | Problem | None:
+    """The secrets directory to read, or the problem with the one named."""
+    value = environ.get(f"{ENV_PREFIX}SECRETS_DIR")
+    if not value:
+        return DEFAULT_SECRETS_DIR if DEFAULT_SECRETS_DIR.is_dir() else None
+    if not Path(value).is_dir():
+        return Problem(
+            (),
+            f"{value!r} is not a directory; point it at the folder holding the secret files, "
+            "or unset it",
+            where=f"environment variable {ENV_PREFIX}SECRETS_DIR",
+        )
+    return Path(value)
 
 
 def load_settings(
@@ -791,27 +1091,50 @@ def load_settings(
 ) -> Settings:
     """Build Settings from every source, or raise ConfigError with one line per problem."""
     environ = os.environ
-    _check_environment(environ)
+    fields = frozenset(Settings.model_fields)
+    problems = check_environment(environ, known=fields | _LOADER_ENV)
+    named_by = "--config"
     if config_file is None and environ.get(f"{ENV_PREFIX}CONFIG"):
         config_file = Path(environ[f"{ENV_PREFIX}CONFIG"])
-    toml = _read_toml(config_file) if config_file is not None else {}
-    secrets_dir_value = environ.get(f"{ENV_PREFIX}SECRETS_DIR")
-    secrets_dir: Path | None = None
-    if secrets_dir_value:
-        secrets_dir = Path(secrets_dir_value)
-        if not secrets_dir.is_dir():
-            raise ConfigError(
-                f"TOKEN_PROXY_SECRETS_DIR = {secrets_dir_value!r} is not a directory; "
-                "point it at the folder holding the secret files, or unset it"
-            )
-    elif DEFAULT_SECRETS_DIR.is_dir():
-        secrets_dir = DEFAULT_SECRETS_DIR
+        named_by = f"environment variable {ENV_PREFIX}CONFIG"
+    # A file or directory that cannot be read leaves nothing sound to validate the rest on.
+    fatal: list[Problem] = []
+    raw: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            raw = read_toml(config_file, named_by=named_by)
+        except ConfigError as exc:
+            fatal.append(Problem((), exc.detail, where=""))
+    secrets_dir = _secrets_dir(environ)
+    if isinstance(secrets_dir, Problem):
+        fatal.append(secrets_dir)
+        secrets_dir = None
+    scan = scan_secrets_dir(secrets_dir, known=fields) if secrets_dir else SecretsScan()
+    problems += scan.problems
+    if scan.unusable == fields:
+        secrets_dir = None
+    toml: dict[str, Any] = {}
+    if config_file is not None:
+        toml, found = check_toml(raw, path=config_file, schema=_SCHEMA)
+        problems += found
     init = {key: value for key, value in (flags or {}).items() if value is not None}
-    reset = _toml_data.set(toml)
-    try:
-        return Settings(_secrets_dir=secrets_dir, **init)  # type: ignore[call-arg]  # pydantic-settings init option
-    except ValidationError as exc:
-        problems = [_describe(error) for error in exc.errors()]
-        raise ConfigError("\n".join(dict.fromkeys(problems))) from None
-    finally:
-        _toml_data.reset(reset)
+    origins = Origins.of(
+        flags=init, environ=environ, secrets=scan.files, toml=toml, config_file=config_file
+    )
+    settings: Settings | None = None
+    if not fatal:
+        reset = _loading.set(_Loading(toml=toml, unusable_secrets=scan.unusable))
+        try:
+            settings = Settings(_secrets_dir=secrets_dir, **init)  # type: ignore[call-arg]  # pydantic-settings init option
+        except ValidationError as exc:
+            problems += problems_of(exc)
+        except SettingsError as exc:
+            problems.append(
+                Problem((), f"{exc}; write it as JSON, or move it to the config file", where="")
+            )
+        finally:
+            _loading.reset(reset)
+    lines = [origins.render(problem) for problem in drop_implied([*fatal, *problems])]
+    if settings is None or lines:
+        raise ConfigError("\n".join(dict.fromkeys(lines)))
+    return settings

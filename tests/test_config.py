@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import certifi
 import pytest
 
-from proxy.config import Settings, load_settings
+from proxy.config import REGION_TOKEN_URLS, Settings, load_settings
 from proxy.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -297,7 +298,7 @@ def test_shorthand_from_toml_only(tmp_path: Path) -> None:
     config = write_toml(
         tmp_path,
         f'client_id = "{CLIENT_ID}"\nclient_secret_file = "{secret_file}"\n'
-        'upstream = "https://eu.api.blizzard.com"\n',
+        'region = "eu"\nupstream = "https://eu.api.blizzard.com"\n',
     )
     settings = load_settings(config_file=config)
     assert secret_of(settings) == SECRET
@@ -454,7 +455,7 @@ def test_unreadable_secret_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv("TOKEN_PROXY_CLIENT_ID", CLIENT_ID)
     monkeypatch.setenv("TOKEN_PROXY_CLIENT_SECRET_FILE", str(path))
     message = config_error()
-    assert "client_secret_file" in message
+    assert "environment variable TOKEN_PROXY_CLIENT_SECRET_FILE" in message
     assert str(path) in message
 
 
@@ -522,7 +523,7 @@ def test_plain_http_to_remote_host_refused(
     """An http:// upstream or token_url on a non-loopback host is refused; the fix is https://."""
     monkeypatch.setenv(variable, value)
     message = config_error()
-    assert setting in message
+    assert f"environment variable {variable}: {value!r} uses plain http" in message, setting
     assert "https://" in message
 
 
@@ -580,8 +581,7 @@ def test_bad_region(monkeypatch: pytest.MonkeyPatch) -> None:
     """An unknown region names TOKEN_PROXY_REGION and lists the valid presets."""
     monkeypatch.setenv("TOKEN_PROXY_REGION", "mars")
     message = config_error()
-    assert "region" in message
-    assert "TOKEN_PROXY_REGION" in message
+    assert message.startswith("environment variable TOKEN_PROXY_REGION: ")
     for region in ("us", "eu", "kr", "tw", "cn"):
         assert f"'{region}'" in message
 
@@ -592,8 +592,7 @@ def test_bad_port_from_environment(monkeypatch: pytest.MonkeyPatch, value: str, 
     """A port outside 0-65535 or not a number names TOKEN_PROXY_PORT and the valid range."""
     monkeypatch.setenv("TOKEN_PROXY_PORT", value)
     message = config_error()
-    assert "port" in message
-    assert "TOKEN_PROXY_PORT" in message
+    assert message.startswith("environment variable TOKEN_PROXY_PORT: ")
     assert hint in message
 
 
@@ -633,9 +632,8 @@ def test_non_loopback_host_needs_allow_anonymous_remote(
     """Listening on a non-loopback address is refused and names allow_anonymous_remote."""
     monkeypatch.setenv("TOKEN_PROXY_HOST", host)
     message = config_error()
-    assert "host" in message
-    assert "allow_anonymous_remote" in message
-    assert "TOKEN_PROXY_ALLOW_ANONYMOUS_REMOTE" in message
+    assert message.startswith(f"environment variable TOKEN_PROXY_HOST: {host!r}")
+    assert "set TOKEN_PROXY_ALLOW_ANONYMOUS_REMOTE=true" in message
 
 
 @pytest.mark.usefixtures("shorthand")
@@ -664,6 +662,407 @@ def test_loopback_hosts_need_nothing(monkeypatch: pytest.MonkeyPatch, host: str)
     """Loopback listen addresses are accepted without allow_anonymous_remote."""
     monkeypatch.setenv("TOKEN_PROXY_HOST", host)
     assert load_settings().host == host
+
+
+# --- One run reports every problem, each where it was made -------------------------------------
+
+EVERY_TABLE_MISSPELT = """
+read_timout = 5
+
+[credentials.api]
+client_id = "api-id"
+clientsecret = "api-secret"
+token_url = "https://auth.example.com/token"
+
+[[routes]]
+prefix = "/"
+upstrem = "https://api.example.com"
+credential = "api"
+
+[[clients]]
+name = "dashboard"
+key_sha = "abc"
+"""
+
+
+def test_unknown_keys_in_every_table_are_reported_together(tmp_path: Path) -> None:
+    """A misspelt key at the top level, in [credentials.x], [[routes]] and [[clients]] is each
+    reported with the file, the table and a did-you-mean, in one run; the key's absence
+    (client_secret, upstream, key_sha256) is not reported on top of it."""
+    config = write_toml(tmp_path, EVERY_TABLE_MISSPELT)
+    lines = config_error(config_file=config).splitlines()
+    assert lines == [
+        f"{config}: read_timout: unknown key; did you mean read_timeout?",
+        f"{config}: credentials.api.clientsecret: unknown key; did you mean client_secret?",
+        f"{config}: routes[0].upstrem: unknown key; did you mean upstream?",
+        f"{config}: clients[0].key_sha: unknown key; did you mean key_sha256?",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        (
+            '[credential.api]\nclient_id = "x"\nclient_secret = "y"\n',
+            "[credential.api]: unknown table; did you mean [credentials.api]?",
+        ),
+        (
+            '[credentials.api]\nclient_id = "x"\nclient_secret = "y"\n'
+            '[[route]]\nprefix = "/"\nupstream = "https://eu.api.blizzard.com"\n'
+            'credential = "api"\n',
+            "[[route]]: unknown table; did you mean [[routes]]?",
+        ),
+    ],
+    ids=["credential", "route"],
+)
+def test_misspelt_table_is_named_instead_of_nothing_configured(
+    tmp_path: Path, toml: str, expected: str
+) -> None:
+    """A misspelt table name gets a did-you-mean, and the 'no credentials/routes are configured'
+    that followed from it (and hid it) is not reported."""
+    config = write_toml(tmp_path, toml)
+    assert config_error(config_file=config).splitlines() == [f"{config}: {expected}"]
+
+
+def test_problems_of_every_kind_are_reported_in_one_run(
+    tmp_path: Path, secrets_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unknown variable, an unknown secrets file, an unknown TOML key, a bad value and a
+    missing secret all appear in one message, each once."""
+    monkeypatch.setenv("TOKEN_PROXY_LOG_LEVL", "debug")
+    (secrets_dir / "token_proxy_clientsecret").write_text("x\n")
+    config = write_toml(
+        tmp_path,
+        'port = "abc"\nread_timout = 5\n'
+        '[credentials.api]\nclient_id = "x"\ntoken_url = "https://auth.example.com/token"\n'
+        '[[routes]]\nprefix = "/"\nupstream = "https://api.example.com"\ncredential = "api"\n',
+    )
+    lines = config_error(config_file=config).splitlines()
+    assert len(lines) == 5, lines
+    assert len(set(lines)) == len(lines)
+    text = "\n".join(lines)
+    assert "environment variable TOKEN_PROXY_LOG_LEVL: is not a setting; did you mean " in text
+    assert f"secrets file {secrets_dir / 'token_proxy_clientsecret'}: names no setting" in text
+    assert f"{config}: read_timout: unknown key" in text
+    assert f"{config}: port: " in text
+    assert f"{config}: credentials.api.client_secret: is not set" in text
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_one_mistake_is_one_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bad shorthand key is reported once, at the variable, not once more at the credential
+    'default' that it fills in."""
+    monkeypatch.setenv("TOKEN_PROXY_AUTH_METHOD", "client_secret_jwt")
+    lines = config_error().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("environment variable TOKEN_PROXY_AUTH_METHOD: ")
+    assert "client_secret_basic" in lines[0]
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_problem_in_the_file_names_the_file_and_key_not_a_variable(tmp_path: Path) -> None:
+    """port = "abc" in the file is reported as the file's key, not as TOKEN_PROXY_PORT."""
+    config = write_toml(tmp_path, 'port = "abc"\n')
+    message = config_error(config_file=config)
+    assert message.startswith(f"{config}: port: ")
+    assert "TOKEN_PROXY_PORT" not in message
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_problem_from_a_flag_names_the_flag(tmp_path: Path) -> None:
+    """--port 99999 is reported as the flag, even when the file sets port too."""
+    config = write_toml(tmp_path, "port = 9001\n")
+    message = config_error(flags={"port": 99999}, config_file=config)
+    assert message.startswith("--port: ")
+    assert "65535" in message
+    assert "TOKEN_PROXY_PORT" not in message
+    assert str(config) not in message
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_problem_from_the_secrets_directory_names_its_file(secrets_dir: Path) -> None:
+    """A bad value in a file of the secrets directory is reported at that file."""
+    (secrets_dir / "token_proxy_port").write_text("abc\n")
+    message = config_error()
+    assert message.startswith(f"secrets file {secrets_dir / 'token_proxy_port'}: ")
+
+
+def test_fix_for_a_credential_table_names_the_table_not_a_variable(tmp_path: Path) -> None:
+    """A [credentials.NAME] table without a secret is told to get one in the table: the
+    shorthand's TOKEN_PROXY_CLIENT_SECRET would not fix it (it needs client_id as well)."""
+    config = write_toml(
+        tmp_path,
+        '[credentials.api]\nclient_id = "x"\ntoken_url = "https://auth.example.com/token"\n'
+        '[[routes]]\nprefix = "/"\nupstream = "https://api.example.com"\ncredential = "api"\n',
+    )
+    message = config_error(config_file=config)
+    assert message.startswith(f"{config}: credentials.api.client_secret: is not set; add ")
+    assert "TOKEN_PROXY_" not in message
+
+
+def test_no_credentials_for_the_routes_asks_for_their_tables(tmp_path: Path) -> None:
+    """With [[routes]] but no credential, the fix is the tables the routes name, not the
+    shorthand's variables (whose credential 'default' those routes would not use)."""
+    config = write_toml(
+        tmp_path,
+        '[[routes]]\nprefix = "/"\nupstream = "https://api.example.com"\ncredential = "api"\n',
+    )
+    message = config_error(config_file=config)
+    assert "[[routes]] name 'api'" in message
+    assert "[credentials.NAME]" in message
+    assert "TOKEN_PROXY_" not in message
+
+
+def test_fix_is_written_for_the_source_of_the_problem(tmp_path: Path) -> None:
+    """A non-loopback host set in the file is told to set allow_anonymous_remote in the file."""
+    config = write_toml(
+        tmp_path,
+        f'host = "{ALL_INTERFACES}"\n[credentials.api]\nclient_id = "x"\nclient_secret = "y"\n'
+        'token_url = "https://auth.example.com/token"\n'
+        '[[routes]]\nprefix = "/"\nupstream = "https://api.example.com"\ncredential = "api"\n',
+    )
+    message = config_error(config_file=config)
+    assert message.startswith(f"{config}: host: '{ALL_INTERFACES}' is not a loopback address")
+    assert "set allow_anonymous_remote = true" in message
+    assert "TOKEN_PROXY_" not in message
+
+
+# --- Relative paths in a config file ---------------------------------------------------------
+
+
+def test_relative_paths_in_the_config_file_are_relative_to_its_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """client_secret_file (top level and in a table) and ca_bundle written as relative paths
+    are found next to the config file, whatever the working directory."""
+    folder = tmp_path / "conf"
+    (folder / "secrets").mkdir(parents=True)
+    (folder / "secrets" / "default").write_text("default-secret\n")
+    (folder / "secrets" / "api").write_text("api-secret\n")
+    bundle = folder / "ca.pem"
+    bundle.write_bytes(Path(certifi.where()).read_bytes())
+    config = write_toml(
+        folder,
+        f'client_id = "{CLIENT_ID}"\nclient_secret_file = "secrets/default"\n'
+        '[credentials.api]\nclient_id = "api-id"\nclient_secret_file = "./secrets/api"\n'
+        'token_url = "https://auth.example.com/token"\n'
+        '[[routes]]\nprefix = "/api/"\nupstream = "https://api.example.com"\n'
+        'credential = "api"\nca_bundle = "ca.pem"\n'
+        '[[routes]]\nprefix = "/"\nupstream = "https://us.api.blizzard.com"\n'
+        'credential = "default"\n',
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    settings = load_settings(config_file=Path("..") / "conf" / "config.toml")
+    assert secret_of(settings) == "default-secret"
+    assert secret_of(settings, "api") == "api-secret"
+    assert settings.routes[0].ca_bundle == bundle
+    assert config.exists()
+
+
+def test_relative_path_from_the_environment_is_relative_to_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TOKEN_PROXY_CLIENT_SECRET_FILE is a path as the shell has it: from the working directory."""
+    (tmp_path / "secret").write_text("cwd-secret\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TOKEN_PROXY_CLIENT_ID", CLIENT_ID)
+    monkeypatch.setenv("TOKEN_PROXY_CLIENT_SECRET_FILE", "secret")
+    assert secret_of(load_settings()) == "cwd-secret"
+
+
+def test_missing_relative_secret_file_names_where_it_was_looked_for(tmp_path: Path) -> None:
+    """A relative client_secret_file that does not exist is reported with the full path tried."""
+    config = write_toml(tmp_path, f'client_id = "{CLIENT_ID}"\nclient_secret_file = "nope"\n')
+    message = config_error(config_file=config)
+    assert message.startswith(f"{config}: client_secret_file: {str(tmp_path / 'nope')!r} ")
+
+
+# --- The secrets directory ---------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_secrets_file_that_names_no_setting_gets_a_did_you_mean(secrets_dir: Path) -> None:
+    """A token_proxy_* file that names no setting is refused like an unknown variable."""
+    (secrets_dir / "token_proxy_clientsecret").write_text("x\n")
+    (secrets_dir / "unrelated").write_text("another program's secret\n")
+    message = config_error()
+    assert message == (
+        f"secrets file {secrets_dir / 'token_proxy_clientsecret'}: names no setting; "
+        "did you mean token_proxy_client_secret?"
+    )
+
+
+def test_secret_that_is_a_directory_is_a_config_error(
+    secrets_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A directory where a secret file should be (Docker's doing when the host file of a bind
+    mount is missing) is reported with its path and the fix, not a pydantic warning."""
+    monkeypatch.setenv("TOKEN_PROXY_CLIENT_ID", CLIENT_ID)
+    (secrets_dir / "token_proxy_client_secret").mkdir()
+    message = config_error()
+    assert message.startswith(f"secrets file {secrets_dir / 'token_proxy_client_secret'}: ")
+    assert "is a directory" in message
+    assert "bind mount" in message
+    assert "client_secret: is not set" not in message, "its absence follows from it"
+
+
+def test_secret_file_setting_that_is_a_directory_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """client_secret_file naming a directory gets the same explanation."""
+    (tmp_path / "secret").mkdir()
+    monkeypatch.setenv("TOKEN_PROXY_CLIENT_ID", CLIENT_ID)
+    monkeypatch.setenv("TOKEN_PROXY_CLIENT_SECRET_FILE", str(tmp_path / "secret"))
+    message = config_error()
+    assert "is a directory" in message
+    assert "bind mount" in message
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_secrets_file_linking_out_of_the_directory_is_a_config_error(
+    tmp_path: Path, secrets_dir: Path
+) -> None:
+    """A token_proxy_* link to a file outside the directory, which pydantic-settings skips
+    with a warning, is reported with the fix."""
+    outside = tmp_path / "port"
+    outside.write_text("9000\n")
+    (secrets_dir / "token_proxy_port").symlink_to(outside)
+    message = config_error()
+    assert message.startswith(f"secrets file {secrets_dir / 'token_proxy_port'}: is a link to ")
+    assert "outside the secrets directory" in message
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_secrets_directory_links_inside_it_are_read(secrets_dir: Path) -> None:
+    """Kubernetes' layout (token_proxy_x -> ..data/token_proxy_x) is read as usual."""
+    data = secrets_dir / "..2026_01_01"
+    data.mkdir()
+    (data / "token_proxy_port").write_text("9007\n")
+    (secrets_dir / "..data").symlink_to(data.name)
+    (secrets_dir / "token_proxy_port").symlink_to("..data/token_proxy_port")
+    assert load_settings().port == 9007
+
+
+# --- A custom upstream needs its own token URL -------------------------------------------------
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_custom_upstream_without_token_url_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TOKEN_PROXY_UPSTREAM without TOKEN_PROXY_TOKEN_URL would send another provider's secret
+    to Battle.net's token endpoint: refused, naming both."""
+    monkeypatch.setenv("TOKEN_PROXY_UPSTREAM", "https://api.example.com")
+    message = config_error()
+    assert message.startswith("environment variable TOKEN_PROXY_UPSTREAM: is set but ")
+    assert "set TOKEN_PROXY_TOKEN_URL" in message
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_battlenet_upstream_without_region_is_told_its_region(tmp_path: Path) -> None:
+    """Even a Battle.net API host needs region (or token_url) with it; the fix names it."""
+    config = write_toml(tmp_path, 'upstream = "https://eu.api.blizzard.com"\n')
+    message = config_error(config_file=config)
+    assert message.startswith(f"{config}: upstream: is set but token_url is not")
+    assert 'set region = "eu"' in message
+
+
+@pytest.mark.usefixtures("shorthand")
+@pytest.mark.parametrize("region", ["us", "cn"])
+def test_custom_upstream_with_explicit_region_uses_the_region_token_url(
+    monkeypatch: pytest.MonkeyPatch, region: str
+) -> None:
+    """With TOKEN_PROXY_REGION given, the region's token URL goes with a custom upstream."""
+    monkeypatch.setenv("TOKEN_PROXY_UPSTREAM", "https://bnet-mirror.example.com")
+    monkeypatch.setenv("TOKEN_PROXY_REGION", region)
+    settings = load_settings()
+    assert settings.credentials["default"].token_url == REGION_TOKEN_URLS[region]
+    assert settings.routes[0].upstream == "https://bnet-mirror.example.com"
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_custom_token_url_without_upstream_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another provider's token URL without an upstream would send its tokens to Battle.net."""
+    monkeypatch.setenv("TOKEN_PROXY_TOKEN_URL", "https://auth.example.com/token")
+    message = config_error()
+    assert message.startswith("environment variable TOKEN_PROXY_TOKEN_URL: is set but ")
+    assert "set TOKEN_PROXY_UPSTREAM" in message
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_battlenet_token_url_alone_keeps_the_region_api(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Battle.net's own token URL without an upstream is the Battle.net preset, spelt out."""
+    monkeypatch.setenv("TOKEN_PROXY_TOKEN_URL", BATTLENET_TOKEN_URL)
+    assert load_settings().routes[0].upstream == "https://us.api.blizzard.com"
+
+
+CREDENTIAL_WITHOUT_TOKEN_URL = """
+[credentials.api]
+client_id = "api-id"
+client_secret = "api-secret"
+{extra}
+[[routes]]
+prefix = "/"
+upstream = "{upstream}"
+credential = "api"
+"""
+
+
+def test_credential_without_token_url_for_another_api_is_refused(tmp_path: Path) -> None:
+    """A [credentials.x] table without token_url or region whose route goes to an API that is
+    not Battle.net's is refused: its secret would go to Battle.net's token endpoint."""
+    upstream = "https://user:Pa55word-in-url@api.example.com"
+    config = write_toml(tmp_path, CREDENTIAL_WITHOUT_TOKEN_URL.format(extra="", upstream=upstream))
+    message = config_error(config_file=config)
+    assert message.startswith(f"{config}: credentials.api.token_url: is not set, ")
+    assert "routes[0] sends its token to 'api.example.com'" in message
+    assert "Pa55word-in-url" not in message
+
+
+@pytest.mark.parametrize(
+    ("extra", "upstream"),
+    [
+        ("", "https://eu.api.blizzard.com"),
+        ("", "https://gateway.battlenet.com.cn"),
+        ('region = "eu"', "https://bnet-mirror.example.com"),
+        ('region_routes = ["us"]', "http://127.0.0.1:9"),
+        (f'token_url = "{BATTLENET_TOKEN_URL}"', "http://127.0.0.1:9"),
+    ],
+    ids=["eu-api", "cn-api", "region", "region_routes", "token_url"],
+)
+def test_battlenet_credential_tables_need_no_token_url(
+    tmp_path: Path, extra: str, upstream: str
+) -> None:
+    """Battle.net TOML configurations keep working: a route to a Battle.net API, or region,
+    region_routes or token_url in the table, says where the secret goes."""
+    config = write_toml(
+        tmp_path, CREDENTIAL_WITHOUT_TOKEN_URL.format(extra=extra, upstream=upstream)
+    )
+    assert load_settings(config_file=config).credentials["api"].client_id == "api-id"
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_shorthand_credential_routed_to_another_api_needs_a_token_url(tmp_path: Path) -> None:
+    """The shorthand's credential 'default' named by a [[routes]] entry to another API needs
+    token_url as well (or region)."""
+    route = (
+        '[[routes]]\nprefix = "/"\nupstream = "https://api.example.com"\ncredential = "default"\n'
+    )
+    message = config_error(config_file=write_toml(tmp_path, route))
+    assert message.startswith("token_url: is not set, ")
+    assert "'api.example.com'" in message
+    config = write_toml(tmp_path, 'region = "us"\n' + route)
+    assert load_settings(config_file=config).credentials["default"].token_url == BATTLENET_TOKEN_URL
+
+
+def test_unused_credential_without_token_url_is_refused(tmp_path: Path) -> None:
+    """A credential no route uses still fetches a token at start-up: without token_url or
+    region it is refused too."""
+    toml = CREDENTIAL_WITHOUT_TOKEN_URL.format(extra="", upstream="https://eu.api.blizzard.com")
+    toml += '[credentials.spare]\nclient_id = "spare-id"\nclient_secret = "spare-secret"\n'
+    message = config_error(config_file=write_toml(tmp_path, toml))
+    assert "credentials.spare.token_url: is not set" in message
+    assert "no route uses this credential" in message
 
 
 # --- Secrets are never shown ------------------------------------------------------------------
@@ -733,7 +1132,7 @@ def test_workers_out_of_bounds(monkeypatch: pytest.MonkeyPatch, value: str) -> N
     """A worker count outside 1..64 names the setting, its variable and what to choose."""
     monkeypatch.setenv("TOKEN_PROXY_WORKERS", value)
     message = config_error()
-    assert "workers (TOKEN_PROXY_WORKERS)" in message
+    assert message.startswith("environment variable TOKEN_PROXY_WORKERS: ")
     assert "between 1 and 64" in message
     assert "CPU core" in message
 
@@ -742,7 +1141,7 @@ def test_workers_out_of_bounds(monkeypatch: pytest.MonkeyPatch, value: str) -> N
 def test_workers_not_a_number(monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker count that is not an integer names the setting."""
     monkeypatch.setenv("TOKEN_PROXY_WORKERS", "two")
-    assert "workers (TOKEN_PROXY_WORKERS)" in config_error()
+    assert config_error().startswith("environment variable TOKEN_PROXY_WORKERS: ")
 
 
 def test_workers_split_every_rate_limit(tmp_path: Path) -> None:
@@ -796,6 +1195,7 @@ def test_workers_refuse_a_limit_below_one_each(tmp_path: Path) -> None:
         """,
     )
     message = config_error(config_file=config)
-    assert "credentials.api.rate_limit '3/second'" in message
-    assert "TOKEN_PROXY_WORKERS" in message
+    assert f"{config}: credentials.api.rate_limit: '3/second'" in message
+    assert "lower workers," in message, "workers was set in the file, so the fix names its key"
+    assert "TOKEN_PROXY_WORKERS" not in message
     assert SECRET not in message

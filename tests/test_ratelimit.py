@@ -418,6 +418,7 @@ def test_shorthand_battlenet_credential_has_the_quota(monkeypatch: pytest.Monkey
     monkeypatch.setenv("TOKEN_PROXY_CLIENT_SECRET", SECRET)
     assert load_settings().credentials["default"].rate_limits == BATTLENET_QUOTA
     monkeypatch.setenv("TOKEN_PROXY_TOKEN_URL", LOOPBACK_TOKEN_URL)
+    monkeypatch.setenv("TOKEN_PROXY_UPSTREAM", "http://127.0.0.1:9")
     assert load_settings().credentials["default"].rate_limits == ()
 
 

@@ -536,7 +536,7 @@ def test_bad_worker_count_exits_2_naming_the_setting(
         check=False,
     )
     assert done.returncode == 2, done
-    assert "workers (TOKEN_PROXY_WORKERS)" in done.stderr
+    assert ("--workers: " if args else "environment variable TOKEN_PROXY_WORKERS: ") in done.stderr
     assert "Traceback" not in done.stderr
     assert TEST_SECRET not in done.stderr
 
