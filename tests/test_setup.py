@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from proxy.app import CUT_OFF_BY_SHUTDOWN
-from proxy.credentials import DEFAULT_EXPIRES_IN
+from proxy.oauth import DEFAULT_EXPIRES_IN
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
