@@ -38,6 +38,7 @@ from proxy.log import (
     redactor,
     unbind_request,
 )
+from proxy.masking import mask_query
 from proxy.metrics import Metrics
 from proxy.ratelimit import RateLimits
 from proxy.routing import RouteTable
@@ -115,6 +116,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             response = await _proxy(request, raw, request_id, exchange)
     except ProxyError as exc:
         response = problem_response(exc, request_id=request_id)
+        exchange.bytes_out = response.content_length or 0
         if exc.status in {400, 413}:
             # The rest of an unread or unsafe body must not be taken for the next request.
             response.force_close()
@@ -128,6 +130,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         log.exception("unexpected error while handling a request")
         error = ProxyError("the proxy failed unexpectedly; see its log for this request id")
         response = problem_response(error, request_id=request_id)
+        exchange.bytes_out = response.content_length or 0
     finally:
         metrics.request_finished()
         if exchange.outcome != "client_aborted":
@@ -156,6 +159,7 @@ async def _proxy(
     _check_framing(request)
     match = app[ROUTES].match(raw)
     exchange.route = match.route.prefix
+    exchange.upstream_url = match.target
     exchange.client = app[GATE].identify(request.headers)
     if exchange.client != ANONYMOUS:  # bound already by handle
         bind_request_more(client=exchange.client)
@@ -214,11 +218,19 @@ def _check_body_framing(headers: CIMultiDictProxy[str]) -> None:
 
 class AccessLog:
     """One line per forwarded request; off, or sampled, for high volume. Errors (status 400
-    and above) are always written."""
+    and above) are always written. At debug level it names the upstream URL too."""
 
-    def __init__(self, *, enabled: bool, sample: float, rng: Callable[[], float] = random.random):
+    def __init__(
+        self,
+        *,
+        enabled: bool,
+        sample: float,
+        debug: bool = False,
+        rng: Callable[[], float] = random.random,
+    ):
         self._enabled = enabled
         self._sample = sample
+        self._debug = debug
         self._rng = rng
 
     def record(
@@ -232,23 +244,24 @@ class AccessLog:
             return
         if status < 400 and self._sample < 1.0 and self._rng() >= self._sample:
             return
-        log_info_fast(
-            "proxy.access",
-            "request",
-            {
-                "method": request.method,
-                "route": exchange.route,
-                "client": exchange.client,
-                "status": status,
-                "duration_ms": round(duration * 1000, 2),
-                "upstream_ms": round(exchange.upstream_seconds * 1000, 2),
-                "bytes_in": exchange.bytes_in,
-                "bytes_out": exchange.bytes_out,
-                "token_age_s": None if exchange.token_age is None else round(exchange.token_age, 1),
-                "replayed": exchange.replayed,
-                "outcome": exchange.outcome,
-            },
-        )
+        fields = {
+            "method": request.method,
+            "path": mask_query(request.raw_path),
+            "route": exchange.route,
+            "client": exchange.client,
+            "status": status,
+            "duration_ms": round(duration * 1000, 2),
+            "upstream_ms": round(exchange.upstream_seconds * 1000, 2),
+            "bytes_in": exchange.bytes_in,
+            "bytes_out": exchange.bytes_out,
+            "token_age_s": None if exchange.token_age is None else round(exchange.token_age, 1),
+            "replayed": exchange.replayed,
+            "outcome": exchange.outcome,
+        }
+        if self._debug:
+            url = exchange.upstream_url
+            fields["upstream_url"] = None if url is None else mask_query(url)
+        log_info_fast("proxy.access", "request", fields)
 
 
 ACCESS_LOG = web.AppKey("access_log", AccessLog)
@@ -390,7 +403,11 @@ def create_app(
     for client in settings.clients:
         if client.key is not None:
             redactor.add_secret(client.key.get_secret_value())
-    app[ACCESS_LOG] = AccessLog(enabled=settings.access_log, sample=settings.access_log_sample)
+    app[ACCESS_LOG] = AccessLog(
+        enabled=settings.access_log,
+        sample=settings.access_log_sample,
+        debug=settings.log_level == "debug",
+    )
     app.cleanup_ctx.append(_resources)
     # The middleware sends every request to `handle`; this route only spares the router the
     # cost of building a 404 for targets it cannot match.

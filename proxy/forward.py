@@ -63,6 +63,7 @@ class Exchange:
     token_age: float | None = None
     client: str = "-"
     body_too_large: bool = False
+    upstream_url: str | None = None  # where the route sends it, query and all
 
 
 def _end_to_end(items: Iterable[tuple[str, str]], drop: frozenset[str]) -> Headers:
