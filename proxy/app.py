@@ -152,17 +152,19 @@ async def handle(request: web.Request) -> web.StreamResponse:
 async def _proxy(
     request: web.Request, raw: str, request_id: str, exchange: Exchange
 ) -> web.StreamResponse:
-    """The one-way flow: framing, routing, team key, then the forwarder (rate limit, token,
+    """The one-way flow: framing, team key, routing, then the forwarder (rate limit, token,
     upstream exchange)."""
     app = request.app
     metrics = app[METRICS]
     _check_framing(request)
-    match = app[ROUTES].match(raw)
-    exchange.route = match.route.prefix
-    exchange.upstream_url = match.target
+    # The key before the route: without one, every path gets the same 401, so nobody can
+    # probe which prefixes exist.
     exchange.client = app[GATE].identify(request.headers)
     if exchange.client != ANONYMOUS:  # bound already by handle
         bind_request_more(client=exchange.client)
+    match = app[ROUTES].match(raw)
+    exchange.route = match.route.prefix
+    exchange.upstream_url = match.target
     credential = match.route.credential
     try:
         response = await app[FORWARDER].forward(
