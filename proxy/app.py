@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
+import aiohttp.web_response
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from multidict import CIMultiDictProxy
@@ -58,6 +59,8 @@ LIMITS = web.AppKey("limits", RateLimits)
 log = get_logger("proxy.app")
 
 PROBLEM_TYPE = "https://token-proxy.invalid/problems/"
+# What the Server header of the proxy's answers says: no library, no version to probe for.
+SERVER_NAME = "token-proxy"
 # nginx's code for "the client closed the connection before the response was complete".
 CLIENT_CLOSED_REQUEST = 499
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
@@ -299,12 +302,21 @@ async def _reserved(request: web.Request, raw: str) -> web.StreamResponse:
     raise NoRoute(f"{path} is not an endpoint of the proxy; see /-/healthy, /-/ready, /-/metrics")
 
 
+def _name_the_server() -> None:
+    """Every answer the proxy writes says `Server: token-proxy` unless upstream named itself.
+    aiohttp has no setting for it: it sets its own name and version, read from this module
+    global, on each answer without a Server header, its parser's bare 400s included, which
+    never reach a handler where a header could be set."""
+    aiohttp.web_response.SERVER_SOFTWARE = SERVER_NAME  # type: ignore[attr-defined]  # imported there from aiohttp.http
+
+
 def metrics_response(metrics: Metrics) -> web.Response:
     return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def create_metrics_app(metrics: Metrics) -> web.Application:
     """The separate listener of metrics_port: /-/metrics only."""
+    _name_the_server()
 
     async def serve(request: web.Request) -> web.Response:
         return metrics_response(metrics)
@@ -381,6 +393,7 @@ def create_app(
     """Build the proxy application; long-lived resources open and close in cleanup_ctx.
     `token_sources` replaces the TokenManager of each credential (a worker process takes its
     tokens from the supervisor)."""
+    _name_the_server()
     app = web.Application(
         middlewares=[_every_request],
         # Request bodies are forwarded as they came: never decompressed on the way in.

@@ -581,6 +581,48 @@ async def test_hop_by_hop_response_headers_never_reach_the_client(
     assert response.header("X-End-To-End") == "passes"
 
 
+async def test_no_answer_names_aiohttp_in_its_server_header(
+    start_proxy: ProxyFactory, upstream: FakeUpstream, raw_upstream: RawUpstream
+) -> None:
+    """The proxy's own answers (a problem, the reserved paths, the parser's bare 400) and the
+    relayed answers of an upstream that names no server say `Server: token-proxy`."""
+    client = await start_proxy(
+        routes=[
+            {"prefix": "/raw/", "upstream": raw_upstream.url, "credential": "default"},
+            {"prefix": "/api/", "upstream": upstream.url, "credential": "default"},
+        ]
+    )
+    answers = [
+        await raw_request(client, "GET", path)
+        for path in ("/raw/bare", "/nowhere", "/-/healthy", "/-/ready", "/-/metrics")
+    ]
+    assert [answer.status for answer in answers] == [200, 404, 200, 200, 200]
+    for answer in answers:
+        assert answer.values("Server") == ["token-proxy"]
+        assert "aiohttp" not in json.dumps(answer.headers).lower()
+    # aiohttp's parser answers this one itself, as HTTP/1.0, before any handler runs.
+    malformed = await raw_exchange(client, b"GET /x HTTP/1.1\r\nHost\r\n\r\n")
+    head = malformed.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+    assert head[0].endswith(" 400 Bad Request")
+    assert [line for line in head if line.lower().startswith("server:")] == ["Server: token-proxy"]
+    assert b"aiohttp" not in malformed.lower()
+
+
+async def test_upstream_server_header_passes_through(
+    start_proxy: ProxyFactory, upstream: FakeUpstream
+) -> None:
+    """Upstream's own Server header reaches the client unchanged, and alone."""
+
+    async def named(request: web.Request) -> web.Response:
+        return web.Response(text="ok", headers={"Server": "Blizzard-API/2.1"})
+
+    upstream.handlers["/named"] = named
+    client = await start_proxy()
+    response = await raw_request(client, "GET", "/named")
+    assert response.status == 200
+    assert response.values("Server") == ["Blizzard-API/2.1"]
+
+
 async def test_host_is_the_upstream_host(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
     """Upstream sees Host set to its own host:port, never the Host the client sent."""
     client = await start_proxy()
