@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import re
 import time
@@ -23,6 +24,7 @@ from proxy.config import Credential, Settings
 from proxy.credentials import TokenManager, TokenSource
 from proxy.errors import (
     BadRequest,
+    ClientRejected,
     MethodNotAllowed,
     NoRoute,
     ProxyError,
@@ -114,7 +116,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     bound = bind_request(request_id=request_id, client=ANONYMOUS)
     try:
         if reserved:
-            response = await _reserved(request, raw)
+            response = await _reserved(request, raw, request_id)
         else:
             response = await _proxy(request, raw, request_id, exchange)
     except ProxyError as exc:
@@ -289,17 +291,23 @@ def runner_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-async def _reserved(request: web.Request, raw: str) -> web.StreamResponse:
+async def _reserved(request: web.Request, raw: str, request_id: str) -> web.StreamResponse:
     path = raw.partition("?")[0]
     if request.method not in {"GET", "HEAD"}:
         raise MethodNotAllowed(f"{path} answers GET and HEAD only", allow="GET, HEAD")
+    response: web.Response
     if path == "/-/healthy":
-        return web.json_response({"status": "ok", "version": __version__})
-    if path == "/-/ready":
-        return _ready(request.app)
-    if path == "/-/metrics" and request.app[SETTINGS].metrics_port is None:
-        return metrics_response(request.app[METRICS])
-    raise NoRoute(f"{path} is not an endpoint of the proxy; see /-/healthy, /-/ready, /-/metrics")
+        response = web.json_response({"status": "ok", "version": __version__})
+    elif path == "/-/ready":
+        response = _ready(request.app, request_id)
+    elif path == "/-/metrics" and request.app[SETTINGS].metrics_port is None:
+        response = metrics_response(request.app[METRICS])
+    else:
+        raise NoRoute(
+            f"{path} is not an endpoint of the proxy; see /-/healthy, /-/ready, /-/metrics"
+        )
+    response.headers["X-Request-ID"] = request_id
+    return response
 
 
 def _name_the_server() -> None:
@@ -326,13 +334,35 @@ def create_metrics_app(metrics: Metrics) -> web.Application:
     return app
 
 
-def _ready(app: web.Application) -> web.Response:
-    states = {name: manager.state() for name, manager in app[TOKENS].items()}
+def _ready(app: web.Application, request_id: str) -> web.Response:
+    """200 when every credential holds a usable token; else a 503 whose title says what is
+    wrong, whose detail names each credential, and whose Retry-After is the wait until the
+    last of them is retried (their next_retry_in)."""
+    sources = app[TOKENS]
+    states = {name: source.state() for name, source in sources.items()}
     waiting = sorted(name for name, state in states.items() if not state["ready"])
     if not waiting:
         return web.json_response({"status": "ready", "credentials": states})
-    error = TokenUnavailable(f"no usable token yet for: {', '.join(waiting)}")
-    return problem_response(error, extra={"credentials": states})
+    refused = [name for name in waiting if sources[name].status().rejected]
+    pending = [name for name in waiting if name not in refused]
+    reasons = []
+    if refused:
+        named = ", ".join(f"{name} ({states[name]['last_error']})" for name in refused)
+        reasons.append(
+            f"the token endpoint refused the credentials of: {named}; check their client_id "
+            "and client_secret"
+        )
+    if pending:
+        reasons.append(f"no usable token yet for: {', '.join(pending)}")
+    retries = [
+        states[name]["next_retry_in"]
+        for name in waiting
+        if states[name]["next_retry_in"] is not None
+    ]
+    retry_after = max(1, math.ceil(max(retries))) if retries else 1
+    error_class = ClientRejected if refused else TokenUnavailable
+    error = error_class("; ".join(reasons), retry_after=retry_after)
+    return problem_response(error, request_id=request_id, extra={"credentials": states})
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:

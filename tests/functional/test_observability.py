@@ -37,6 +37,7 @@ from tests.conftest import (
     StartProcess,
     app_of,
     free_port,
+    manager_of,
     wait_for,
 )
 
@@ -359,14 +360,19 @@ async def test_ready_explains_a_rejected_credential(
         lambda: tokens["a"].state()["ready"] and tokens["b"].state()["last_error"] is not None,
         timeout=5,
     )
-    async with client.get("/-/ready") as response:
+    async with client.get("/-/ready", headers={"X-Request-ID": "ready-1"}) as response:
         assert response.status == 503
         assert response.content_type == PROBLEM_JSON
         text = await response.text()
+        retry_after = int(response.headers["Retry-After"])
+        assert response.headers["X-Request-ID"] == "ready-1"
     body = json.loads(text)
     assert body["status"] == 503
     assert {"type", "title", "detail"} <= set(body)
-    assert "b" in body["detail"]
+    assert body["type"].endswith("/client-rejected")
+    assert "rejected" in body["title"].lower()
+    assert body["detail"].startswith("the token endpoint refused the credentials of: b (")
+    assert body["request_id"] == "ready-1"
     assert set(body["credentials"]) == {"a", "b"}
     a, b = body["credentials"]["a"], body["credentials"]["b"]
     assert set(a) == STATE_KEYS
@@ -379,12 +385,55 @@ async def test_ready_explains_a_rejected_credential(
     assert b["expires_in"] is None
     assert b["last_error"] == "invalid_client"
     assert b["consecutive_failures"] == 1
-    # A rejected client is retried slowly, 30 to 60 s later.
+    # A rejected client is retried slowly, 30 to 60 s later; Retry-After says when.
     assert 25 < b["next_retry_in"] <= 60
+    assert b["next_retry_in"] <= retry_after < b["next_retry_in"] + 1.1
     assert token_server.issued
     for token in token_server.issued:
         assert token not in text
     assert TEST_SECRET not in text
+
+
+async def test_ready_says_no_usable_token_yet_while_the_endpoint_fails(
+    start_proxy: ProxyFactory, token_server: FakeTokenServer, upstream: FakeUpstream
+) -> None:
+    """While the token endpoint fails (not a refusal), /-/ready's 503 says that no usable token
+    is there yet, its Retry-After agrees with next_retry_in, and it carries a request id."""
+    # More failures than the backoff can get through during the test, however short its jitter.
+    token_server.script = [
+        web.json_response({"error": "server_error"}, status=500) for _ in range(50)
+    ]
+    client = await start_proxy()
+    manager = manager_of(client)
+    await wait_for(lambda: manager.state()["next_retry_in"] is not None, timeout=5)
+    async with client.get("/-/ready") as response:
+        assert response.status == 503
+        body = json.loads(await response.text())
+        retry_after = int(response.headers["Retry-After"])
+        request_id = response.headers["X-Request-ID"]
+    assert body["type"].endswith("/token-unavailable")
+    assert body["title"] == "No usable access token"
+    assert body["detail"] == "no usable token yet for: default"
+    assert SANE_ID.fullmatch(request_id)
+    assert body["request_id"] == request_id
+    next_retry_in = body["credentials"]["default"]["next_retry_in"]
+    assert body["credentials"]["default"]["last_error"] == "server_error"
+    assert max(1.0, next_retry_in) <= retry_after < max(1.0, next_retry_in) + 1.1
+
+
+async def test_every_reserved_answer_carries_a_request_id(
+    start_proxy: ProxyFactory, upstream: FakeUpstream
+) -> None:
+    """/-/healthy, /-/ready and /-/metrics return the client's X-Request-ID, like every other
+    answer, or one of their own."""
+    client = await start_proxy()
+    assert (await client.get("/warm")).status == 200
+    for path in ("/-/healthy", "/-/ready", "/-/metrics"):
+        async with client.get(path, headers={"X-Request-ID": f"rid{path}"}) as response:
+            assert response.status == 200
+            assert response.headers["X-Request-ID"] == f"rid{path}"
+        async with client.get(path) as response:
+            assert SANE_ID.fullmatch(response.headers["X-Request-ID"])
 
 
 # --- c. request ids ----------------------------------------------------------------------------
