@@ -180,11 +180,11 @@ async def _proxy(
             request_id=request_id,
             exchange=exchange,
         )
-    except RateLimited:
-        metrics.rate_limited.labels(credential).inc()
+    except RateLimited as exc:
+        metrics.rate_limited.labels(credential, exc.limit).inc()
         raise
     if response.status == 429:
-        metrics.rate_limited.labels(credential).inc()
+        metrics.rate_limited.labels(credential, "upstream").inc()
         paused = app[LIMITS].upstream_said_slow_down(
             credential, response.headers.get("Retry-After")
         )

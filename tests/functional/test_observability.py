@@ -295,7 +295,9 @@ async def test_metrics_of_a_scenario_with_two_routes_and_credentials(
         assert left is not None
         assert 3580 < left <= 3600
     assert series(final, "token_proxy_upstream_401_replays_total", "route") == {("/a/",): 1.0}
-    assert series(final, "token_proxy_rate_limited_total", "credential") == {("b",): 1.0}
+    assert series(final, "token_proxy_rate_limited_total", "credential", "limit") == {
+        ("b", "upstream"): 1.0
+    }
 
     # Label values come from the configuration, never from the request.
     allowed: dict[str, set[str]] = {
@@ -304,6 +306,7 @@ async def test_metrics_of_a_scenario_with_two_routes_and_credentials(
         "client": {"-"},
         "method": set(KNOWN_METHODS) | {"OTHER"},
         "outcome": {"success", "error", "rejected"},
+        "limit": {"credential", "client", "upstream"},
     }
     for (name, labels), _ in final.items():
         for key, label_value in labels:
