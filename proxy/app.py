@@ -20,6 +20,7 @@ from multidict import CIMultiDictProxy
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy import __version__
+from proxy.access import AccessLog
 from proxy.config import Credential, Settings
 from proxy.credentials import TokenManager, TokenSource
 from proxy.errors import (
@@ -37,11 +38,9 @@ from proxy.log import (
     bind_request,
     bind_request_more,
     get_logger,
-    log_info_fast,
     redactor,
     unbind_request,
 )
-from proxy.masking import mask_query
 from proxy.metrics import Metrics
 from proxy.ratelimit import RateLimits
 from proxy.routing import RouteTable
@@ -221,54 +220,6 @@ def _check_body_framing(headers: CIMultiDictProxy[str]) -> None:
             raise BadRequest(
                 f"transfer coding {', '.join(named)!r} is not supported; only chunked is"
             )
-
-
-class AccessLog:
-    """One line per forwarded request; off, or sampled, for high volume. Errors (status 400
-    and above) are always written. At debug level it names the upstream URL too."""
-
-    def __init__(
-        self,
-        *,
-        enabled: bool,
-        sample: float,
-        debug: bool = False,
-        rng: Callable[[], float] = random.random,
-    ):
-        self._enabled = enabled
-        self._sample = sample
-        self._debug = debug
-        self._rng = rng
-
-    def record(
-        self,
-        request: web.Request,
-        status: int,
-        duration: float,
-        exchange: Exchange,
-    ) -> None:
-        if not self._enabled:
-            return
-        if status < 400 and self._sample < 1.0 and self._rng() >= self._sample:
-            return
-        fields = {
-            "method": request.method,
-            "path": mask_query(request.raw_path),
-            "route": exchange.route,
-            "client": exchange.client,
-            "status": status,
-            "duration_ms": round(duration * 1000, 2),
-            "upstream_ms": round(exchange.upstream_seconds * 1000, 2),
-            "bytes_in": exchange.bytes_in,
-            "bytes_out": exchange.bytes_out,
-            "token_age_s": None if exchange.token_age is None else round(exchange.token_age, 1),
-            "replayed": exchange.replayed,
-            "outcome": exchange.outcome,
-        }
-        if self._debug:
-            url = exchange.upstream_url
-            fields["upstream_url"] = None if url is None else mask_query(url)
-        log_info_fast("proxy.access", "request", fields)
 
 
 ACCESS_LOG = web.AppKey("access_log", AccessLog)

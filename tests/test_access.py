@@ -1,4 +1,4 @@
-"""The masking of credentials in the request targets that log lines show."""
+"""The access line's masking of credentials in the request targets it shows."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy.access import mask_query
 from proxy.log import REDACTED
-from proxy.masking import mask_query
 
 SENSITIVE = [
     "access_token",
