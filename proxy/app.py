@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import re
 import time
@@ -12,16 +13,19 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
+import aiohttp.web_response
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from multidict import CIMultiDictProxy
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy import __version__
+from proxy.access import AccessLog
 from proxy.config import Credential, Settings
 from proxy.credentials import TokenManager, TokenSource
 from proxy.errors import (
     BadRequest,
+    ClientRejected,
     MethodNotAllowed,
     NoRoute,
     ProxyError,
@@ -34,7 +38,6 @@ from proxy.log import (
     bind_request,
     bind_request_more,
     get_logger,
-    log_info_fast,
     redactor,
     unbind_request,
 )
@@ -59,6 +62,8 @@ CUT_OFF = web.AppKey("cut_off", asyncio.Event)
 log = get_logger("proxy.app")
 
 PROBLEM_TYPE = "https://token-proxy.invalid/problems/"
+# What the Server header of the proxy's answers says: no library, no version to probe for.
+SERVER_NAME = "token-proxy"
 # nginx's code for "the client closed the connection before the response was complete".
 CLIENT_CLOSED_REQUEST = 499
 # Logged for a request cut off at the shutdown deadline: what a draining proxy answers.
@@ -114,11 +119,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
     bound = bind_request(request_id=request_id, client=ANONYMOUS)
     try:
         if reserved:
-            response = await _reserved(request, raw)
+            response = await _reserved(request, raw, request_id)
         else:
             response = await _proxy(request, raw, request_id, exchange)
     except ProxyError as exc:
         response = problem_response(exc, request_id=request_id)
+        exchange.bytes_out = response.content_length or 0
         if exc.status in {400, 413}:
             # The rest of an unread or unsafe body must not be taken for the next request.
             response.force_close()
@@ -132,6 +138,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         log.exception("unexpected error while handling a request")
         error = ProxyError("the proxy failed unexpectedly; see its log for this request id")
         response = problem_response(error, request_id=request_id)
+        exchange.bytes_out = response.content_length or 0
     finally:
         metrics.request_finished()
         if exchange.outcome != "client_aborted":
@@ -157,16 +164,19 @@ async def handle(request: web.Request) -> web.StreamResponse:
 async def _proxy(
     request: web.Request, raw: str, request_id: str, exchange: Exchange
 ) -> web.StreamResponse:
-    """The one-way flow: framing, routing, team key, then the forwarder (rate limit, token,
+    """The one-way flow: framing, team key, routing, then the forwarder (rate limit, token,
     upstream exchange)."""
     app = request.app
     metrics = app[METRICS]
     _check_framing(request)
-    match = app[ROUTES].match(raw)
-    exchange.route = match.route.prefix
+    # The key before the route: without one, every path gets the same 401, so nobody can
+    # probe which prefixes exist.
     exchange.client = app[GATE].identify(request.headers)
     if exchange.client != ANONYMOUS:  # bound already by handle
         bind_request_more(client=exchange.client)
+    match = app[ROUTES].match(raw)
+    exchange.route = match.route.prefix
+    exchange.upstream_url = match.target
     credential = match.route.credential
     try:
         response = await app[FORWARDER].forward(
@@ -177,11 +187,11 @@ async def _proxy(
             request_id=request_id,
             exchange=exchange,
         )
-    except RateLimited:
-        metrics.rate_limited.labels(credential).inc()
+    except RateLimited as exc:
+        metrics.rate_limited.labels(credential, exc.limit).inc()
         raise
     if response.status == 429:
-        metrics.rate_limited.labels(credential).inc()
+        metrics.rate_limited.labels(credential, "upstream").inc()
         paused = app[LIMITS].upstream_said_slow_down(
             credential, response.headers.get("Retry-After")
         )
@@ -220,45 +230,6 @@ def _check_body_framing(headers: CIMultiDictProxy[str]) -> None:
             )
 
 
-class AccessLog:
-    """One line per forwarded request; off, or sampled, for high volume. Errors (status 400
-    and above) are always written."""
-
-    def __init__(self, *, enabled: bool, sample: float, rng: Callable[[], float] = random.random):
-        self._enabled = enabled
-        self._sample = sample
-        self._rng = rng
-
-    def record(
-        self,
-        request: web.Request,
-        status: int,
-        duration: float,
-        exchange: Exchange,
-    ) -> None:
-        if not self._enabled:
-            return
-        if status < 400 and self._sample < 1.0 and self._rng() >= self._sample:
-            return
-        log_info_fast(
-            "proxy.access",
-            "request",
-            {
-                "method": request.method,
-                "route": exchange.route,
-                "client": exchange.client,
-                "status": status,
-                "duration_ms": round(duration * 1000, 2),
-                "upstream_ms": round(exchange.upstream_seconds * 1000, 2),
-                "bytes_in": exchange.bytes_in,
-                "bytes_out": exchange.bytes_out,
-                "token_age_s": None if exchange.token_age is None else round(exchange.token_age, 1),
-                "replayed": exchange.replayed,
-                "outcome": exchange.outcome,
-            },
-        )
-
-
 ACCESS_LOG = web.AppKey("access_log", AccessLog)
 
 
@@ -279,17 +250,31 @@ def runner_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-async def _reserved(request: web.Request, raw: str) -> web.StreamResponse:
+async def _reserved(request: web.Request, raw: str, request_id: str) -> web.StreamResponse:
     path = raw.partition("?")[0]
     if request.method not in {"GET", "HEAD"}:
         raise MethodNotAllowed(f"{path} answers GET and HEAD only", allow="GET, HEAD")
+    response: web.Response
     if path == "/-/healthy":
-        return web.json_response({"status": "ok", "version": __version__})
-    if path == "/-/ready":
-        return _ready(request.app)
-    if path == "/-/metrics" and request.app[SETTINGS].metrics_port is None:
-        return metrics_response(request.app[METRICS])
-    raise NoRoute(f"{path} is not an endpoint of the proxy; see /-/healthy, /-/ready, /-/metrics")
+        response = web.json_response({"status": "ok", "version": __version__})
+    elif path == "/-/ready":
+        response = _ready(request.app, request_id)
+    elif path == "/-/metrics" and request.app[SETTINGS].metrics_port is None:
+        response = metrics_response(request.app[METRICS])
+    else:
+        raise NoRoute(
+            f"{path} is not an endpoint of the proxy; see /-/healthy, /-/ready, /-/metrics"
+        )
+    response.headers["X-Request-ID"] = request_id
+    return response
+
+
+def _name_the_server() -> None:
+    """Every answer the proxy writes says `Server: token-proxy` unless upstream named itself.
+    aiohttp has no setting for it: it sets its own name and version, read from this module
+    global, on each answer without a Server header, its parser's bare 400s included, which
+    never reach a handler where a header could be set."""
+    aiohttp.web_response.SERVER_SOFTWARE = SERVER_NAME  # type: ignore[attr-defined]  # imported there from aiohttp.http
 
 
 def metrics_response(metrics: Metrics) -> web.Response:
@@ -298,6 +283,7 @@ def metrics_response(metrics: Metrics) -> web.Response:
 
 def create_metrics_app(metrics: Metrics) -> web.Application:
     """The separate listener of metrics_port: /-/metrics only."""
+    _name_the_server()
 
     async def serve(request: web.Request) -> web.Response:
         return metrics_response(metrics)
@@ -307,13 +293,35 @@ def create_metrics_app(metrics: Metrics) -> web.Application:
     return app
 
 
-def _ready(app: web.Application) -> web.Response:
-    states = {name: manager.state() for name, manager in app[TOKENS].items()}
+def _ready(app: web.Application, request_id: str) -> web.Response:
+    """200 when every credential holds a usable token; else a 503 whose title says what is
+    wrong, whose detail names each credential, and whose Retry-After is the wait until the
+    last of them is retried (their next_retry_in)."""
+    sources = app[TOKENS]
+    states = {name: source.state() for name, source in sources.items()}
     waiting = sorted(name for name, state in states.items() if not state["ready"])
     if not waiting:
         return web.json_response({"status": "ready", "credentials": states})
-    error = TokenUnavailable(f"no usable token yet for: {', '.join(waiting)}")
-    return problem_response(error, extra={"credentials": states})
+    refused = [name for name in waiting if sources[name].status().rejected]
+    pending = [name for name in waiting if name not in refused]
+    reasons = []
+    if refused:
+        named = ", ".join(f"{name} ({states[name]['last_error']})" for name in refused)
+        reasons.append(
+            f"the token endpoint refused the credentials of: {named}; check their client_id "
+            "and client_secret"
+        )
+    if pending:
+        reasons.append(f"no usable token yet for: {', '.join(pending)}")
+    retries = [
+        states[name]["next_retry_in"]
+        for name in waiting
+        if states[name]["next_retry_in"] is not None
+    ]
+    retry_after = max(1, math.ceil(max(retries))) if retries else 1
+    error_class = ClientRejected if refused else TokenUnavailable
+    error = error_class("; ".join(reasons), retry_after=retry_after)
+    return problem_response(error, request_id=request_id, extra={"credentials": states})
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
@@ -374,6 +382,7 @@ def create_app(
     """Build the proxy application; long-lived resources open and close in cleanup_ctx.
     `token_sources` replaces the TokenManager of each credential (a worker process takes its
     tokens from the supervisor)."""
+    _name_the_server()
     app = web.Application(
         middlewares=[_every_request],
         # Request bodies are forwarded as they came: never decompressed on the way in.
@@ -399,7 +408,11 @@ def create_app(
     for client in settings.clients:
         if client.key is not None:
             redactor.add_secret(client.key.get_secret_value())
-    app[ACCESS_LOG] = AccessLog(enabled=settings.access_log, sample=settings.access_log_sample)
+    app[ACCESS_LOG] = AccessLog(
+        enabled=settings.access_log,
+        sample=settings.access_log_sample,
+        debug=settings.log_level == "debug",
+    )
     app.cleanup_ctx.append(_resources)
     # The middleware sends every request to `handle`; this route only spares the router the
     # cost of building a 404 for targets it cannot match.

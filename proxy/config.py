@@ -567,10 +567,11 @@ class Settings(BaseSettings):
         description="`lean` (the fast keep-alive HTTP/1.1 client) or `aiohttp` (its "
         "ClientSession, for what the lean one does not do)",
     )
-    max_body_size: int = Field(
-        default=100 * 1024 * 1024,
+    max_body_size: int | None = Field(
+        default=None,
         ge=0,
-        description="largest request body in bytes (100 MiB), 413 beyond",
+        description="largest request body in bytes, 413 beyond; unset: no limit, bodies of "
+        "any size stream through",
     )
     log_level: LogLevel = Field(default="info", description="`debug`, `info`, `warning`, `error`")
     log_format: LogFormat = Field(

@@ -95,9 +95,11 @@ class RateLimited(ProxyError):
     type_slug = "rate-limited"
     retry_after: int
 
-    def __init__(self, detail: str, *, retry_after: int) -> None:
+    def __init__(self, detail: str, *, retry_after: int, limit: str) -> None:
+        """`limit`: which limit refused, `credential` or `client` (the metric's label)."""
         super().__init__(detail)
         self.retry_after = retry_after
+        self.limit = limit
 
 
 class TokenUnavailable(ProxyError):

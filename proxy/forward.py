@@ -63,6 +63,7 @@ class Exchange:
     token_age: float | None = None
     client: str = "-"
     body_too_large: bool = False
+    upstream_url: str | None = None  # where the route sends it, query and all
 
 
 def _end_to_end(items: Iterable[tuple[str, str]], drop: frozenset[str]) -> Headers:
@@ -110,7 +111,7 @@ class Forwarder:
         metrics: Metrics,
         limits: RateLimits,
         routes: Sequence[Route],
-        max_body_size: int,
+        max_body_size: int | None,
         slot_wait: float,
     ) -> None:
         self._transport = transport
@@ -235,18 +236,24 @@ class Forwarder:
         """The body of a request that has one: buffered bytes (replayable) or a stream (sent
         once)."""
         length = request.content_length
-        if length is not None and length > self._max_body_size:
+        limit = self._max_body_size
+        if length is not None and limit is not None and length > limit:
+            # Refused before a slot, a token or a byte upstream is spent on it.
             raise self._too_large()
         if length is not None and length <= REPLAYABLE_BODY_LIMIT:
             data = await request.content.readexactly(length) if length else b""
             exchange.bytes_in = len(data)
             return data, True
-        return self._stream_body(request, exchange), False
+        return self._stream_body(request, exchange, limit), False
 
-    async def _stream_body(self, request: web.Request, exchange: Exchange) -> AsyncIterator[bytes]:
+    async def _stream_body(
+        self, request: web.Request, exchange: Exchange, limit: int | None
+    ) -> AsyncIterator[bytes]:
         async for chunk in request.content.iter_chunked(CHUNK_SIZE):
             exchange.bytes_in += len(chunk)
-            if exchange.bytes_in > self._max_body_size:
+            if limit is not None and exchange.bytes_in > limit:
+                # The transport may hand this on as a failed upload: _send turns it back
+                # into 413 by this flag.
                 exchange.body_too_large = True
                 raise self._too_large()
             yield chunk

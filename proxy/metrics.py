@@ -129,8 +129,9 @@ class Metrics:
 
         self.rate_limited = Counter(
             "token_proxy_rate_limited",
-            "Requests refused for a rate limit, upstream's 429 included, by credential.",
-            ["credential"],
+            "Requests refused for a rate limit, by credential and by the limit that refused: "
+            "credential, client, or upstream (its own 429 answers).",
+            ["credential", "limit"],
             registry=r,
         )
 

@@ -10,6 +10,7 @@ import email.utils
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Literal
 
 import limits
 from limits.aio.storage import MemoryStorage
@@ -31,12 +32,14 @@ class RateLimiter:
     def __init__(
         self,
         *,
+        kind: Literal["credential", "client"],
         name: str,
         rates: Sequence[str],
         max_wait: float,
         strategy: MovingWindowRateLimiter,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self.kind = kind  # which limit this is, as its refusals are counted
         self.name = name
         self._items = tuple(limits.parse(rate) for rate in rates)
         self._max_wait = max_wait
@@ -120,6 +123,7 @@ class RateLimiter:
             f"{self.name} is over its rate limit and no slot frees up within "
             f"{self._max_wait:g} s (rate_limit_max_wait)",
             retry_after=max(1, math.ceil(free_at - now)),
+            limit=self.kind,
         )
 
 
@@ -139,9 +143,16 @@ class RateLimits:
     ) -> None:
         strategy = MovingWindowRateLimiter(MemoryStorage())
 
-        def build(kind: str, name: str, rates: Sequence[str], wait: float) -> RateLimiter:
+        def build(
+            kind: Literal["credential", "client"], name: str, rates: Sequence[str], wait: float
+        ) -> RateLimiter:
             return RateLimiter(
-                name=f"{kind} {name!r}", rates=rates, max_wait=wait, strategy=strategy, clock=clock
+                kind=kind,
+                name=f"{kind} {name!r}",
+                rates=rates,
+                max_wait=wait,
+                strategy=strategy,
+                clock=clock,
             )
 
         # Every credential gets one, limits or not, so that an upstream 429 can pause it.

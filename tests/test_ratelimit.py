@@ -46,6 +46,7 @@ def limiter(
     clock: Callable[[], float] = time.time,
 ) -> RateLimiter:
     return RateLimiter(
+        kind="credential",
         name=name,
         rates=rates,
         max_wait=max_wait,
@@ -223,17 +224,20 @@ async def test_pause_never_shortens_and_is_capped() -> None:
 
 async def test_rate_limits_keep_credentials_and_clients_apart() -> None:
     """Each credential and each client counts on its own, even a client named like a
-    credential; a credential full for one client is full for every client."""
+    credential; a credential full for one client is full for every client. Each refusal says
+    which limit refused."""
     limits = RateLimits(
-        credentials={"x": (["1/second"], 0), "y": (["1/second"], 0)},
+        credentials={"x": (["1/second"], 0), "y": (["1/second"], 0), "z-none": ([], 0)},
         clients={"x": (["1/second"], 0), "free": ([], 0)},
     )
     await limits.acquire(credential="x", client="free")
     await limits.acquire(credential="y", client="x")
-    with pytest.raises(RateLimited):
+    with pytest.raises(RateLimited) as info:
         await limits.acquire(credential="x", client="-")
-    with pytest.raises(RateLimited):
+    assert info.value.limit == "credential"
+    with pytest.raises(RateLimited) as info:
         await limits.acquire(credential="z-none", client="x")
+    assert info.value.limit == "client"
 
 
 async def test_rate_limits_client_limit_applies_to_that_client_only() -> None:

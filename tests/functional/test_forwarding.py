@@ -581,6 +581,48 @@ async def test_hop_by_hop_response_headers_never_reach_the_client(
     assert response.header("X-End-To-End") == "passes"
 
 
+async def test_no_answer_names_aiohttp_in_its_server_header(
+    start_proxy: ProxyFactory, upstream: FakeUpstream, raw_upstream: RawUpstream
+) -> None:
+    """The proxy's own answers (a problem, the reserved paths, the parser's bare 400) and the
+    relayed answers of an upstream that names no server say `Server: token-proxy`."""
+    client = await start_proxy(
+        routes=[
+            {"prefix": "/raw/", "upstream": raw_upstream.url, "credential": "default"},
+            {"prefix": "/api/", "upstream": upstream.url, "credential": "default"},
+        ]
+    )
+    answers = [
+        await raw_request(client, "GET", path)
+        for path in ("/raw/bare", "/nowhere", "/-/healthy", "/-/ready", "/-/metrics")
+    ]
+    assert [answer.status for answer in answers] == [200, 404, 200, 200, 200]
+    for answer in answers:
+        assert answer.values("Server") == ["token-proxy"]
+        assert "aiohttp" not in json.dumps(answer.headers).lower()
+    # aiohttp's parser answers this one itself, as HTTP/1.0, before any handler runs.
+    malformed = await raw_exchange(client, b"GET /x HTTP/1.1\r\nHost\r\n\r\n")
+    head = malformed.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+    assert head[0].endswith(" 400 Bad Request")
+    assert [line for line in head if line.lower().startswith("server:")] == ["Server: token-proxy"]
+    assert b"aiohttp" not in malformed.lower()
+
+
+async def test_upstream_server_header_passes_through(
+    start_proxy: ProxyFactory, upstream: FakeUpstream
+) -> None:
+    """Upstream's own Server header reaches the client unchanged, and alone."""
+
+    async def named(request: web.Request) -> web.Response:
+        return web.Response(text="ok", headers={"Server": "Blizzard-API/2.1"})
+
+    upstream.handlers["/named"] = named
+    client = await start_proxy()
+    response = await raw_request(client, "GET", "/named")
+    assert response.status == 200
+    assert response.values("Server") == ["Blizzard-API/2.1"]
+
+
 async def test_host_is_the_upstream_host(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
     """Upstream sees Host set to its own host:port, never the Host the client sent."""
     client = await start_proxy()
@@ -1137,9 +1179,7 @@ async def test_200_mib_each_way_with_bounded_memory(
     proxy_process: Callable[..., Awaitable[ProxyProcess]], upstream: FakeUpstream
 ) -> None:
     """A 200 MiB upload and a 200 MiB download pass while the proxy's peak RSS grows < 64 MiB."""
-    proxy = await proxy_process(
-        {"TOKEN_PROXY_MAX_BODY_SIZE": str(BIG * 2), "TOKEN_PROXY_LOG_LEVEL": "info"}
-    )
+    proxy = await proxy_process({"TOKEN_PROXY_LOG_LEVEL": "info"})
     timeout = aiohttp.ClientTimeout(total=None, sock_read=30)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         upstream.handlers["/stream-download"] = big_download(4 * MIB)
@@ -1153,3 +1193,123 @@ async def test_200_mib_each_way_with_bounded_memory(
     grown_kib = proxy.status_kib("VmHWM") - baseline
     assert grown_kib < 64 * 1024, f"peak RSS grew by {grown_kib} KiB in {elapsed:.1f} s"
     assert proxy.process.poll() is None
+
+
+HUGE = 256 * MIB
+
+
+async def numbered_blocks(total: int, digest: Digest) -> AsyncIterator[bytes]:
+    """total bytes as 64 KiB chunks, each different (its number first), added to digest."""
+    for index in range(total // len(BLOCK)):
+        chunk = index.to_bytes(8, "big") + BLOCK[8:]
+        digest.update(chunk)
+        yield chunk
+
+
+def counting_sink() -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """An upstream handler that answers with the length and SHA-256 of the body it read."""
+
+    async def sink(request: web.Request) -> web.StreamResponse:
+        digest = hashlib.sha256()
+        length = 0
+        async for chunk in request.content.iter_chunked(64 * KIB):
+            length += len(chunk)
+            digest.update(chunk)
+        return web.json_response({"length": length, "sha256": digest.hexdigest()})
+
+    return sink
+
+
+@pytest.mark.timeout(90)
+async def test_256_mib_chunked_upload_needs_no_limit_setting_and_bounded_memory(
+    proxy_process: Callable[..., Awaitable[ProxyProcess]], upstream: FakeUpstream
+) -> None:
+    """With max_body_size left unset, a 256 MiB chunked upload arrives whole (length and
+    SHA-256) while the proxy process's peak RSS grows by less than 64 MiB."""
+    upstream.handlers["/stream-sink"] = counting_sink()
+    proxy = await proxy_process({"TOKEN_PROXY_LOG_LEVEL": "info"})
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=30)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        warm = hashlib.sha256()
+        async with session.post(
+            proxy.url + "/stream-sink", data=numbered_blocks(4 * MIB, warm)
+        ) as response:
+            assert response.status == 200
+        baseline = proxy.status_kib("VmHWM")
+        sent = hashlib.sha256()
+        async with (
+            asyncio.timeout(60),
+            session.post(proxy.url + "/stream-sink", data=numbered_blocks(HUGE, sent)) as response,
+        ):
+            assert response.status == 200, await response.text()
+            answer = await response.json()
+    assert answer == {"length": HUGE, "sha256": sent.hexdigest()}
+    grown_kib = proxy.status_kib("VmHWM") - baseline
+    assert grown_kib < 64 * 1024, f"peak RSS grew by {grown_kib} KiB"
+    assert upstream.requests[-1].header("Transfer-Encoding") == "chunked"
+
+
+async def answer_to_head(client: Client, head: bytes) -> RawResponse:
+    """Send a request head alone and read the answer (aiohttp lingers before it closes a
+    connection whose body never came, so the answer is read by its Content-Length)."""
+    assert client.host is not None
+    async with asyncio.timeout(10):
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        try:
+            writer.write(head)
+            await writer.drain()
+            data = await reader.readuntil(b"\r\n\r\n")
+            length = re.search(rb"\r\nContent-Length: (\d+)\r\n", data)
+            assert length is not None, data
+            data += await reader.readexactly(int(length.group(1)))
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+    return parse_response(data)[0]
+
+
+async def test_declared_length_over_the_limit_is_refused_before_anything_goes_upstream(
+    start_proxy: ProxyFactory, upstream: FakeUpstream
+) -> None:
+    """A Content-Length over a configured max_body_size gets 413 problem+json at once, before
+    its body is sent (the client sends only the head here), and upstream sees nothing."""
+    client = await start_proxy(max_body_size=1000)
+    assert (await client.get("/warm")).status == 200  # a token is held: nothing else to wait on
+    head = build_request("POST", "/upload", [("Content-Length", str(10 * MIB))])
+    response = await answer_to_head(client, head)
+    body = problem_of(413, response.header("Content-Type"), response.body)
+    assert "max_body_size" in body["detail"]
+    assert response.header("Connection") == "close"
+    assert [r.raw_path for r in upstream.requests] == ["/warm"]
+
+
+async def test_streamed_body_over_the_limit_is_a_413_and_never_arrives_whole(
+    start_proxy: ProxyFactory, upstream: FakeUpstream
+) -> None:
+    """A chunked body that outgrows a configured max_body_size on the way gets 413 with either
+    transport (the failed upload is turned back into 413), and upstream never gets it whole;
+    a body at the limit passes."""
+    seen: list[int] = []
+
+    async def sink(request: web.Request) -> web.StreamResponse:
+        length = 0
+        async for chunk in request.content.iter_chunked(64 * KIB):
+            length += len(chunk)
+        seen.append(length)
+        return web.json_response({"length": length})
+
+    upstream.handlers["/stream-limited"] = sink
+    client = await start_proxy(max_body_size=2 * MIB)
+
+    async def chunks(total: int) -> AsyncIterator[bytes]:
+        for _ in range(total // (64 * KIB)):
+            yield b"z" * (64 * KIB)
+
+    response = await client.post("/stream-limited", data=chunks(4 * MIB))
+    body = await problem(response, 413)
+    assert "max_body_size" in body["detail"]
+    response = await client.post("/stream-limited", data=chunks(2 * MIB))
+    assert response.status == 200
+    assert await response.json() == {"length": 2 * MIB}
+    assert 4 * MIB not in seen

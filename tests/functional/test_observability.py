@@ -20,6 +20,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
+from yarl import URL
 
 from proxy.app import TOKENS
 from proxy.config import Settings
@@ -27,6 +28,7 @@ from proxy.metrics import KNOWN_METHODS, Metrics
 from tests.conftest import (
     PROBLEM_JSON,
     TEST_SECRET,
+    CapturedLog,
     Client,
     FakeTokenServer,
     FakeUpstream,
@@ -35,6 +37,7 @@ from tests.conftest import (
     StartProcess,
     app_of,
     free_port,
+    manager_of,
     wait_for,
 )
 
@@ -299,7 +302,9 @@ async def test_metrics_of_a_scenario_with_two_routes_and_credentials(
         assert left is not None
         assert 3580 < left <= 3600
     assert series(final, "token_proxy_upstream_401_replays_total", "route") == {("/a/",): 1.0}
-    assert series(final, "token_proxy_rate_limited_total", "credential") == {("b",): 1.0}
+    assert series(final, "token_proxy_rate_limited_total", "credential", "limit") == {
+        ("b", "upstream"): 1.0
+    }
 
     # Label values come from the configuration, never from the request.
     allowed: dict[str, set[str]] = {
@@ -308,6 +313,7 @@ async def test_metrics_of_a_scenario_with_two_routes_and_credentials(
         "client": {"-"},
         "method": set(KNOWN_METHODS) | {"OTHER"},
         "outcome": {"success", "error", "rejected"},
+        "limit": {"credential", "client", "upstream"},
     }
     for (name, labels), _ in final.items():
         for key, label_value in labels:
@@ -364,14 +370,19 @@ async def test_ready_explains_a_rejected_credential(
         lambda: tokens["a"].state()["ready"] and tokens["b"].state()["last_error"] is not None,
         timeout=5,
     )
-    async with client.get("/-/ready") as response:
+    async with client.get("/-/ready", headers={"X-Request-ID": "ready-1"}) as response:
         assert response.status == 503
         assert response.content_type == PROBLEM_JSON
         text = await response.text()
+        retry_after = int(response.headers["Retry-After"])
+        assert response.headers["X-Request-ID"] == "ready-1"
     body = json.loads(text)
     assert body["status"] == 503
     assert {"type", "title", "detail"} <= set(body)
-    assert "b" in body["detail"]
+    assert body["type"].endswith("/client-rejected")
+    assert "rejected" in body["title"].lower()
+    assert body["detail"].startswith("the token endpoint refused the credentials of: b (")
+    assert body["request_id"] == "ready-1"
     assert set(body["credentials"]) == {"a", "b"}
     a, b = body["credentials"]["a"], body["credentials"]["b"]
     assert set(a) == STATE_KEYS
@@ -384,12 +395,55 @@ async def test_ready_explains_a_rejected_credential(
     assert b["expires_in"] is None
     assert b["last_error"] == "invalid_client"
     assert b["consecutive_failures"] == 1
-    # A rejected client is retried slowly, 30 to 60 s later.
+    # A rejected client is retried slowly, 30 to 60 s later; Retry-After says when.
     assert 25 < b["next_retry_in"] <= 60
+    assert b["next_retry_in"] <= retry_after < b["next_retry_in"] + 1.1
     assert token_server.issued
     for token in token_server.issued:
         assert token not in text
     assert TEST_SECRET not in text
+
+
+async def test_ready_says_no_usable_token_yet_while_the_endpoint_fails(
+    start_proxy: ProxyFactory, token_server: FakeTokenServer, upstream: FakeUpstream
+) -> None:
+    """While the token endpoint fails (not a refusal), /-/ready's 503 says that no usable token
+    is there yet, its Retry-After agrees with next_retry_in, and it carries a request id."""
+    # More failures than the backoff can get through during the test, however short its jitter.
+    token_server.script = [
+        web.json_response({"error": "server_error"}, status=500) for _ in range(50)
+    ]
+    client = await start_proxy()
+    manager = manager_of(client)
+    await wait_for(lambda: manager.state()["next_retry_in"] is not None, timeout=5)
+    async with client.get("/-/ready") as response:
+        assert response.status == 503
+        body = json.loads(await response.text())
+        retry_after = int(response.headers["Retry-After"])
+        request_id = response.headers["X-Request-ID"]
+    assert body["type"].endswith("/token-unavailable")
+    assert body["title"] == "No usable access token"
+    assert body["detail"] == "no usable token yet for: default"
+    assert SANE_ID.fullmatch(request_id)
+    assert body["request_id"] == request_id
+    next_retry_in = body["credentials"]["default"]["next_retry_in"]
+    assert body["credentials"]["default"]["last_error"] == "server_error"
+    assert max(1.0, next_retry_in) <= retry_after < max(1.0, next_retry_in) + 1.1
+
+
+async def test_every_reserved_answer_carries_a_request_id(
+    start_proxy: ProxyFactory, upstream: FakeUpstream
+) -> None:
+    """/-/healthy, /-/ready and /-/metrics return the client's X-Request-ID, like every other
+    answer, or one of their own."""
+    client = await start_proxy()
+    assert (await client.get("/warm")).status == 200
+    for path in ("/-/healthy", "/-/ready", "/-/metrics"):
+        async with client.get(path, headers={"X-Request-ID": f"rid{path}"}) as response:
+            assert response.status == 200
+            assert response.headers["X-Request-ID"] == f"rid{path}"
+        async with client.get(path) as response:
+            assert SANE_ID.fullmatch(response.headers["X-Request-ID"])
 
 
 # --- c. request ids ----------------------------------------------------------------------------
@@ -578,6 +632,114 @@ async def test_access_log_sampling_keeps_errors(
     no_route = lines[0]
     assert no_route["upstream_ms"] == 0
     assert no_route["token_age_s"] is None
+
+
+CREDENTIAL_QUERY = (
+    "namespace=dynamic-us&access_token=AT-value-1&Client_Secret=CS-value-2&code=CODE-value-3"
+    "&API_KEY=AK-value-4&password=PW-value-5&key=K-value-6&access%5Ftoken=AT-value-7"
+    "&locale=en_US&flag"
+)
+MASKED_QUERY = (
+    "namespace=dynamic-us&access_token=[redacted]&Client_Secret=[redacted]&code=[redacted]"
+    "&API_KEY=[redacted]&password=[redacted]&key=[redacted]&access%5Ftoken=[redacted]"
+    "&locale=en_US&flag"
+)
+CREDENTIAL_VALUES = [f"-value-{n}" for n in range(1, 8)]
+
+
+def access_lines_of(proxy_log: CapturedLog) -> list[dict[str, Any]]:
+    return [line for line in proxy_log.lines() if line.get("logger") == "proxy.access"]
+
+
+async def get_as_is(client: Client, target: str) -> int:
+    """GET `target` exactly as written (the test client would decode %5F); the status."""
+    url = URL(f"http://{client.host}:{client.port}{target}", encoded=True)
+    async with client.session.get(url) as response:
+        await response.read()
+        return response.status
+
+
+async def test_access_line_carries_the_path_with_credentials_masked(
+    start_proxy: ProxyFactory, upstream: FakeUpstream, proxy_log: CapturedLog
+) -> None:
+    """The access line names the request path; the values of query parameters that can hold
+    credentials are masked (any case, percent-encoded names too), everything else is as sent,
+    and upstream still gets the query untouched. Without debug level, no upstream URL."""
+    client = await start_proxy(log_level="info")
+    target = f"/data/item?{CREDENTIAL_QUERY}"
+    for path in ("/plain/path", target):
+        assert await get_as_is(client, path) == 200
+    assert [r.raw_path for r in upstream.requests] == ["/plain/path", target]
+    plain, masked = access_lines_of(proxy_log)
+    assert plain["path"] == "/plain/path"
+    assert masked["path"] == f"/data/item?{MASKED_QUERY}"
+    assert list(masked)[:3] == ["method", "path", "route"]
+    assert "upstream_url" not in masked
+    for value in CREDENTIAL_VALUES:
+        assert value not in proxy_log.text()
+
+
+async def test_access_line_names_the_upstream_url_at_debug_level(
+    start_proxy: ProxyFactory,
+    token_server: FakeTokenServer,
+    upstream: FakeUpstream,
+    proxy_log: CapturedLog,
+) -> None:
+    """At debug level the access line carries the upstream URL the request went to (prefix
+    stripped, joined to the upstream's base path, credentials masked), and null when no route
+    matched."""
+    settings = Settings.model_validate(
+        {
+            "port": 0,
+            "log_level": "debug",
+            "credentials": {
+                "c": {
+                    "client_id": "client-c",
+                    "client_secret": TEST_SECRET,
+                    "token_url": token_server.url,
+                }
+            },
+            "routes": [{"prefix": "/eu/", "upstream": upstream.url + "/v2", "credential": "c"}],
+        }
+    )
+    client = await start_proxy(settings)
+    assert await get_as_is(client, f"/eu/item?{CREDENTIAL_QUERY}") == 200
+    async with client.get("/nowhere") as response:
+        assert response.status == 404
+    assert [r.raw_path for r in upstream.requests] == [f"/v2/item?{CREDENTIAL_QUERY}"]
+    routed, unrouted = access_lines_of(proxy_log)
+    assert routed["path"] == f"/eu/item?{MASKED_QUERY}"
+    assert routed["upstream_url"] == f"{upstream.url}/v2/item?{MASKED_QUERY}"
+    assert unrouted["upstream_url"] is None
+    for value in CREDENTIAL_VALUES:
+        assert value not in proxy_log.text()
+
+
+async def test_bytes_out_counts_the_bodies_the_proxy_writes_itself(
+    start_proxy: ProxyFactory,
+    token_server: FakeTokenServer,
+    upstream: FakeUpstream,
+    proxy_log: CapturedLog,
+) -> None:
+    """The access line's bytes_out is the size of the body the client got, also when the proxy
+    wrote it (a 404 problem+json for no route, a 502 for an unreachable upstream)."""
+    settings = two_credentials(
+        token_server,
+        upstream,
+        extra_routes=[
+            {"prefix": "/gone/", "upstream": f"http://127.0.0.1:{free_port()}", "credential": "a"}
+        ],
+    )
+    client = await start_proxy(settings)
+    sizes = {}
+    for path in ("/a/relayed", "/nowhere", "/gone/x"):
+        async with client.get(path, headers={"X-Request-ID": f"bo{path}"}) as response:
+            sizes[f"bo{path}"] = (response.status, len(await response.read()))
+    assert [status for status, _ in sizes.values()] == [200, 404, 502]
+    lines = {line["request_id"]: line for line in access_lines_of(proxy_log)}
+    for request_id, (status, size) in sizes.items():
+        assert (lines[request_id]["status"], lines[request_id]["bytes_out"]) == (status, size)
+        assert size > 0
 
 
 # --- e. token lifecycle events -----------------------------------------------------------------

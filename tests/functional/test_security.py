@@ -194,16 +194,24 @@ async def other_server(ssl_context: ssl.SSLContext | None = None) -> AsyncIterat
         await server.close()
 
 
+# Two team clients: one plain key, one key_sha256.
+TEAM_CLIENTS = [
+    {"name": "dashboard", "key": DASHBOARD_KEY},
+    {"name": "batch", "key_sha256": BATCH_SHA256},
+]
+
+
 def team_settings(make_settings: SettingsFactory, **overrides: Any) -> Settings:
-    """The shorthand settings plus two team clients: one plain key, one key_sha256."""
-    clients = [
-        {"name": "dashboard", "key": DASHBOARD_KEY},
-        {"name": "batch", "key_sha256": BATCH_SHA256},
-    ]
-    return make_settings(clients=clients, **overrides)
+    """The shorthand settings plus the two team clients."""
+    return make_settings(clients=TEAM_CLIENTS, **overrides)
 
 
-def credential_and_routes(token_server: FakeTokenServer, routes: list[dict[str, Any]]) -> Settings:
+def credential_and_routes(
+    token_server: FakeTokenServer,
+    routes: list[dict[str, Any]],
+    *,
+    clients: list[dict[str, str]] | None = None,
+) -> Settings:
     return Settings.model_validate(
         {
             "port": 0,
@@ -215,6 +223,7 @@ def credential_and_routes(token_server: FakeTokenServer, routes: list[dict[str, 
                 }
             },
             "routes": routes,
+            "clients": clients or [],
         }
     )
 
@@ -456,6 +465,27 @@ async def test_refused_request_counts_as_anonymous_401(
     assert [(line["client"], line["status"]) for line in access] == [("-", 401)]
     metrics = await requests_by_client(client)
     assert metrics == {("-", "401"): 1}
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize(
+    "target", ["/api/thing", "/unrouted/thing", "/", "/api/../../x", "http://elsewhere/x"]
+)
+async def test_without_a_key_every_target_gets_the_same_401(
+    start_proxy: ProxyFactory, token_server: FakeTokenServer, upstream: FakeUpstream, target: str
+) -> None:
+    """In team mode the key is checked before routing: a request without a valid key gets the
+    same 401 whether its prefix is routed, unknown or unsafe, so nobody can probe which routes
+    exist; with the key, an unknown prefix is the 404 of no route."""
+    routes = [{"prefix": "/api/", "upstream": upstream.url, "credential": "c"}]
+    settings = credential_and_routes(token_server, routes, clients=TEAM_CLIENTS)
+    client = await start_proxy(settings)
+    for auth in ([], bearer("wrong-key-of-sufficient-length")):
+        reply = await raw(client, request("GET", target, auth))
+        assert reply.status == 401
+        assert reply.problem()["title"] == "Team key missing or wrong"
+    keyed = await raw(client, request("GET", "/unrouted/thing", bearer(BATCH_KEY)))
+    assert keyed.status == 404
     assert upstream.requests == []
 
 

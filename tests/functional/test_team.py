@@ -90,13 +90,13 @@ async def status_of(client: Client, path: str, **kwargs: Any) -> int:
         return response.status
 
 
-async def rate_limited(client: Client) -> dict[str, float]:
-    """token_proxy_rate_limited_total by credential, from GET /-/metrics."""
+async def rate_limited(client: Client) -> dict[tuple[str, str], float]:
+    """token_proxy_rate_limited_total by credential and limit, from GET /-/metrics."""
     async with client.get("/-/metrics") as response:
         assert response.status == 200
         text = await response.text()
     return {
-        sample.labels["credential"]: sample.value
+        (sample.labels["credential"], sample.labels["limit"]): sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
         if sample.name == "token_proxy_rate_limited_total"
@@ -267,7 +267,7 @@ async def test_overflow_gets_429_problem_with_retry_after_and_is_counted(
         assert body is not None
         assert body["status"] == 429
         assert {"type", "title", "detail"} <= body.keys()
-    assert await rate_limited(client) == {"c": 15.0}
+    assert await rate_limited(client) == {("c", "credential"): 15.0}
 
 
 async def test_queued_requests_are_admitted_first_come_first_served(
@@ -345,7 +345,7 @@ async def test_upstream_429_pauses_only_its_credential(
     assert len(limited_at) == len(after) == len(other) == 1
     assert other[0] - limited_at[0] < 0.5
     assert 0.95 <= after[0] - limited_at[0] < 2.5
-    assert await rate_limited(client) == {"one": 1.0}
+    assert await rate_limited(client) == {("one", "upstream"): 1.0}
 
 
 async def test_two_credentials_never_mix_tokens(
@@ -408,7 +408,8 @@ async def test_client_rate_limit_applies_to_that_client_only(
     start_proxy: ProxyFactory, token_server: FakeTokenServer, upstream: FakeUpstream
 ) -> None:
     """Client "small" (2/second, 0.1 s max wait) gets 429 for part of 6 concurrent requests,
-    while client "big" (no limit of its own) gets 200 for all of its 6."""
+    while client "big" (no limit of its own) gets 200 for all of its 6; the refusals are
+    counted as the client limit's."""
     settings = team_settings(
         {"c": {"token_url": token_server.url}},
         [("/", upstream.url, "c")],
@@ -434,6 +435,7 @@ async def test_client_rate_limit_applies_to_that_client_only(
     assert await status_of(client, "/b") == 401
     assert sum(1 for r in upstream.requests if r.raw_path == "/s") == 2
     assert sum(1 for r in upstream.requests if r.raw_path == "/b") == 6
+    assert await rate_limited(client) == {("c", "client"): 4.0}
 
 
 def test_region_routes_reach_each_region_api() -> None:
