@@ -9,7 +9,7 @@ import math
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -20,42 +20,25 @@ from multidict import CIMultiDictProxy
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy import __version__
-from proxy.access import AccessLog
-from proxy.config import Credential, Settings
-from proxy.credentials import TokenManager, TokenSource
+from proxy.access import Exchange
+from proxy.config import Settings
 from proxy.errors import (
     BadRequest,
     ClientRejected,
     MethodNotAllowed,
     NoRoute,
     ProxyError,
-    RateLimited,
     TokenUnavailable,
 )
-from proxy.forward import Exchange, Forwarder
-from proxy.inbound import ANONYMOUS, Gate
-from proxy.log import (
-    bind_request,
-    bind_request_more,
-    get_logger,
-    redactor,
-    unbind_request,
-)
+from proxy.flow import forward
+from proxy.inbound import ANONYMOUS
+from proxy.log import bind_request, get_logger, unbind_request
 from proxy.metrics import Metrics
-from proxy.ratelimit import RateLimits
-from proxy.routing import RouteTable
-from proxy.upstream import make_transport
+from proxy.runtime import Current, Runtime, TokenSourceFactory
 
-SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
-ROUTES = web.AppKey("routes", RouteTable)
-TOKENS = web.AppKey("tokens", dict[str, TokenSource])
-# Builds the token source of one credential; None: a TokenManager fetching tokens itself.
-TokenSourceFactory = Callable[[str, Credential], TokenSource]
-TOKEN_SOURCES: web.AppKey[TokenSourceFactory] = web.AppKey("token_sources")
-FORWARDER = web.AppKey("forwarder", Forwarder)
-GATE = web.AppKey("gate", Gate)
-LIMITS = web.AppKey("limits", RateLimits)
+# The runtime requests start on: a reload replaces it with one assignment.
+RUNTIME = web.AppKey("runtime", Current)
 # Set when shutdown_timeout has run out and the server closes the connections still busy.
 CUT_OFF = web.AppKey("cut_off", asyncio.Event)
 
@@ -109,6 +92,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     """Every request enters here: reserved paths, or routing and forwarding."""
     app = request.app
     metrics = app[METRICS]
+    runtime = app[RUNTIME].runtime  # kept to the end of this request, whatever replaces it
     started = time.perf_counter()
     request_id = request_id_of(request)
     raw = request.raw_path
@@ -119,9 +103,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
     bound = bind_request(request_id=request_id, client=ANONYMOUS)
     try:
         if reserved:
-            response = await _reserved(request, raw, request_id)
+            response = await _reserved(request, runtime, raw, request_id)
         else:
-            response = await _proxy(request, raw, request_id, exchange)
+            _check_framing(request)
+            response = await forward(request, runtime, raw, request_id=request_id, record=exchange)
     except ProxyError as exc:
         response = problem_response(exc, request_id=request_id)
         exchange.bytes_out = response.content_length or 0
@@ -156,51 +141,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
             seconds=duration,
         )
         if not reserved:
-            app[ACCESS_LOG].record(request, status, duration, exchange)
+            runtime.access.record(request, status, duration, exchange)
         unbind_request(bound)
-    return response
-
-
-async def _proxy(
-    request: web.Request, raw: str, request_id: str, exchange: Exchange
-) -> web.StreamResponse:
-    """The one-way flow: framing, team key, routing, then the forwarder (rate limit, token,
-    upstream exchange)."""
-    app = request.app
-    metrics = app[METRICS]
-    _check_framing(request)
-    # The key before the route: without one, every path gets the same 401, so nobody can
-    # probe which prefixes exist.
-    exchange.client = app[GATE].identify(request.headers)
-    if exchange.client != ANONYMOUS:  # bound already by handle
-        bind_request_more(client=exchange.client)
-    match = app[ROUTES].match(raw)
-    exchange.route = match.route.prefix
-    exchange.upstream_url = match.target
-    credential = match.route.credential
-    try:
-        response = await app[FORWARDER].forward(
-            request,
-            route=match.route,
-            url=match.target,
-            tokens=app[TOKENS][credential],
-            request_id=request_id,
-            exchange=exchange,
-        )
-    except RateLimited as exc:
-        metrics.rate_limited.labels(credential, exc.limit).inc()
-        raise
-    if response.status == 429:
-        metrics.rate_limited.labels(credential, "upstream").inc()
-        paused = app[LIMITS].upstream_said_slow_down(
-            credential, response.headers.get("Retry-After")
-        )
-        if paused is not None:
-            log.warning(
-                "upstream answered 429; holding the credential's requests back",
-                credential=credential,
-                seconds=round(paused, 1),
-            )
     return response
 
 
@@ -230,9 +172,6 @@ def _check_body_framing(headers: CIMultiDictProxy[str]) -> None:
             )
 
 
-ACCESS_LOG = web.AppKey("access_log", AccessLog)
-
-
 @web.middleware
 async def _every_request(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Send every request to `handle`, whatever the router thinks of its target (CONNECT,
@@ -250,7 +189,9 @@ def runner_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-async def _reserved(request: web.Request, raw: str, request_id: str) -> web.StreamResponse:
+async def _reserved(
+    request: web.Request, runtime: Runtime, raw: str, request_id: str
+) -> web.StreamResponse:
     path = raw.partition("?")[0]
     if request.method not in {"GET", "HEAD"}:
         raise MethodNotAllowed(f"{path} answers GET and HEAD only", allow="GET, HEAD")
@@ -258,8 +199,8 @@ async def _reserved(request: web.Request, raw: str, request_id: str) -> web.Stre
     if path == "/-/healthy":
         response = web.json_response({"status": "ok", "version": __version__})
     elif path == "/-/ready":
-        response = _ready(request.app, request_id)
-    elif path == "/-/metrics" and request.app[SETTINGS].metrics_port is None:
+        response = _ready(runtime, request_id)
+    elif path == "/-/metrics" and runtime.settings.metrics_port is None:
         response = metrics_response(request.app[METRICS])
     else:
         raise NoRoute(
@@ -293,11 +234,11 @@ def create_metrics_app(metrics: Metrics) -> web.Application:
     return app
 
 
-def _ready(app: web.Application, request_id: str) -> web.Response:
+def _ready(runtime: Runtime, request_id: str) -> web.Response:
     """200 when every credential holds a usable token; else a 503 whose title says what is
     wrong, whose detail names each credential, and whose Retry-After is the wait until the
     last of them is retried (their next_retry_in)."""
-    sources = app[TOKENS]
+    sources = runtime.tokens
     states = {name: source.state() for name, source in sources.items()}
     waiting = sorted(name for name, state in states.items() if not state["ready"])
     if not waiting:
@@ -324,53 +265,9 @@ def _ready(app: web.Application, request_id: str) -> web.Response:
     return problem_response(error, request_id=request_id, extra={"credentials": states})
 
 
-async def _resources(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    transport = make_transport(
-        settings.upstream_client,
-        connect_timeout=settings.connect_timeout,
-        read_timeout=settings.read_timeout,
-        max_connections=settings.max_connections,
-    )
-    await transport.start()
-    # Token traffic has a session of its own so it never queues behind upstream connections.
-    token_session = aiohttp.ClientSession(
-        cookie_jar=aiohttp.DummyCookieJar(), trust_env=False, raise_for_status=False
-    )
-    factory = app.get(TOKEN_SOURCES)
-    managers: dict[str, TokenSource] = {
-        name: (
-            factory(name, credential)
-            if factory is not None
-            else TokenManager(
-                name=name,
-                credential=credential,
-                session=token_session,
-                metrics=app[METRICS],
-                request_timeout=settings.token_timeout,
-                wait_timeout=settings.token_wait_timeout,
-            )
-        )
-        for name, credential in settings.credentials.items()
-    }
-    app[TOKENS] = managers
-    app[FORWARDER] = Forwarder(
-        transport=transport,
-        metrics=app[METRICS],
-        limits=app[LIMITS],
-        routes=settings.routes,
-        max_body_size=settings.max_body_size,
-        slot_wait=settings.connect_timeout,
-    )
-    for manager in managers.values():
-        manager.start()
-    try:
-        yield
-    finally:
-        for manager in managers.values():
-            await manager.close()
-        await token_session.close()
-        await transport.close()
+def runtime_of(app: web.Application) -> Runtime:
+    """The runtime requests to `app` start on now."""
+    return app[RUNTIME].runtime
 
 
 def create_app(
@@ -388,32 +285,20 @@ def create_app(
         # Request bodies are forwarded as they came: never decompressed on the way in.
         handler_args={"max_field_size": 8190, "max_line_size": 8190, "auto_decompress": False},
     )
-    app[SETTINGS] = settings
     app[METRICS] = metrics if metrics is not None else Metrics()
     app[CUT_OFF] = asyncio.Event()
-    if token_sources is not None:
-        app[TOKEN_SOURCES] = token_sources
-    app[ROUTES] = RouteTable(settings.routes)
-    app[GATE] = Gate(settings.clients)
-    app[LIMITS] = RateLimits(
-        credentials={
-            name: (credential.rate_limits, credential.rate_limit_max_wait)
-            for name, credential in settings.credentials.items()
-        },
-        clients={
-            client.name: (client.rate_limit, client.rate_limit_max_wait)
-            for client in settings.clients
-        },
-    )
-    for client in settings.clients:
-        if client.key is not None:
-            redactor.add_secret(client.key.get_secret_value())
-    app[ACCESS_LOG] = AccessLog(
-        enabled=settings.access_log,
-        sample=settings.access_log_sample,
-        debug=settings.log_level == "debug",
-    )
-    app.cleanup_ctx.append(_resources)
+    current = app[RUNTIME] = Current()
+
+    async def runtime(app: web.Application) -> AsyncIterator[None]:
+        current.runtime = await Runtime.open(
+            settings, metrics=app[METRICS], token_sources=token_sources
+        )
+        try:
+            yield
+        finally:
+            await current.runtime.close()
+
+    app.cleanup_ctx.append(runtime)
     # The middleware sends every request to `handle`; this route only spares the router the
     # cost of building a 404 for targets it cannot match.
     app.router.add_route("*", "/{tail:.*}", handle)

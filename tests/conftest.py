@@ -27,8 +27,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-import proxy.app as app_module
-from proxy.app import SETTINGS, TOKENS, create_app, runner_options
+import proxy.runtime as runtime_module
+from proxy.app import create_app, runner_options, runtime_of
 from proxy.config import Settings
 from proxy.credentials import TokenManager
 from proxy.log import configure_logging, redactor
@@ -268,7 +268,7 @@ def upstream_client(request: pytest.FixtureRequest) -> str:
 def _force_transport(monkeypatch: pytest.MonkeyPatch, upstream_client: str) -> None:
     """Every in-process proxy uses the transport under test, however its settings were made."""
     forced = functools.partial(make_transport, upstream_client)
-    monkeypatch.setattr(app_module, "make_transport", lambda _kind, **options: forced(**options))
+    monkeypatch.setattr(runtime_module, "make_transport", lambda _kind, **options: forced(**options))
 
 
 @pytest.fixture(autouse=True)
@@ -361,7 +361,7 @@ def app_of(client: Client) -> web.Application:
 
 def manager_of(client: Client, name: str = "default") -> TokenManager:
     """The TokenManager of one credential of an in-process proxy."""
-    manager = app_of(client)[TOKENS][name]
+    manager = runtime_of(app_of(client)).tokens[name]
     assert isinstance(manager, TokenManager)
     return manager
 
@@ -401,7 +401,7 @@ async def start_proxy(
 
     yield start
     for client in clients:
-        if client.app is not None and client.app[SETTINGS].metrics_port is None:
+        if client.app is not None and runtime_of(client.app).settings.metrics_port is None:
             async with client.get("/-/metrics") as metrics:
                 LEAKS.add("/-/metrics", await metrics.text())
         await client.close()
