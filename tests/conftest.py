@@ -27,7 +27,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-import proxy.runtime as runtime_module
+import proxy.runtime as runtime_mod
 from proxy.app import create_app, runner_options, runtime_of
 from proxy.config import Settings
 from proxy.credentials import TokenManager
@@ -268,7 +268,7 @@ def upstream_client(request: pytest.FixtureRequest) -> str:
 def _force_transport(monkeypatch: pytest.MonkeyPatch, upstream_client: str) -> None:
     """Every in-process proxy uses the transport under test, however its settings were made."""
     forced = functools.partial(make_transport, upstream_client)
-    monkeypatch.setattr(runtime_module, "make_transport", lambda _kind, **options: forced(**options))
+    monkeypatch.setattr(runtime_mod, "make_transport", lambda _kind, **options: forced(**options))
 
 
 @pytest.fixture(autouse=True)
