@@ -507,6 +507,22 @@ def test_unknown_environment_variable_without_close_match(
     assert "unset" in message
 
 
+def test_unknown_key_of_a_credential_in_the_environment_suggests_a_credential_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A table given as JSON in the environment is not pre-checked like the TOML file: its
+    misspelt key still gets a did-you-mean from the keys of that table, not the top level's."""
+    monkeypatch.setenv(
+        "TOKEN_PROXY_CREDENTIALS",
+        '{"api": {"client_id": "id", "client_secret": "s", "regon_routes": ["eu"]}}',
+    )
+    message = config_error()
+    assert (
+        "environment variable TOKEN_PROXY_CREDENTIALS (credentials.api.regon_routes): "
+        "unknown key; did you mean region_routes?"
+    ) in message
+
+
 @pytest.mark.usefixtures("shorthand")
 @pytest.mark.parametrize(
     ("variable", "value", "setting"),

@@ -1,99 +1,36 @@
 """The configuration's sources as the user wrote them (flags, environment, secrets directory,
-TOML file): each checked for names that are no setting, and each problem named by the flag,
-variable, file and key it came from, so that every message says where to make the fix."""
+TOML file), each checked before pydantic-settings reads it for names that are no setting and
+for paths relative to the file, and the sources given to pydantic-settings."""
 
 from __future__ import annotations
 
-import difflib
 import functools
 import os
 import tomllib
 import typing
-from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Collection, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SecretsSettingsSource
 
+from proxy.config.messages import (
+    ENV_PREFIX,
+    SECRET_PREFIX,
+    Loc,
+    Problem,
+    Schema,
+    dotted,
+    suggest,
+    unreadable_fix,
+)
 from proxy.errors import ConfigError
 
-ENV_PREFIX = "TOKEN_PROXY_"
-SECRET_PREFIX = ENV_PREFIX.lower()
-# The user the container image runs as (Dockerfile), named in the fix for unreadable files.
-IMAGE_UID = 10001
-
-Loc = tuple[str | int, ...]
-Kind = Literal["flag", "env", "secrets", "file"]
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with the configuration: the setting it is about and what to do."""
-
-    loc: Loc
-    message: str
-    # How to name the place when it is not the setting at `loc` (a file in the secrets directory).
-    where: str | None = None
-    # Settings whose absence this reports; a did-you-mean that points at one of them says more.
-    missing: frozenset[Loc] = frozenset()
-    # The setting a did-you-mean (or an unusable source) stands for.
-    covers: Loc | None = None
-    # The message names settings as {key}, each written as the user would set it.
-    template: bool = False
-
-    def moved(self, prefix: Loc) -> Problem:
-        """The same problem for a table found at `prefix` of an outer one."""
-        return replace(
-            self,
-            loc=(*prefix, *self.loc),
-            missing=frozenset((*prefix, *loc) for loc in self.missing),
-            covers=None if self.covers is None else (*prefix, *self.covers),
-        )
-
-
-class Problems(ValueError):
-    """Every problem one validator found, raised through pydantic so that none hides another."""
-
-    def __init__(self, problems: Iterable[Problem]) -> None:
-        self.problems = tuple(problems)
-        super().__init__(
-            "; ".join(
-                f"{dotted(p.loc)}: {_plain(p)}" if p.loc else _plain(p) for p in self.problems
-            )
-        )
-
-
-class _Keys(dict[str, str]):
-    def __missing__(self, key: str) -> str:
-        return key.replace("=", " = ")
-
-
-def _plain(problem: Problem) -> str:
-    return problem.message.format_map(_Keys()) if problem.template else problem.message
-
-
-def dotted(loc: Loc) -> str:
-    """A setting's path as TOML's dotted keys write it, list items as [i]: routes[0].upstream."""
-    text = ""
-    for item in loc:
-        text += f"[{item}]" if isinstance(item, int) else f".{item}" if text else item
-    return text
-
-
-def suggest(name: str, known: Iterable[str]) -> str | None:
-    """The known name closest to a misspelt one, if any is close."""
-    hits = difflib.get_close_matches(name, sorted(known), n=1)
-    return hits[0] if hits else None
-
-
-def drop_implied(problems: Iterable[Problem]) -> list[Problem]:
-    """The problems less those that only report a setting as missing when another problem
-    already says where it went (a misspelt key, an unreadable secret file)."""
-    items = list(problems)
-    covered = {p.covers for p in items if p.covers is not None}
-    return [p for p in items if not p.missing & covered]
+DEFAULT_SECRETS_DIR = Path("/run/secrets")
 
 
 # --- the environment ---------------------------------------------------------------------------
@@ -123,22 +60,19 @@ def check_environment(environ: Mapping[str, str], *, known: Collection[str]) -> 
 # --- the secrets directory ---------------------------------------------------------------------
 
 
-def unreadable_fix(path: Path, exc: OSError) -> str:
-    """Why a file cannot be read and how to fix it, for the usual causes in a container."""
-    if isinstance(exc, IsADirectoryError) or path.is_dir():
-        return (
-            "is a directory, not a file; Docker makes one when the host file of a bind mount "
-            "does not exist: remove the directory it made on the host, put the file there (or "
-            "correct the mount's source path) and recreate the container"
+def secrets_dir(environ: Mapping[str, str]) -> Path | Problem | None:
+    """The secrets directory to read, or the problem with the one named."""
+    value = environ.get(f"{ENV_PREFIX}SECRETS_DIR")
+    if not value:
+        return DEFAULT_SECRETS_DIR if DEFAULT_SECRETS_DIR.is_dir() else None
+    if not Path(value).is_dir():
+        return Problem(
+            (),
+            f"{value!r} is not a directory; point it at the folder holding the secret files, "
+            "or unset it",
+            where=f"environment variable {ENV_PREFIX}SECRETS_DIR",
         )
-    if isinstance(exc, PermissionError):
-        uid = os.geteuid()
-        return (
-            f"cannot be read ({exc.strerror}); make it readable for uid {uid}, the user "
-            f"token-proxy runs as (the container image runs as uid {IMAGE_UID}), e.g. "
-            f"`chown {uid} <file>` or `chmod 0444 <file>` on the host"
-        )
-    return f"cannot be read ({exc.strerror}); check the path"
+    return Path(value)
 
 
 @dataclass(frozen=True)
@@ -213,6 +147,22 @@ def _secret_file_trouble(entry: Path, inside: Path) -> str | None:
     return None
 
 
+# --- the files named by *_file settings --------------------------------------------------------
+
+
+def read_secret_file(path: Path) -> str:
+    """The secret a client_secret_file holds, its trailing newline stripped."""
+    try:
+        secret = path.read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise ValueError(f"{str(path)!r} {unreadable_fix(path, exc)}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{str(path)!r} is not UTF-8 text") from None
+    if not secret:
+        raise ValueError(f"{str(path)!r} is empty; write the client secret in it")
+    return secret
+
+
 # --- the TOML file -----------------------------------------------------------------------------
 
 
@@ -227,18 +177,8 @@ def read_toml(path: Path, *, named_by: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: is not valid TOML: {exc}") from None
 
 
-@dataclass(frozen=True)
-class TomlSchema:
-    """The keys a config file may hold: the top-level model, tables of named entries
-    ([credentials.NAME]) and arrays of tables ([[routes]])."""
-
-    top: type[BaseModel]
-    named: Mapping[str, type[BaseModel]]
-    listed: Mapping[str, type[BaseModel]]
-
-
 def check_toml(
-    data: Mapping[str, Any], *, path: Path, schema: TomlSchema
+    data: Mapping[str, Any], *, path: Path, schema: Schema
 ) -> tuple[dict[str, Any], list[Problem]]:
     """The file's settings without the keys that are no setting (each a problem with a
     did-you-mean) and with relative paths made relative to the file's directory."""
@@ -294,7 +234,7 @@ def _check_table(
     }
 
 
-def _unknown_top_level(key: str, value: Any, path: Path, schema: TomlSchema) -> list[Problem]:
+def _unknown_top_level(key: str, value: Any, path: Path, schema: Schema) -> list[Problem]:
     tables = [*schema.named, *schema.listed]
     if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
         hint = suggest(key, tables) or suggest(key, schema.top.model_fields)
@@ -315,7 +255,7 @@ def _unknown_top_level(key: str, value: Any, path: Path, schema: TomlSchema) -> 
 
 
 def _unknown_table(
-    written: str, hint: str | None, meant: str, path: Path, schema: TomlSchema
+    written: str, hint: str | None, meant: str, path: Path, schema: Schema
 ) -> Problem:
     if hint is None:
         fix = "remove it or check the spelling"
@@ -341,109 +281,75 @@ def _is_path(info: FieldInfo) -> bool:
     return annotation is Path or Path in typing.get_args(annotation)
 
 
-# --- naming the source of a setting ------------------------------------------------------------
+# --- the sources given to pydantic-settings ----------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Origins:
-    """Which source set each top-level setting, in pydantic-settings' order (flags, environment,
-    secrets directory, TOML file), to name it where a message points."""
+class Loading:
+    """What load_settings has read and checked already, for the sources it gives pydantic."""
 
-    flags: Collection[str] = ()
-    env: Mapping[str, str] = field(default_factory=dict)
-    secrets: Mapping[str, Path] = field(default_factory=dict)
-    toml: Mapping[str, Any] = field(default_factory=dict)
-    config_file: Path | None = None
-
-    @classmethod
-    def of(
-        cls,
-        *,
-        flags: Collection[str],
-        environ: Mapping[str, str],
-        secrets: Mapping[str, Path],
-        toml: Mapping[str, Any],
-        config_file: Path | None,
-    ) -> Origins:
-        env = {
-            name.upper().removeprefix(ENV_PREFIX).lower(): name
-            for name in environ
-            if name.upper().startswith(ENV_PREFIX)
-        }
-        return cls(flags, env, secrets, toml, config_file)
-
-    def origin(self, key: str) -> tuple[Kind, str] | None:
-        """The source that set a top-level setting, and how it is named there."""
-        if key in self.flags:
-            return "flag", "--" + key.replace("_", "-")
-        if key in self.env:
-            return "env", self.env[key]
-        if key in self.secrets:
-            return "secrets", str(self.secrets[key])
-        if key in self.toml:
-            return "file", key
-        return None
-
-    def where(self, loc: Loc) -> str:
-        """The flag, variable, file and key a problem at `loc` points to."""
-        if not loc or not isinstance(loc[0], str):
-            return dotted(loc)
-        origin = self.origin(loc[0])
-        if origin is None:
-            return dotted(loc)
-        kind, name = origin
-        if kind == "file":
-            return f"{self.config_file}: {dotted(loc)}"
-        label = {
-            "flag": name,
-            "env": f"environment variable {name}",
-            "secrets": f"secrets file {name}",
-        }
-        rest = f" ({dotted(loc)})" if len(loc) > 1 else ""
-        return label[kind] + rest
-
-    def name(self, key: str, *, near: Kind | None) -> str:
-        """A setting named as its source spells it, or, when it is unset, as the source of the
-        problem that mentions it would (a fix in the same place); `key=value` an assignment."""
-        if "=" in key:
-            return self._assignment(*key.split("=", 1), near=near)
-        origin = self.origin(key)
-        if origin is not None:
-            kind, name = origin
-            return Path(name).name if kind == "secrets" else name
-        variable = ENV_PREFIX + key.upper()
-        if near == "env":
-            return variable
-        if near == "file":
-            return key
-        return f"{key} ({variable})"
-
-    def _assignment(self, key: str, value: str, *, near: Kind | None) -> str:
-        """A setting given a value, written as in the source it would go to."""
-        bare = value.strip('"')  # a shell needs no TOML quotes
-        variable = f"{ENV_PREFIX}{key.upper()}={bare}"
-        kind = (self.origin(key) or (near, ""))[0]
-        if kind == "env":
-            return variable
-        if kind == "file":
-            return f"{key} = {value}"
-        return f"{key} = {value} ({variable})"
-
-    def render(self, problem: Problem) -> str:
-        """One line of the configuration error: where, then what is wrong and the fix."""
-        where = problem.where if problem.where is not None else self.where(problem.loc)
-        message = problem.message
-        if problem.template:
-            origin = self.origin(str(problem.loc[0])) if problem.loc else None
-            message = message.format_map(_Names(self, None if origin is None else origin[0]))
-        return f"{where}: {message}" if where else message
+    toml: Mapping[str, Any]
+    unusable_secrets: frozenset[str] = frozenset()
 
 
-class _Names(dict[str, str]):
-    def __init__(self, origins: Origins, near: Kind | None) -> None:
-        super().__init__()
-        self._origins = origins
-        self._near = near
+loading: ContextVar[Loading] = ContextVar("loading", default=Loading(toml={}))  # noqa: B039  (read-only default)
 
-    def __missing__(self, key: str) -> str:
-        return self._origins.name(key, near=self._near)
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """The TOML file's contents, already parsed by load_settings (so parse errors are ours)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(loading.get().toml)
+
+
+class _SecretsDir(SecretsSettingsSource):
+    """The secrets directory without the files load_settings found unusable and reported (a
+    directory, a file it may not read), which pydantic-settings would warn about or crash on."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        if field_name in loading.get().unusable_secrets:
+            return None, field_name, False
+        return super().get_field_value(field, field_name)
+
+
+_SECRET_KEYS = ("client_secret", "client_secret_file")
+
+
+class _YieldSecret(PydanticBaseSettingsSource):
+    """A source whose secret (value or file) gives way to one from any higher source, so that
+    a secret in the environment replaces a client_secret_file in the TOML file."""
+
+    def __init__(self, inner: PydanticBaseSettingsSource) -> None:
+        super().__init__(inner.settings_cls)
+        self._inner = inner
+
+    def _set_current_state(self, state: dict[str, Any]) -> None:
+        super()._set_current_state(state)
+        self._inner._set_current_state(state)
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._inner.get_field_value(field, field_name)
+
+    def __call__(self) -> dict[str, Any]:
+        data = self._inner()
+        if any(self.current_state.get(key) is not None for key in _SECRET_KEYS):
+            data = {key: value for key, value in data.items() if key not in _SECRET_KEYS}
+        return data
+
+
+def settings_sources(
+    settings_cls: type[BaseSettings],
+    init_settings: PydanticBaseSettingsSource,
+    env_settings: PydanticBaseSettingsSource,
+    file_secret_settings: PydanticBaseSettingsSource,
+) -> tuple[PydanticBaseSettingsSource, ...]:
+    """Settings' sources, highest first: flags, environment, secrets directory, TOML file."""
+    if isinstance(file_secret_settings, SecretsSettingsSource):
+        file_secret_settings = _SecretsDir(
+            settings_cls, secrets_dir=file_secret_settings.secrets_dir
+        )
+    lower = (env_settings, file_secret_settings, _TomlSource(settings_cls))
+    return (init_settings, *(_YieldSecret(source) for source in lower))

@@ -1,0 +1,52 @@
+"""The configuration: the Settings model and its tables, and load_settings, which reads every
+source and reports what is wrong with it (the modules of this package, one concept each)."""
+
+from proxy.config.battlenet import (
+    BATTLENET_API_HOSTS,
+    BATTLENET_RATE_LIMIT,
+    BATTLENET_TOKEN_HOSTS,
+    BATTLENET_TOKEN_URL,
+    REGION_TOKEN_URLS,
+    REGION_UPSTREAMS,
+    RegionName,
+)
+from proxy.config.loader import load_settings
+from proxy.config.messages import ENV_PREFIX, Problem, Problems, problems_of
+from proxy.config.model import MAX_WORKERS, LogFormat, LogLevel, Settings
+from proxy.config.sources import DEFAULT_SECRETS_DIR
+from proxy.config.tables import MIN_KEY_LENGTH, AuthMethod, Client, Credential, Route
+from proxy.config.values import (
+    check_rate_limits,
+    check_url,
+    is_loopback_host,
+    split_rate_limits,
+)
+
+__all__ = [
+    "BATTLENET_API_HOSTS",
+    "BATTLENET_RATE_LIMIT",
+    "BATTLENET_TOKEN_HOSTS",
+    "BATTLENET_TOKEN_URL",
+    "DEFAULT_SECRETS_DIR",
+    "ENV_PREFIX",
+    "MAX_WORKERS",
+    "MIN_KEY_LENGTH",
+    "REGION_TOKEN_URLS",
+    "REGION_UPSTREAMS",
+    "AuthMethod",
+    "Client",
+    "Credential",
+    "LogFormat",
+    "LogLevel",
+    "Problem",
+    "Problems",
+    "RegionName",
+    "Route",
+    "Settings",
+    "check_rate_limits",
+    "check_url",
+    "is_loopback_host",
+    "load_settings",
+    "problems_of",
+    "split_rate_limits",
+]
