@@ -161,7 +161,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return sources.settings_sources(
-            settings_cls, init_settings, env_settings, file_secret_settings
+            settings_cls, init_settings=init_settings, secrets_settings=file_secret_settings
         )
 
     @field_validator("log_level", "log_format", "region", "auth_method", mode="before")

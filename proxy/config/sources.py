@@ -1,6 +1,14 @@
-"""The configuration's sources as the user wrote them (flags, environment, secrets directory,
-TOML file), each checked before pydantic-settings reads it for names that are no setting and
-for paths relative to the file, and the sources given to pydantic-settings."""
+"""The configuration's sources (environment, secrets directory, TOML file, *_file settings):
+checked before pydantic-settings reads them, and the sources given to pydantic-settings.
+
+Each is checked for names that are no setting (with a did-you-mean), and the TOML file's
+relative paths are made relative to its folder, before validation: so every message can name
+the variable, file and key where the fix goes. That is why the TOML file does not go through
+pydantic-settings' own TomlConfigSettingsSource, which reads the file itself: it would pass on
+the keys unchecked and the paths unresolved, skip a missing file without a word, and raise
+tomllib's error as it is. It is an InitSettingsSource over the parsed table, so the file's
+source here is one too, over the table as checked.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +24,13 @@ from typing import Any
 
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SecretsSettingsSource
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SecretsSettingsSource,
+)
 
 from proxy.config.messages import (
     ENV_PREFIX,
@@ -286,7 +300,9 @@ def _is_path(info: FieldInfo) -> bool:
 
 @dataclass(frozen=True)
 class Loading:
-    """What load_settings has read and checked already, for the sources it gives pydantic."""
+    """What load_settings has read and checked already, for the sources it gives pydantic.
+    Settings picks its sources in a classmethod, so this reaches it through the context of
+    one load_settings call."""
 
     toml: Mapping[str, Any]
     unusable_secrets: frozenset[str] = frozenset()
@@ -295,61 +311,61 @@ class Loading:
 loading: ContextVar[Loading] = ContextVar("loading", default=Loading(toml={}))  # noqa: B039  (read-only default)
 
 
-class _TomlSource(PydanticBaseSettingsSource):
-    """The TOML file's contents, already parsed by load_settings (so parse errors are ours)."""
+_SECRET_KEYS = ("client_secret", "client_secret_file")
 
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return None, field_name, False
+
+def _give_way(data: dict[str, Any], higher: Mapping[str, Any]) -> dict[str, Any]:
+    """A source's values without its secret (value or file) when a higher source gives one, so
+    that a secret in the environment replaces a client_secret_file in the TOML file."""
+    if any(higher.get(key) is not None for key in _SECRET_KEYS):
+        return {key: value for key, value in data.items() if key not in _SECRET_KEYS}
+    return data
+
+
+class _Environment(EnvSettingsSource):
+    """The TOKEN_PROXY_* variables."""
 
     def __call__(self) -> dict[str, Any]:
-        return dict(loading.get().toml)
+        return _give_way(super().__call__(), self.current_state)
 
 
 class _SecretsDir(SecretsSettingsSource):
     """The secrets directory without the files load_settings found unusable and reported (a
     directory, a file it may not read), which pydantic-settings would warn about or crash on."""
 
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         if field_name in loading.get().unusable_secrets:
             return None, field_name, False
         return super().get_field_value(field, field_name)
 
+    def __call__(self) -> dict[str, Any]:
+        return _give_way(super().__call__(), self.current_state)
 
-_SECRET_KEYS = ("client_secret", "client_secret_file")
 
-
-class _YieldSecret(PydanticBaseSettingsSource):
-    """A source whose secret (value or file) gives way to one from any higher source, so that
-    a secret in the environment replaces a client_secret_file in the TOML file."""
-
-    def __init__(self, inner: PydanticBaseSettingsSource) -> None:
-        super().__init__(inner.settings_cls)
-        self._inner = inner
-
-    def _set_current_state(self, state: dict[str, Any]) -> None:
-        super()._set_current_state(state)
-        self._inner._set_current_state(state)
-
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return self._inner.get_field_value(field, field_name)
+class _TomlFile(InitSettingsSource):
+    """The TOML file as load_settings read and checked it (see the module's docstring)."""
 
     def __call__(self) -> dict[str, Any]:
-        data = self._inner()
-        if any(self.current_state.get(key) is not None for key in _SECRET_KEYS):
-            data = {key: value for key, value in data.items() if key not in _SECRET_KEYS}
-        return data
+        return _give_way(super().__call__(), self.current_state)
 
 
 def settings_sources(
     settings_cls: type[BaseSettings],
+    *,
     init_settings: PydanticBaseSettingsSource,
-    env_settings: PydanticBaseSettingsSource,
-    file_secret_settings: PydanticBaseSettingsSource,
+    secrets_settings: PydanticBaseSettingsSource,
 ) -> tuple[PydanticBaseSettingsSource, ...]:
-    """Settings' sources, highest first: flags, environment, secrets directory, TOML file."""
-    if isinstance(file_secret_settings, SecretsSettingsSource):
-        file_secret_settings = _SecretsDir(
-            settings_cls, secrets_dir=file_secret_settings.secrets_dir
-        )
-    lower = (env_settings, file_secret_settings, _TomlSource(settings_cls))
-    return (init_settings, *(_YieldSecret(source) for source in lower))
+    """Settings' sources, highest first: flags, environment, secrets directory, TOML file. The
+    lower three are built here, each giving way to a higher one's secret in its own __call__;
+    their options come from Settings.model_config, as pydantic-settings' own would."""
+    secrets_dir = (
+        secrets_settings.secrets_dir
+        if isinstance(secrets_settings, SecretsSettingsSource)
+        else None
+    )
+    return (
+        init_settings,
+        _Environment(settings_cls),
+        _SecretsDir(settings_cls, secrets_dir=secrets_dir),
+        _TomlFile(settings_cls, init_kwargs=dict(loading.get().toml)),
+    )
