@@ -4,9 +4,11 @@ and routes, and a ConfigError that names the setting and the fix for every bad c
 from __future__ import annotations
 
 from pathlib import Path
+from traceback import format_exception
 
 import certifi
 import pytest
+from pydantic import ValidationError
 
 from proxy.config import REGION_TOKEN_URLS, Settings, load_settings
 from proxy.errors import ConfigError
@@ -1124,6 +1126,33 @@ def test_config_error_never_shows_secret(tmp_path: Path, monkeypatch: pytest.Mon
     config = write_toml(tmp_path, f'[credentials.x]\nclient_id = "x"\nclient_secret = "{SECRET}"\n')
     message = config_error(config_file=config)
     assert SECRET not in message
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_config_error_keeps_pydantics_error_as_its_cause_without_the_values(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The ConfigError is raised from pydantic's ValidationError, and that cause, printed as a
+    traceback would print it, quotes none of the values given: the secret is among them."""
+    secret = "Short-S3cret"  # pydantic would cut a long one short in the middle
+    monkeypatch.setenv("TOKEN_PROXY_CLIENT_SECRET", secret)
+    monkeypatch.setenv("TOKEN_PROXY_PORT", "99999")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    cause = info.value.__cause__
+    assert isinstance(cause, ValidationError)
+    traceback = "".join(format_exception(info.value))
+    assert "ValidationError" in traceback
+    assert secret not in traceback
+    assert secret not in repr(cause)
+
+
+def test_config_error_of_an_unreadable_file_keeps_the_os_error(tmp_path: Path) -> None:
+    """A config file that cannot be read is a ConfigError raised from the OSError that says why."""
+    with pytest.raises(ConfigError) as info:
+        load_settings(config_file=tmp_path / "missing.toml")
+    assert isinstance(info.value.__cause__, ConfigError)
+    assert isinstance(info.value.__cause__.__cause__, FileNotFoundError)
 
 
 # --- workers -------------------------------------------------------------------------------------

@@ -35,12 +35,14 @@ def load_settings(
         named_by = f"environment variable {ENV_PREFIX}CONFIG"
     # A file or directory that cannot be read leaves nothing sound to validate the rest on.
     fatal: list[Problem] = []
+    cause: Exception | None = None
     raw: dict[str, Any] = {}
     if config_file is not None:
         try:
             raw = sources.read_toml(config_file, named_by=named_by)
         except ConfigError as exc:
             fatal.append(Problem((), exc.detail, where=""))
+            cause = exc
     secrets_dir = sources.secrets_dir(environ)
     if isinstance(secrets_dir, Problem):
         fatal.append(secrets_dir)
@@ -69,9 +71,10 @@ def load_settings(
             settings = Settings(_secrets_dir=secrets_dir, **init)  # type: ignore[call-arg]  # pydantic-settings init option
         except (ValidationError, SettingsError) as exc:
             problems += problems_of(exc, schema=SCHEMA)
+            cause = exc
         finally:
             sources.loading.reset(reset)
     report = origins.report([*fatal, *problems])
     if settings is None or report:
-        raise ConfigError(report)
+        raise ConfigError(report) from cause
     return settings

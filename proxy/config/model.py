@@ -41,6 +41,8 @@ class Settings(BaseSettings):
         extra="forbid",
         frozen=True,
         case_sensitive=False,
+        # A ValidationError kept as the cause of a ConfigError never quotes a value given.
+        hide_input_in_errors=True,
     )
 
     host: str = Field(
@@ -195,7 +197,7 @@ class Settings(BaseSettings):
             settings = handler(expanded.data)
         except ValidationError as exc:
             found = [expanded.relocate(p) for p in problems_of(exc, schema=SCHEMA)]
-            raise Problems([*expanded.problems, *found]) from None
+            raise Problems([*expanded.problems, *found]) from exc
         finally:
             _expanding.reset(reset)
         if expanded.problems:

@@ -169,8 +169,9 @@ def read_secret_file(path: Path) -> str:
     try:
         secret = path.read_text(encoding="utf-8").rstrip("\r\n")
     except OSError as exc:
-        raise ValueError(f"{str(path)!r} {unreadable_fix(path, exc)}") from None
+        raise ValueError(f"{str(path)!r} {unreadable_fix(path, exc)}") from exc
     except UnicodeDecodeError:
+        # Not kept as the cause: the decode error holds the secret's bytes and quotes one.
         raise ValueError(f"{str(path)!r} is not UTF-8 text") from None
     if not secret:
         raise ValueError(f"{str(path)!r} is empty; write the client secret in it")
@@ -186,9 +187,9 @@ def read_toml(path: Path, *, named_by: str) -> dict[str, Any]:
         with path.open("rb") as handle:
             return tomllib.load(handle)
     except OSError as exc:
-        raise ConfigError(f"{named_by}: {str(path)!r} {unreadable_fix(path, exc)}") from None
+        raise ConfigError(f"{named_by}: {str(path)!r} {unreadable_fix(path, exc)}") from exc
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: is not valid TOML: {exc}") from None
+        raise ConfigError(f"{path}: is not valid TOML: {exc}") from exc
 
 
 def check_toml(

@@ -34,7 +34,7 @@ AuthMethod = Literal["client_secret_basic", "client_secret_post"]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
 class Credential(_Model):
@@ -138,7 +138,7 @@ class Credential(_Model):
             found = [
                 p for p in problems_of(exc, schema=_SCHEMA) if p.missing != {("client_secret",)}
             ]
-            raise Problems([*problems, *found]) from None
+            raise Problems([*problems, *found]) from exc
         if problems:
             raise Problems(problems)
         return credential
@@ -197,7 +197,7 @@ class Route(_Model):
                 raise ValueError(
                     f"{str(value)!r} is not a readable PEM file of CA certificates "
                     f"({exc}); fix the path, or remove the key to use the system's"
-                ) from None
+                ) from exc
         return value
 
     @field_validator("prefix")

@@ -40,11 +40,11 @@ def check_rate_limits(values: tuple[str, ...]) -> tuple[str, ...]:
     for value in values:
         try:
             limits.parse(value)
-        except ValueError:
+        except ValueError as exc:
             raise ValueError(
                 f'rate limit {value!r} is not understood; write it like "100/second", '
                 '"20/minute" or "36000/hour"'
-            ) from None
+            ) from exc
     return values
 
 
