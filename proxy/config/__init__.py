@@ -10,9 +10,10 @@ from proxy.config.battlenet import (
     REGION_UPSTREAMS,
     RegionName,
 )
-from proxy.config.loader import load_settings
+from proxy.config.loader import Loaded, load, load_settings
 from proxy.config.messages import ENV_PREFIX, Problem, Problems, problems_of
 from proxy.config.model import MAX_WORKERS, LogFormat, LogLevel, Settings
+from proxy.config.secret_files import Reread, SecretFile, SecretFiles
 from proxy.config.sources import DEFAULT_SECRETS_DIR
 from proxy.config.tables import MIN_KEY_LENGTH, AuthMethod, Client, Credential, Route
 from proxy.config.values import (
@@ -36,16 +37,21 @@ __all__ = [
     "AuthMethod",
     "Client",
     "Credential",
+    "Loaded",
     "LogFormat",
     "LogLevel",
     "Problem",
     "Problems",
     "RegionName",
+    "Reread",
     "Route",
+    "SecretFile",
+    "SecretFiles",
     "Settings",
     "check_rate_limits",
     "check_url",
     "is_loopback_host",
+    "load",
     "load_settings",
     "problems_of",
     "split_rate_limits",

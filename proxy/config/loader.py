@@ -1,10 +1,11 @@
-"""Loading: every source read and checked, Settings validated, and each problem reported in one
-ConfigError that names where to make the fix."""
+"""Loading: every source read and checked, Settings validated, each problem reported in one
+ConfigError that names where to make the fix, and the secret files the Settings came from."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,19 @@ from pydantic_settings import SettingsError
 from proxy.config import sources
 from proxy.config.messages import ENV_PREFIX, Origins, Problem, problems_of
 from proxy.config.model import SCHEMA, Settings
+from proxy.config.secret_files import SecretFiles
 from proxy.errors import ConfigError
 
 # Environment variables read by the loader itself rather than by the model.
 _LOADER_ENV = {"CONFIG", "SECRETS_DIR"}
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """Settings, and the secret files they were read from, to read again when they change."""
+
+    settings: Settings
+    secret_files: SecretFiles
 
 
 def load_settings(
@@ -26,6 +36,16 @@ def load_settings(
     config_file: Path | None = None,
 ) -> Settings:
     """Build Settings from every source, or raise ConfigError with one line per problem."""
+    return load(flags=flags, config_file=config_file).settings
+
+
+def load(
+    *,
+    flags: Mapping[str, Any] | None = None,
+    config_file: Path | None = None,
+) -> Loaded:
+    """Settings from every source with the secret files they came from, or ConfigError with
+    one line per problem."""
     environ = os.environ
     fields = frozenset(Settings.model_fields)
     problems = sources.check_environment(environ, known=fields | _LOADER_ENV)
@@ -77,4 +97,5 @@ def load_settings(
     report = origins.report([*fatal, *problems])
     if settings is None or report:
         raise ConfigError(report) from cause
-    return settings
+    files = SecretFiles.of(settings, origins=origins, secrets_dir=secrets_dir, scan=scan)
+    return Loaded(settings, files)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -91,10 +91,11 @@ def secrets_dir(environ: Mapping[str, str]) -> Path | Problem | None:
 
 @dataclass(frozen=True)
 class SecretsScan:
-    """What the secrets directory holds: the setting of each usable file, the settings whose
-    file pydantic-settings must not read (already reported), and the problems."""
+    """What the secrets directory holds: the setting of each usable file and its value as read,
+    the settings whose file pydantic-settings must not read (already reported), the problems."""
 
     files: Mapping[str, Path] = field(default_factory=dict)
+    values: Mapping[str, SecretStr] = field(default_factory=dict)
     unusable: frozenset[str] = frozenset()
     problems: tuple[Problem, ...] = ()
 
@@ -111,6 +112,7 @@ def scan_secrets_dir(directory: Path, *, known: Collection[str]) -> SecretsScan:
         )
         return SecretsScan(unusable=frozenset(known), problems=(problem,))
     files: dict[str, Path] = {}
+    values: dict[str, SecretStr] = {}
     unusable: set[str] = set()
     problems: list[Problem] = []
     for entry in entries:
@@ -126,39 +128,49 @@ def scan_secrets_dir(directory: Path, *, known: Collection[str]) -> SecretsScan:
                 Problem((name,), f"names no setting; {fix}", where=where, covers=covers)
             )
             continue
-        trouble = _secret_file_trouble(entry, inside)
-        if trouble is None:
-            files[name] = entry
-        else:
+        try:
+            values[name] = SecretStr(read_secrets_entry(entry, inside=inside))
+        except ValueError as exc:
             unusable.add(name)
-            problems.append(Problem((name,), trouble, where=where, covers=(name,)))
-    return SecretsScan(files=files, unusable=frozenset(unusable), problems=tuple(problems))
+            problems.append(Problem((name,), str(exc), where=where, covers=(name,)))
+        else:
+            files[name] = entry
+    return SecretsScan(
+        files=files, values=values, unusable=frozenset(unusable), problems=tuple(problems)
+    )
 
 
-def _secret_file_trouble(entry: Path, inside: Path) -> str | None:
-    """What keeps pydantic-settings from reading this secret file, or None."""
+def read_secrets_entry(entry: Path, *, inside: Path) -> str:
+    """The value a file of the secrets directory holds, as pydantic-settings reads it, or
+    ValueError saying what keeps it from being read: a dangling link, a link out of the
+    directory, a directory, a file it may not read."""
     try:
         target = entry.resolve(strict=True)
-    except FileNotFoundError:
-        return f"is a link to {os.readlink(entry)!r}, which does not exist; fix or remove the link"
+    except FileNotFoundError as exc:
+        if not entry.is_symlink():
+            raise ValueError(unreadable_fix(entry, exc)) from exc
+        link = os.readlink(entry)
+        raise ValueError(
+            f"is a link to {link!r}, which does not exist; fix or remove the link"
+        ) from exc
     except (OSError, RuntimeError) as exc:
-        return f"cannot be followed ({exc}); fix or remove the link"
+        raise ValueError(f"cannot be followed ({exc}); fix or remove the link") from exc
     if target.is_dir():
-        return unreadable_fix(target, IsADirectoryError())
+        raise ValueError(unreadable_fix(target, IsADirectoryError()))
     if not target.is_file():
-        return "is not a regular file; put the secret in a file of that name"
+        raise ValueError("is not a regular file; put the secret in a file of that name")
     if inside not in target.parents:
-        return (
+        raise ValueError(
             f"is a link to {str(target)!r}, outside the secrets directory, which is not read; "
             "put the file itself in the directory"
         )
     try:
-        target.read_bytes().decode("utf-8")
+        return target.read_text(encoding="utf-8").strip()
     except OSError as exc:
-        return unreadable_fix(target, exc)
+        raise ValueError(unreadable_fix(target, exc)) from exc
     except UnicodeDecodeError:
-        return "is not UTF-8 text; write the value as text"
-    return None
+        # Not kept as the cause: the decode error holds the secret's bytes and quotes one.
+        raise ValueError("is not UTF-8 text; write the value as text") from None
 
 
 # --- the files named by *_file settings --------------------------------------------------------
