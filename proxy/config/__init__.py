@@ -1,5 +1,4 @@
-"""The configuration: the Settings model and its tables, and load_settings, which reads every
-source and reports what is wrong with it (the modules of this package, one concept each)."""
+"""The configuration: Settings, its tables and load_settings, re-exported from its modules."""
 
 from proxy.config.battlenet import (
     BATTLENET_API_HOSTS,

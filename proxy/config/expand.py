@@ -1,6 +1,4 @@
-"""The configuration as a whole: the single-API shorthand expanded into the credential
-`default` and the route `/`, Battle.net's region routes added, and what no single key can be
-wrong about (names that refer to each other, where a secret would go, who may connect)."""
+"""The configuration as a whole: the shorthand expanded, and what no single key can get wrong."""
 
 from __future__ import annotations
 

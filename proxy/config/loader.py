@@ -1,5 +1,4 @@
-"""Loading: every source read and checked, Settings validated, each problem reported in one
-ConfigError that names where to make the fix, and the secret files the Settings came from."""
+"""Loading: every source read and checked, Settings validated, each problem in one ConfigError."""
 
 from __future__ import annotations
 

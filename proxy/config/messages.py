@@ -1,5 +1,4 @@
-"""The configuration's messages: each problem at the setting it is about, pydantic's errors
-turned into problems, and each problem told as one "source: key: problem; fix" line."""
+"""Messages: pydantic's errors as problems, each told as one "source: key: problem; fix" line."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Settings: the one pydantic-settings model of the whole configuration, read from flags,
-environment, secrets directory and TOML file (highest first), immutable once loaded."""
+"""Settings: the one pydantic-settings model of the whole configuration, frozen once loaded."""
 
 from __future__ import annotations
 

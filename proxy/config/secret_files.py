@@ -1,5 +1,4 @@
-"""The secret files a Settings was read from (every *_file setting and the secrets directory),
-each with its value as read, and reading them again to find which changed."""
+"""The secret files a Settings was read from, and reading them again to find which changed."""
 
 from __future__ import annotations
 

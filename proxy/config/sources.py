@@ -1,13 +1,12 @@
-"""The configuration's sources (environment, secrets directory, TOML file, *_file settings):
-checked before pydantic-settings reads them, and the sources given to pydantic-settings.
+"""The sources (environment, secrets directory, TOML file, secret files) and their checks.
 
-Each is checked for names that are no setting (with a did-you-mean), and the TOML file's
-relative paths are made relative to its folder, before validation: so every message can name
-the variable, file and key where the fix goes. That is why the TOML file does not go through
-pydantic-settings' own TomlConfigSettingsSource, which reads the file itself: it would pass on
-the keys unchecked and the paths unresolved, skip a missing file without a word, and raise
-tomllib's error as it is. It is an InitSettingsSource over the parsed table, so the file's
-source here is one too, over the table as checked.
+Environment, secrets directory and TOML file are checked for names that are no setting (with a
+did-you-mean), and the TOML file's relative paths made relative to its folder, before
+validation: so every message can name the variable, file and key where the fix goes. That is why
+the TOML file does not go through pydantic-settings' own TomlConfigSettingsSource, which reads
+the file itself: it would pass on the keys unchecked and the paths unresolved, skip a missing
+file without a word, and raise tomllib's error as it is. It is an InitSettingsSource over the
+parsed table, so the file's source here is one too, over the table as checked.
 """
 
 from __future__ import annotations
