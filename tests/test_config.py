@@ -4,9 +4,11 @@ and routes, and a ConfigError that names the setting and the fix for every bad c
 from __future__ import annotations
 
 from pathlib import Path
+from traceback import format_exception
 
 import certifi
 import pytest
+from pydantic import ValidationError
 
 from proxy.config import REGION_TOKEN_URLS, Settings, load_settings
 from proxy.errors import ConfigError
@@ -505,6 +507,22 @@ def test_unknown_environment_variable_without_close_match(
     message = config_error()
     assert "TOKEN_PROXY_ZZZZZZZZ" in message
     assert "unset" in message
+
+
+def test_unknown_key_of_a_credential_in_the_environment_suggests_a_credential_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A table given as JSON in the environment is not pre-checked like the TOML file: its
+    misspelt key still gets a did-you-mean from the keys of that table, not the top level's."""
+    monkeypatch.setenv(
+        "TOKEN_PROXY_CREDENTIALS",
+        '{"api": {"client_id": "id", "client_secret": "s", "regon_routes": ["eu"]}}',
+    )
+    message = config_error()
+    assert (
+        "environment variable TOKEN_PROXY_CREDENTIALS (credentials.api.regon_routes): "
+        "unknown key; did you mean region_routes?"
+    ) in message
 
 
 @pytest.mark.usefixtures("shorthand")
@@ -1108,6 +1126,33 @@ def test_config_error_never_shows_secret(tmp_path: Path, monkeypatch: pytest.Mon
     config = write_toml(tmp_path, f'[credentials.x]\nclient_id = "x"\nclient_secret = "{SECRET}"\n')
     message = config_error(config_file=config)
     assert SECRET not in message
+
+
+@pytest.mark.usefixtures("shorthand")
+def test_config_error_keeps_pydantics_error_as_its_cause_without_the_values(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The ConfigError is raised from pydantic's ValidationError, and that cause, printed as a
+    traceback would print it, quotes none of the values given: the secret is among them."""
+    secret = "Short-S3cret"  # pydantic would cut a long one short in the middle
+    monkeypatch.setenv("TOKEN_PROXY_CLIENT_SECRET", secret)
+    monkeypatch.setenv("TOKEN_PROXY_PORT", "99999")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    cause = info.value.__cause__
+    assert isinstance(cause, ValidationError)
+    traceback = "".join(format_exception(info.value))
+    assert "ValidationError" in traceback
+    assert secret not in traceback
+    assert secret not in repr(cause)
+
+
+def test_config_error_of_an_unreadable_file_keeps_the_os_error(tmp_path: Path) -> None:
+    """A config file that cannot be read is a ConfigError raised from the OSError that says why."""
+    with pytest.raises(ConfigError) as info:
+        load_settings(config_file=tmp_path / "missing.toml")
+    assert isinstance(info.value.__cause__, ConfigError)
+    assert isinstance(info.value.__cause__.__cause__, FileNotFoundError)
 
 
 # --- workers -------------------------------------------------------------------------------------
