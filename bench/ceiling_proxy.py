@@ -1,7 +1,7 @@
 """The ceiling for bench/run (case f): token-proxy's own parts with none of its features.
 
 aiohttp's server on uvloop (when installed) and token-proxy's lean upstream client
-(proxy.http1.LeanClient), forwarding method, path and query, headers and body with a static
+(proxy.transport.lean.LeanClient), forwarding method, path and query, headers and body with a static
 `Authorization: Bearer static`, and the answer streamed back. No token, routes, rate limits,
 request ids, logs or metrics: what every feature of token-proxy is measured against.
 
@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from proxy.http1 import LeanClient
+from proxy.transport.lean import LeanClient
 
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host"}
 CLIENT = web.AppKey("client", LeanClient)

@@ -44,7 +44,7 @@ from proxy.log import (
 from proxy.metrics import Metrics
 from proxy.ratelimit import RateLimits
 from proxy.routing import RouteTable
-from proxy.upstream import make_transport
+from proxy.transport import make_transport
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)

@@ -18,7 +18,7 @@ from proxy.errors import PayloadTooLarge, UpstreamBusy, UpstreamError
 from proxy.log import get_logger
 from proxy.metrics import Metrics
 from proxy.ratelimit import RateLimits
-from proxy.upstream import CHUNK_SIZE, Body, Transport, UpstreamResponse
+from proxy.transport import CHUNK_SIZE, Body, Transport, UpstreamResponse
 
 log = get_logger("proxy.forward")
 

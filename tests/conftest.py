@@ -32,7 +32,7 @@ from proxy.app import SETTINGS, TOKENS, create_app, runner_options
 from proxy.config import Settings
 from proxy.credentials import TokenManager
 from proxy.log import configure_logging, redactor
-from proxy.upstream import make_transport
+from proxy.transport import make_transport
 
 TEST_CLIENT_ID = "test-client-id"
 TEST_SECRET = "Sup3r-S3cret-Value-Never-Logged-7f3a"

@@ -1,5 +1,5 @@
-"""The lean upstream client (proxy.http1) against upstreams that misbehave in ways the proxy
-must survive: bytes beyond an answer, uploads cut short after an early answer, a full
+"""The lean upstream client (proxy.transport.lean) against upstreams that misbehave in ways the
+proxy must survive: bytes beyond an answer, uploads cut short after an early answer, a full
 connection pool, and a body taken whole after reading paused."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy.errors import UpstreamError
-from proxy.http1 import _HIGH_WATER, LeanClient, _BodyBuffer, _Connection
+from proxy.transport.connection import HIGH_WATER, BodyBuffer, Connection
+from proxy.transport.lean import LeanClient
 from tests.conftest import wait_for
 
 Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
@@ -205,9 +206,9 @@ def test_a_body_taken_whole_resumes_reading() -> None:
             self.resumed += 1
 
     connection = Reading()
-    buffer = _BodyBuffer(cast(_Connection, connection))
-    buffer.feed(b"x" * (_HIGH_WATER + 1))
+    buffer = BodyBuffer(cast(Connection, connection))
+    buffer.feed(b"x" * (HIGH_WATER + 1))
     buffer.finish()
     assert connection.paused == 1
-    assert buffer.take_all() == b"x" * (_HIGH_WATER + 1)
+    assert buffer.take_all() == b"x" * (HIGH_WATER + 1)
     assert connection.resumed == 1

@@ -1,66 +1,20 @@
-"""The upstream transport behind one small interface, so the forwarder never sees which client
-talks to upstream: the lean httptools client (proxy.http1, the default) or a pooled aiohttp
-ClientSession (`upstream_client = "aiohttp"`), each translating its errors to ours."""
+"""The upstream transport on a pooled aiohttp ClientSession (`upstream_client = "aiohttp"`),
+for what the lean client does not do."""
 
 from __future__ import annotations
 
 import ssl
 from collections.abc import AsyncIterator, Sequence
-from typing import Protocol
 
 import aiohttp
 from multidict import CIMultiDictProxy
 from yarl import URL
 
 from proxy.errors import UpstreamError, UpstreamTimeout
-from proxy.http1 import Body, LeanClient
+from proxy.transport.base import CHUNK_SIZE, Body, UpstreamResponse
 
-__all__ = ["Body", "Transport", "UpstreamResponse", "make_transport"]
-
-CHUNK_SIZE = 64 * 1024
 # Headers aiohttp would add on its own; a transparent proxy sends only what the client sent.
 _NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
-
-
-class UpstreamResponse(Protocol):
-    """One upstream answer: status, headers, a body stream; close() releases it."""
-
-    status: int
-    reason: str | None
-
-    @property
-    def headers(self) -> CIMultiDictProxy[str]: ...
-
-    @property
-    def header_items(self) -> Sequence[tuple[str, str]]:
-        """The headers as (name, value) pairs in the order upstream sent them."""
-        ...
-
-    def chunks(self) -> AsyncIterator[bytes]: ...
-
-    def complete_body(self) -> bytes | None:
-        """The whole body when it has already arrived with the headers, else None (stream it)."""
-        ...
-
-    def close(self) -> None: ...
-
-
-class Transport(Protocol):
-    """Sends one request upstream; `url` is the full URL, its path and query sent as they are."""
-
-    async def start(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-    async def send(
-        self,
-        method: str,
-        url: str,
-        headers: Sequence[tuple[str, str]],
-        body: Body,
-        *,
-        ssl_context: ssl.SSLContext | None = None,
-    ) -> UpstreamResponse: ...
 
 
 class AiohttpResponse:
@@ -174,17 +128,3 @@ class AiohttpTransport:
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"upstream exchange failed ({type(exc).__name__})") from None
         return AiohttpResponse(response)
-
-
-def make_transport(
-    kind: str, *, connect_timeout: float, read_timeout: float, max_connections: int
-) -> Transport:
-    """The transport named by the upstream_client setting."""
-    transport_class: type[AiohttpTransport | LeanClient] = (
-        AiohttpTransport if kind == "aiohttp" else LeanClient
-    )
-    return transport_class(
-        connect_timeout=connect_timeout,
-        read_timeout=read_timeout,
-        max_connections=max_connections,
-    )
