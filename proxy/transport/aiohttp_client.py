@@ -11,19 +11,57 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from proxy.errors import UpstreamError, UpstreamTimeout
-from proxy.transport.base import CHUNK_SIZE, Body, UpstreamResponse
+from proxy.transport.base import CHUNK_SIZE, Attempt, Body, ErrorTable, UpstreamResponse
 
 # Headers aiohttp would add on its own; a transparent proxy sends only what the client sent.
 _NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+
+# aiohttp's exceptions and ours; the first match wins, so subclasses come before their bases.
+ERRORS = ErrorTable(
+    (
+        aiohttp.ConnectionTimeoutError,
+        lambda exc, at: UpstreamError(
+            f"could not resolve or connect to {at.where} within connect_timeout "
+            f"({at.connect_timeout:g} s)"
+        ),
+    ),
+    (
+        TimeoutError,
+        lambda exc, at: UpstreamTimeout(
+            "upstream stopped sending the body within read_timeout"
+            if at.reading_body
+            else f"upstream sent no response within read_timeout ({at.read_timeout:g} s)"
+        ),
+    ),
+    (
+        aiohttp.ClientConnectorCertificateError,
+        lambda exc, at: UpstreamError(
+            f"TLS certificate of {at.host} could not be verified ({exc.certificate_error})"
+        ),
+    ),
+    (
+        aiohttp.ClientConnectorError,
+        lambda exc, at: UpstreamError(f"cannot connect to {at.where} ({exc.strerror})"),
+    ),
+    (
+        aiohttp.ClientError,
+        lambda exc, at: UpstreamError(
+            f"upstream broke off the response body ({type(exc).__name__})"
+            if at.reading_body
+            else f"upstream exchange failed ({type(exc).__name__})"
+        ),
+    ),
+)
 
 
 class AiohttpResponse:
     """Status, headers and a body stream of one upstream answer; close() releases it."""
 
-    __slots__ = ("_response", "header_items", "headers", "reason", "status")
+    __slots__ = ("_response", "_timeouts", "header_items", "headers", "reason", "status")
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, timeouts: tuple[float, float]) -> None:
         self._response = response
+        self._timeouts = timeouts  # connect and read, for the messages of errors mid-body
         self.status: int = response.status
         self.reason: str | None = response.reason
         self.headers: CIMultiDictProxy[str] = response.headers
@@ -33,12 +71,10 @@ class AiohttpResponse:
         try:
             async for chunk in self._response.content.iter_chunked(CHUNK_SIZE):
                 yield chunk
-        except TimeoutError:
-            raise UpstreamTimeout("upstream stopped sending the body within read_timeout") from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(
-                f"upstream broke off the response body ({type(exc).__name__})"
-            ) from None
+        except ERRORS.types as exc:
+            url = self._response.url
+            attempt = Attempt(url.host, url.port, *self._timeouts, reading_body=True)
+            raise ERRORS.translate(exc, attempt) from exc
 
     def complete_body(self) -> bytes | None:
         return None  # aiohttp's body stream is always streamed through
@@ -67,6 +103,7 @@ class AiohttpTransport:
         )
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
+        self._timeouts = (connect_timeout, read_timeout)
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
 
@@ -108,23 +145,7 @@ class AiohttpTransport:
                 allow_redirects=False,
                 ssl=ssl_context if ssl_context is not None else True,
             )
-        except aiohttp.ConnectionTimeoutError:
-            raise UpstreamError(
-                f"could not resolve or connect to {target.host}:{target.port} within "
-                f"connect_timeout ({self._connect_timeout:g} s)"
-            ) from None
-        except TimeoutError:
-            raise UpstreamTimeout(
-                f"upstream sent no response within read_timeout ({self._read_timeout:g} s)"
-            ) from None
-        except aiohttp.ClientConnectorCertificateError as exc:
-            raise UpstreamError(
-                f"TLS certificate of {target.host} could not be verified ({exc.certificate_error})"
-            ) from None
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamError(
-                f"cannot connect to {target.host}:{target.port} ({exc.strerror})"
-            ) from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(f"upstream exchange failed ({type(exc).__name__})") from None
-        return AiohttpResponse(response)
+        except ERRORS.types as exc:
+            attempt = Attempt(target.host, target.port, self._connect_timeout, self._read_timeout)
+            raise ERRORS.translate(exc, attempt) from exc
+        return AiohttpResponse(response, self._timeouts)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
-from typing import Protocol
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from multidict import CIMultiDictProxy
+
+from proxy.errors import UpstreamError
 
 # A request body: buffered bytes (replayable), a stream (sent once), or none.
 Body = bytes | AsyncIterable[bytes] | None
@@ -52,3 +55,41 @@ class Transport(Protocol):
         *,
         ssl_context: ssl.SSLContext | None = None,
     ) -> UpstreamResponse: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """What an error message may say about the exchange that failed: where it went, the
+    transport's timeouts, and whether the answer's headers had already arrived."""
+
+    host: str | None
+    port: int | None
+    connect_timeout: float
+    read_timeout: float
+    reading_body: bool = False
+
+    @property
+    def where(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+# Builds our error from a library's exception (typed Any: each row's function gets its type).
+Translation = Callable[[Any, Attempt], UpstreamError]
+
+
+class ErrorTable:
+    """One library's exceptions at the transport boundary and the UpstreamError each becomes:
+    the first row whose type matches wins, as in a chain of except clauses. Callers catch
+    `types` and `raise table.translate(exc, attempt) from exc`, so the cause is kept."""
+
+    __slots__ = ("_rows", "types")
+
+    def __init__(self, *rows: tuple[type[BaseException], Translation]) -> None:
+        self._rows = rows
+        self.types = tuple(kind for kind, _ in rows)
+
+    def translate(self, exc: BaseException, attempt: Attempt) -> UpstreamError:
+        for kind, translation in self._rows:
+            if isinstance(exc, kind):
+                return translation(exc, attempt)
+        raise TypeError(f"{type(exc).__name__} is not in this table") from exc

@@ -4,6 +4,7 @@ and the response body buffered between the socket and the consumer with flow con
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections import deque
 from typing import cast
@@ -11,6 +12,7 @@ from typing import cast
 import httptools
 
 from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.transport.base import Attempt, ErrorTable
 from proxy.transport.wire import Origin
 
 HIGH_WATER = 256 * 1024
@@ -18,6 +20,40 @@ LOW_WATER = 64 * 1024
 # The headers that say where a response body ends; anything else ends with the connection.
 _FRAMING = frozenset({"content-length", "transfer-encoding"})
 _FRAMING_LENGTHS = frozenset(len(name) for name in _FRAMING)
+
+# httptools', the socket's and ssl's exceptions and ours; the first match wins, so subclasses
+# come before their bases (TimeoutError and SSLError are OSErrors).
+ERRORS = ErrorTable(
+    (
+        httptools.HttpParserUpgrade,
+        lambda exc, at: UpstreamError("upstream switched protocols, which the proxy cannot relay"),
+    ),
+    (
+        httptools.HttpParserError,
+        lambda exc, at: UpstreamError(f"upstream sent a malformed response ({exc})"),
+    ),
+    (
+        TimeoutError,
+        lambda exc, at: UpstreamError(
+            f"could not resolve or connect to {at.where} within connect_timeout "
+            f"({at.connect_timeout:g} s)"
+        ),
+    ),
+    (
+        ssl.SSLCertVerificationError,
+        lambda exc, at: UpstreamError(
+            f"TLS certificate of {at.host} could not be verified ({exc.verify_message})"
+        ),
+    ),
+    (
+        ssl.SSLError,
+        lambda exc, at: UpstreamError(f"TLS handshake with {at.where} failed ({exc.reason})"),
+    ),
+    (
+        OSError,
+        lambda exc, at: UpstreamError(f"cannot connect to {at.where} ({exc.strerror or exc})"),
+    ),
+)
 
 
 class _StrayMessage(Exception):
@@ -100,8 +136,9 @@ class BodyBuffer:
 class Connection(asyncio.Protocol):
     """One upstream connection; it serves one exchange at a time."""
 
-    def __init__(self, pool_key: tuple[Origin, int]) -> None:
+    def __init__(self, pool_key: tuple[Origin, int], attempt: Attempt) -> None:
         self.pool_key = pool_key
+        self.attempt = attempt  # what this connection's error messages say
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
@@ -146,10 +183,11 @@ class Connection(asyncio.Protocol):
             # Bytes beyond the answer would be read as the next exchange's: never reuse this.
             self.reusable = False
             self.close()
-        except httptools.HttpParserUpgrade:
-            self._fail(UpstreamError("upstream switched protocols, which the proxy cannot relay"))
-        except httptools.HttpParserError as exc:
-            self._fail(UpstreamError(f"upstream sent a malformed response ({exc})"))
+        except (httptools.HttpParserUpgrade, httptools.HttpParserError) as exc:
+            error = ERRORS.translate(exc, self.attempt)
+            # As `raise ... from exc` would: the exchange raises this error later, not here.
+            error.__cause__ = exc
+            self._fail(error)
 
     def eof_received(self) -> bool | None:
         return None

@@ -19,8 +19,8 @@ from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.errors import UpstreamError, UpstreamTimeout
-from proxy.transport.base import Body
-from proxy.transport.connection import Connection
+from proxy.transport.base import Attempt, Body
+from proxy.transport.connection import ERRORS, Connection
 from proxy.transport.wire import Origin, request_head, split_url, write_stream
 
 _IDLE_TIMEOUT = 15.0
@@ -284,29 +284,18 @@ class LeanClient:
         self, origin: Origin, context: ssl.SSLContext | None, key: tuple[Origin, int]
     ) -> Connection:
         loop = asyncio.get_running_loop()
-        where = f"{origin.host}:{origin.port}"
+        attempt = Attempt(origin.host, origin.port, self._connect_timeout, self._read_timeout)
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, conn = await loop.create_connection(
-                    lambda: Connection(key),
+                    lambda: Connection(key, attempt),
                     origin.host,
                     origin.port,
                     ssl=context,
                     server_hostname=origin.host if context is not None else None,
                 )
-        except TimeoutError:
-            raise UpstreamError(
-                f"could not resolve or connect to {where} within connect_timeout "
-                f"({self._connect_timeout:g} s)"
-            ) from None
-        except ssl.SSLCertVerificationError as exc:
-            raise UpstreamError(
-                f"TLS certificate of {origin.host} could not be verified ({exc.verify_message})"
-            ) from None
-        except ssl.SSLError as exc:
-            raise UpstreamError(f"TLS handshake with {where} failed ({exc.reason})") from None
-        except OSError as exc:
-            raise UpstreamError(f"cannot connect to {where} ({exc.strerror or exc})") from None
+        except ERRORS.types as exc:
+            raise ERRORS.translate(exc, attempt) from exc
         conn.idle_since = time.monotonic()
         return conn
 

@@ -9,14 +9,17 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import cast
 
+import aiohttp
+import httptools
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy.errors import UpstreamError
+from proxy.transport import make_transport
 from proxy.transport.connection import HIGH_WATER, BodyBuffer, Connection
 from proxy.transport.lean import LeanClient
-from tests.conftest import wait_for
+from tests.conftest import free_port, wait_for
 
 Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 
@@ -212,3 +215,26 @@ def test_a_body_taken_whole_resumes_reading() -> None:
     assert connection.paused == 1
     assert buffer.take_all() == b"x" * (HIGH_WATER + 1)
     assert connection.resumed == 1
+
+
+@pytest.mark.parametrize("kind", ["lean", "aiohttp"])
+async def test_errors_at_the_boundary_keep_their_cause(kind: str) -> None:
+    """A library's exception becomes ours through that library's table, with the original kept
+    as its cause: a refused connection, and an answer that is not HTTP."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        writer.write(b"SPDY/9 banana\r\n\r\n")
+
+    library_error = httptools.HttpParserError if kind == "lean" else aiohttp.ClientError
+    transport = make_transport(kind, connect_timeout=1.0, read_timeout=2.0, max_connections=2)
+    await transport.start()
+    try:
+        with pytest.raises(UpstreamError, match=r"cannot connect to 127\.0\.0\.1:") as refused:
+            await transport.send("GET", f"http://127.0.0.1:{free_port()}/", [], None)
+        assert isinstance(refused.value.__cause__, OSError)
+        async with raw_upstream(serve) as (url, _):
+            with pytest.raises(UpstreamError) as malformed:
+                await transport.send("GET", url, [], None)
+        assert isinstance(malformed.value.__cause__, library_error)
+    finally:
+        await transport.close()
