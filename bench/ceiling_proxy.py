@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from proxy.transport.lean import LeanClient
+from proxy.transport.slots import ConnectionSlots
 
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host"}
 CLIENT = web.AppKey("client", LeanClient)
@@ -45,7 +46,9 @@ async def forward(request: web.Request) -> web.StreamResponse:
 
 
 async def client(app: web.Application) -> AsyncIterator[None]:
-    app[CLIENT] = LeanClient(connect_timeout=10, read_timeout=60, max_connections=1000)
+    app[CLIENT] = LeanClient(
+        connect_timeout=10, read_timeout=60, slots=ConnectionSlots.for_pool(1000, wait=10)
+    )
     await app[CLIENT].start()
     yield
     await app[CLIENT].close()

@@ -44,7 +44,7 @@ from proxy.log import (
 from proxy.metrics import Metrics
 from proxy.ratelimit import RateLimits
 from proxy.routing import RouteTable
-from proxy.transport import make_transport
+from proxy.transport import Transports
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
@@ -326,13 +326,8 @@ def _ready(app: web.Application, request_id: str) -> web.Response:
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    transport = make_transport(
-        settings.upstream_client,
-        connect_timeout=settings.connect_timeout,
-        read_timeout=settings.read_timeout,
-        max_connections=settings.max_connections,
-    )
-    await transport.start()
+    transports = Transports.from_settings(settings)
+    await transports.start()
     # Token traffic has a session of its own so it never queues behind upstream connections.
     token_session = aiohttp.ClientSession(
         cookie_jar=aiohttp.DummyCookieJar(), trust_env=False, raise_for_status=False
@@ -355,12 +350,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     }
     app[TOKENS] = managers
     app[FORWARDER] = Forwarder(
-        transport=transport,
+        transports=transports,
         metrics=app[METRICS],
         limits=app[LIMITS],
-        routes=settings.routes,
         max_body_size=settings.max_body_size,
-        slot_wait=settings.connect_timeout,
     )
     for manager in managers.values():
         manager.start()
@@ -370,7 +363,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         for manager in managers.values():
             await manager.close()
         await token_session.close()
-        await transport.close()
+        await transports.close()
 
 
 def create_app(

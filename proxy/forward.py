@@ -3,22 +3,20 @@ single replay with a fresh token when upstream answers 401."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import ssl
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from proxy.config import Route
 from proxy.credentials import Token, TokenSource
-from proxy.errors import PayloadTooLarge, UpstreamBusy, UpstreamError
+from proxy.errors import PayloadTooLarge, UpstreamError
 from proxy.log import get_logger
 from proxy.metrics import Metrics
 from proxy.ratelimit import RateLimits
-from proxy.transport import CHUNK_SIZE, Body, Transport, UpstreamResponse
+from proxy.transport import CHUNK_SIZE, Body, Transport, Transports, UpstreamResponse
 
 log = get_logger("proxy.forward")
 
@@ -102,34 +100,20 @@ def downstream_headers(incoming: Iterable[tuple[str, str]], *, request_id: str) 
 
 
 class Forwarder:
-    """Forwards requests for every route through one transport."""
+    """Forwards requests for every route through that route's transport."""
 
     def __init__(
         self,
         *,
-        transport: Transport,
+        transports: Transports,
         metrics: Metrics,
         limits: RateLimits,
-        routes: Sequence[Route],
         max_body_size: int | None,
-        slot_wait: float,
     ) -> None:
-        self._transport = transport
+        self._transports = transports
         self._metrics = metrics
         self._limits = limits
         self._max_body_size = max_body_size
-        self._slot_wait = slot_wait
-        # Certificate verification is always on; a route may name its own CA bundle.
-        self._ssl = {
-            route.prefix: ssl.create_default_context(cafile=str(route.ca_bundle))
-            for route in routes
-            if route.ca_bundle is not None
-        }
-        self._slots = {
-            route.prefix: asyncio.Semaphore(route.max_connections)
-            for route in routes
-            if route.max_connections is not None
-        }
 
     async def forward(
         self,
@@ -146,56 +130,40 @@ class Forwarder:
         if request.body_exists:
             body, replayable = await self._request_body(request, exchange)
         route_label = route.prefix
-        slots = self._slots.get(route_label)
-        if slots is not None:
-            await self._hold_slot(route, slots)
-        try:
-            replay = True  # once, with a new token, when upstream answers 401
-            path = ""
-            while True:
-                response, token = await self._send(
-                    request,
-                    url=url,
-                    tokens=tokens,
-                    request_id=request_id,
-                    body=body,
-                    route_label=route_label,
-                    exchange=exchange,
-                )
-                if not replay:  # its answer shows whether a new token helps at that path
-                    tokens.replayed(path, rejected=response.status == 401)
-                    break
-                if response.status != 401:
-                    break
-                replay = False
-                path = url.partition("?")[0]
-                if not tokens.invalidate(token, path=path, replayable=replayable) or not replayable:
-                    break
-                response.close()
-                self._metrics.replays.labels(route_label).inc()
-                exchange.replayed = True
-                log.info("upstream answered 401; replaying once with a new token")
-            return await self._respond(request, response, request_id, exchange)
-        finally:
-            if slots is not None:
-                slots.release()
-
-    async def _hold_slot(self, route: Route, slots: asyncio.Semaphore) -> None:
-        """Take one of the route's upstream connections, held for the whole exchange."""
-        try:
-            async with asyncio.timeout(self._slot_wait):
-                await slots.acquire()
-        except TimeoutError:
-            raise UpstreamBusy(
-                f"all {route.max_connections} upstream connections of route {route.prefix!r} "
-                f"stayed busy for {self._slot_wait:g} s; raise max_connections of that route "
-                "if upstream can take more"
-            ) from None
+        transport = self._transports.for_route(route)
+        replay = True  # once, with a new token, when upstream answers 401
+        path = ""
+        while True:
+            response, token = await self._send(
+                request,
+                transport=transport,
+                url=url,
+                tokens=tokens,
+                request_id=request_id,
+                body=body,
+                route_label=route_label,
+                exchange=exchange,
+            )
+            if not replay:  # its answer shows whether a new token helps at that path
+                tokens.replayed(path, rejected=response.status == 401)
+                break
+            if response.status != 401:
+                break
+            replay = False
+            path = url.partition("?")[0]
+            if not tokens.invalidate(token, path=path, replayable=replayable) or not replayable:
+                break
+            response.close()
+            self._metrics.replays.labels(route_label).inc()
+            exchange.replayed = True
+            log.info("upstream answered 401; replaying once with a new token")
+        return await self._respond(request, response, request_id, exchange)
 
     async def _send(
         self,
         request: web.Request,
         *,
+        transport: Transport,
         url: str,
         tokens: TokenSource,
         request_id: str,
@@ -216,9 +184,7 @@ class Forwarder:
             exchange.token_age = tokens.age(token)
             started = time.perf_counter()
             try:
-                response = await self._transport.send(
-                    request.method, url, headers, body, ssl_context=self._ssl.get(route_label)
-                )
+                response = await transport.send(request.method, url, headers, body)
             finally:
                 # Only the trip upstream is timed: waiting for a token is not upstream's time.
                 exchange.upstream_seconds = time.perf_counter() - started

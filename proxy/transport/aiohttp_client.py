@@ -12,6 +12,7 @@ from yarl import URL
 
 from proxy.errors import UpstreamError, UpstreamTimeout
 from proxy.transport.base import CHUNK_SIZE, Attempt, Body, ErrorTable, UpstreamResponse
+from proxy.transport.slots import ConnectionSlots
 
 # Headers aiohttp would add on its own; a transparent proxy sends only what the client sent.
 _NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
@@ -57,11 +58,20 @@ ERRORS = ErrorTable(
 class AiohttpResponse:
     """Status, headers and a body stream of one upstream answer; close() releases it."""
 
-    __slots__ = ("_response", "_timeouts", "header_items", "headers", "reason", "status")
+    __slots__ = (
+        "_released",
+        "_response",
+        "_transport",
+        "header_items",
+        "headers",
+        "reason",
+        "status",
+    )
 
-    def __init__(self, response: aiohttp.ClientResponse, timeouts: tuple[float, float]) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, transport: AiohttpTransport) -> None:
         self._response = response
-        self._timeouts = timeouts  # connect and read, for the messages of errors mid-body
+        self._transport = transport
+        self._released = False
         self.status: int = response.status
         self.reason: str | None = response.reason
         self.headers: CIMultiDictProxy[str] = response.headers
@@ -72,16 +82,19 @@ class AiohttpResponse:
             async for chunk in self._response.content.iter_chunked(CHUNK_SIZE):
                 yield chunk
         except ERRORS.types as exc:
-            url = self._response.url
-            attempt = Attempt(url.host, url.port, *self._timeouts, reading_body=True)
-            raise ERRORS.translate(exc, attempt) from exc
+            raise ERRORS.translate(exc, self._transport.attempt(self._response.url, True)) from exc
 
     def complete_body(self) -> bytes | None:
         return None  # aiohttp's body stream is always streamed through
 
     def close(self) -> None:
-        """Release the connection; one whose body was not read to the end is never reused."""
+        """Release the connection and its slot; a connection whose body was not read to the
+        end is never reused."""
+        if self._released:
+            return
+        self._released = True
         self._response.close()
+        self._transport.slots.give()
 
 
 class AiohttpTransport:
@@ -92,9 +105,13 @@ class AiohttpTransport:
         *,
         connect_timeout: float,
         read_timeout: float,
-        max_connections: int,
+        slots: ConnectionSlots,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        # `connect` bounds name resolution and the wait for a pooled connection too.
+        """`slots` bounds the connections in use; `ssl_context` verifies https upstreams
+        (None: the system's CAs)."""
+        # `connect` bounds name resolution and connecting; a connection of aiohttp's own pool
+        # is never waited for, as `slots` is taken first.
         self._timeout = aiohttp.ClientTimeout(
             total=None,
             connect=connect_timeout,
@@ -103,12 +120,12 @@ class AiohttpTransport:
         )
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
-        self._timeouts = (connect_timeout, read_timeout)
-        self._max_connections = max_connections
+        self.slots = slots
+        self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=self._max_connections, ttl_dns_cache=300)
+        connector = aiohttp.TCPConnector(limit=self.slots.limit, ssl=self._ssl, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=self._timeout,
@@ -122,6 +139,7 @@ class AiohttpTransport:
         session, self._session = self._session, None
         if session is not None:
             await session.close()
+        self.slots.close()
 
     async def send(
         self,
@@ -129,23 +147,24 @@ class AiohttpTransport:
         url: str,
         headers: Sequence[tuple[str, str]],
         body: Body,
-        *,
-        ssl_context: ssl.SSLContext | None = None,
     ) -> UpstreamResponse:
         session = self._session
         if session is None:
             raise RuntimeError("the upstream transport is not started")
         target = URL(url, encoded=True)
+        if not self.slots.try_take():
+            await self.slots.take()
         try:
             response = await session.request(
-                method,
-                target,
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-                ssl=ssl_context if ssl_context is not None else True,
+                method, target, headers=headers, data=body, allow_redirects=False
             )
-        except ERRORS.types as exc:
-            attempt = Attempt(target.host, target.port, self._connect_timeout, self._read_timeout)
-            raise ERRORS.translate(exc, attempt) from exc
-        return AiohttpResponse(response, self._timeouts)
+        except BaseException as exc:
+            self.slots.give()
+            if isinstance(exc, ERRORS.types):
+                raise ERRORS.translate(exc, self.attempt(target, False)) from exc
+            raise
+        return AiohttpResponse(response, self)
+
+    def attempt(self, url: URL, reading_body: bool) -> Attempt:
+        """What the message of an error on the way to `url` says."""
+        return Attempt(url.host, url.port, self._connect_timeout, self._read_timeout, reading_body)

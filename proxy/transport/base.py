@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -52,8 +51,6 @@ class Transport(Protocol):
         url: str,
         headers: Sequence[tuple[str, str]],
         body: Body,
-        *,
-        ssl_context: ssl.SSLContext | None = None,
     ) -> UpstreamResponse: ...
 
 

@@ -136,8 +136,8 @@ class BodyBuffer:
 class Connection(asyncio.Protocol):
     """One upstream connection; it serves one exchange at a time."""
 
-    def __init__(self, pool_key: tuple[Origin, int], attempt: Attempt) -> None:
-        self.pool_key = pool_key
+    def __init__(self, origin: Origin, attempt: Attempt) -> None:
+        self.origin = origin
         self.attempt = attempt  # what this connection's error messages say
         self.transport: asyncio.Transport | None = None
         self.closed = False

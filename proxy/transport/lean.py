@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -21,6 +20,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy.errors import UpstreamError, UpstreamTimeout
 from proxy.transport.base import Attempt, Body
 from proxy.transport.connection import ERRORS, Connection
+from proxy.transport.slots import ConnectionSlots
 from proxy.transport.wire import Origin, request_head, split_url, write_stream
 
 _IDLE_TIMEOUT = 15.0
@@ -103,17 +103,24 @@ class LeanResponse:
 class LeanClient:
     """A pool of keep-alive connections per origin, and the exchanges over them."""
 
-    def __init__(self, *, connect_timeout: float, read_timeout: float, max_connections: int):
+    def __init__(
+        self,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+        slots: ConnectionSlots,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        """`slots` bounds the connections in use; `ssl_context` verifies https upstreams
+        (None: the system's CAs)."""
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
-        # Connection slots: a count, and the exchanges waiting for one in arrival order.
-        self._free_slots = max_connections
-        self._slot_waiters: deque[asyncio.Future[None]] = deque()
-        self._idle: dict[tuple[Origin, int], list[Connection]] = {}
+        self._slots = slots
+        self._ssl = ssl_context if ssl_context is not None else ssl.create_default_context()
+        self._idle: dict[Origin, list[Connection]] = {}
         self._busy: set[Connection] = set()
         self._origins: dict[tuple[str, str], Origin] = {}
         self._sweeper: asyncio.Task[None] | None = None
-        self._default_ssl = ssl.create_default_context()
 
     async def start(self) -> None:
         self._sweeper = asyncio.create_task(self._sweep(), name="upstream-read-timeouts")
@@ -131,10 +138,7 @@ class LeanClient:
         for conn in self._busy:
             conn.close()
         self._busy.clear()
-        while self._slot_waiters:
-            waiter = self._slot_waiters.popleft()
-            if not waiter.done():
-                waiter.set_exception(UpstreamError("the upstream client is closing"))
+        self._slots.close()
 
     async def send(
         self,
@@ -142,22 +146,19 @@ class LeanClient:
         url: str,
         headers: Sequence[tuple[str, str]],
         body: Body,
-        *,
-        ssl_context: ssl.SSLContext | None = None,
     ) -> LeanResponse:
         scheme, netloc, target = split_url(url)
         origin = self._origins.get((scheme, netloc))
         if origin is None:
             origin = self._origins[(scheme, netloc)] = Origin.parse(scheme, netloc)
-        context = (ssl_context or self._default_ssl) if scheme == "https" else None
         head = request_head(method, target, origin.host_header, headers, body)
-        key = (origin, id(context))
-        conn = self._pooled(key) if self._free_slots > 0 else None
-        if conn is not None:  # the usual case, without a coroutine of its own
-            self._free_slots -= 1
-            reused = True
+        if self._slots.try_take():
+            conn = self._pooled(origin)  # the usual case, without a coroutine of its own
+            reused = conn is not None
+            if conn is None:
+                conn = await self._open(origin)
         else:
-            conn, reused = await self._acquire(origin, context, key)
+            conn, reused = await self._acquire(origin)
         try:
             return await self._exchange(conn, method, head, body)
         except UpstreamTimeout:
@@ -168,7 +169,7 @@ class LeanClient:
             retry = reused and not conn.got_bytes and method in _IDEMPOTENT
             if not retry or isinstance(body, AsyncIterable):
                 raise
-        conn, _ = await self._acquire(origin, context, key, fresh=True)
+        conn, _ = await self._acquire(origin, fresh=True)
         return await self._exchange(conn, method, head, body)
 
     async def _exchange(
@@ -213,34 +214,18 @@ class LeanClient:
                 if conn.expecting and stalled and not conn.body.paused:
                     conn.time_out(self._read_timeout)
 
-    async def _acquire(
-        self,
-        origin: Origin,
-        context: ssl.SSLContext | None,
-        key: tuple[Origin, int],
-        *,
-        fresh: bool = False,
-    ) -> tuple[Connection, bool]:
+    async def _acquire(self, origin: Origin, *, fresh: bool = False) -> tuple[Connection, bool]:
         """A connection slot, then an idle pooled connection (reused: True) or a new one."""
-        if self._free_slots > 0:
-            self._free_slots -= 1
-        else:
-            await self._wait_for_slot()
-        conn = None if fresh else self._pooled(key)
+        await self._slots.take()
+        conn = None if fresh else self._pooled(origin)
         if conn is not None:
             return conn, True
-        try:
-            conn = await self._connect(origin, context, key)
-        except BaseException:
-            self._give_slot()
-            raise
-        self._busy.add(conn)
-        return conn, False
+        return await self._open(origin), False
 
-    def _pooled(self, key: tuple[Origin, int]) -> Connection | None:
-        """An idle connection to `key` that is still fresh, now busy (its slot is the
-        caller's to take); None when there is none."""
-        idle = self._idle.get(key)
+    def _pooled(self, origin: Origin) -> Connection | None:
+        """An idle connection to `origin` that is still fresh, now busy (on a slot the
+        caller took); None when there is none."""
+        idle = self._idle.get(origin)
         if not idle:
             return None
         now = time.monotonic()
@@ -252,51 +237,27 @@ class LeanClient:
             conn.close()
         return None
 
-    async def _wait_for_slot(self) -> None:
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._slot_waiters.append(waiter)
-        try:
-            async with asyncio.timeout(self._connect_timeout):
-                await waiter
-        except BaseException as exc:
-            if not waiter.done() or waiter.cancelled():
-                with contextlib.suppress(ValueError):  # never left behind in the queue
-                    self._slot_waiters.remove(waiter)
-            elif waiter.exception() is None:
-                self._give_slot()  # handed over just as the wait ended: pass it on
-            if isinstance(exc, TimeoutError):
-                raise UpstreamError(
-                    f"all upstream connections stayed busy for connect_timeout "
-                    f"({self._connect_timeout:g} s); raise max_connections"
-                ) from None
-            raise
-
-    def _give_slot(self) -> None:
-        """A slot is free again: to the longest waiting exchange, else back to the count."""
-        while self._slot_waiters:
-            waiter = self._slot_waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
-        self._free_slots += 1
-
-    async def _connect(
-        self, origin: Origin, context: ssl.SSLContext | None, key: tuple[Origin, int]
-    ) -> Connection:
+    async def _open(self, origin: Origin) -> Connection:
+        """A new connection, now busy, on a slot the caller took (given back if it fails)."""
         loop = asyncio.get_running_loop()
         attempt = Attempt(origin.host, origin.port, self._connect_timeout, self._read_timeout)
+        context = self._ssl if origin.scheme == "https" else None
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, conn = await loop.create_connection(
-                    lambda: Connection(key, attempt),
+                    lambda: Connection(origin, attempt),
                     origin.host,
                     origin.port,
                     ssl=context,
                     server_hostname=origin.host if context is not None else None,
                 )
-        except ERRORS.types as exc:
-            raise ERRORS.translate(exc, attempt) from exc
+        except BaseException as exc:
+            self._slots.give()
+            if isinstance(exc, ERRORS.types):
+                raise ERRORS.translate(exc, attempt) from exc
+            raise
         conn.idle_since = time.monotonic()
+        self._busy.add(conn)
         return conn
 
     def release(self, conn: Connection, *, reuse: bool) -> None:
@@ -304,8 +265,8 @@ class LeanClient:
             return
         self._busy.discard(conn)
         conn.expecting = False
-        self._give_slot()
-        idle = self._idle.setdefault(conn.pool_key, [])
+        self._slots.give()
+        idle = self._idle.setdefault(conn.origin, [])
         if reuse and not conn.closed and len(idle) < _MAX_IDLE_PER_ORIGIN:
             conn.idle_since = time.monotonic()
             idle.append(conn)

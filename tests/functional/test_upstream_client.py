@@ -15,10 +15,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy.errors import UpstreamError
-from proxy.transport import make_transport
+from proxy.errors import UpstreamBusy, UpstreamError
+from proxy.transport.aiohttp_client import AiohttpTransport
 from proxy.transport.connection import HIGH_WATER, BodyBuffer, Connection
 from proxy.transport.lean import LeanClient
+from proxy.transport.slots import ConnectionSlots
 from tests.conftest import free_port, wait_for
 
 Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
@@ -55,7 +56,9 @@ async def raw_upstream(serve: Serve) -> AsyncIterator[tuple[str, list[int]]]:
 
 @pytest.fixture
 async def client() -> AsyncIterator[LeanClient]:
-    lean = LeanClient(connect_timeout=1.0, read_timeout=2.0, max_connections=4)
+    lean = LeanClient(
+        connect_timeout=1.0, read_timeout=2.0, slots=ConnectionSlots.for_pool(4, wait=1.0)
+    )
     await lean.start()
     yield lean
     await lean.close()
@@ -155,16 +158,17 @@ async def test_refused_waits_leave_nothing_behind() -> None:
         await release.wait()
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 
-    lean = LeanClient(connect_timeout=0.05, read_timeout=5.0, max_connections=1)
+    slots = ConnectionSlots.for_pool(1, wait=0.05)
+    lean = LeanClient(connect_timeout=0.05, read_timeout=5.0, slots=slots)
     await lean.start()
     try:
         async with raw_upstream(serve) as (url, _):
             held = asyncio.create_task(lean.send("GET", url, [], None))
-            await wait_for(lambda: lean._free_slots == 0)
+            await wait_for(lambda: slots.free == 0)
             for _ in range(20):
-                with pytest.raises(UpstreamError, match="raise max_connections"):
+                with pytest.raises(UpstreamBusy, match="raise max_connections"):
                     await lean.send("GET", url, [], None)
-            assert len(lean._slot_waiters) == 0
+            assert slots.waiting == 0
             release.set()
             (await held).close()
             assert await body_of(lean, url) == (200, b"ok")
@@ -180,12 +184,13 @@ async def test_closing_the_client_fails_waiting_requests_at_once() -> None:
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         await release.wait()
 
-    lean = LeanClient(connect_timeout=30.0, read_timeout=30.0, max_connections=1)
+    slots = ConnectionSlots.for_pool(1, wait=30.0)
+    lean = LeanClient(connect_timeout=30.0, read_timeout=30.0, slots=slots)
     await lean.start()
     async with raw_upstream(serve) as (url, _):
         held = asyncio.create_task(lean.send("GET", url, [], None))
         waiting = asyncio.create_task(lean.send("GET", url, [], None))
-        await wait_for(lambda: bool(lean._slot_waiters))
+        await wait_for(lambda: bool(slots.waiting))
         await lean.close()
         with pytest.raises(UpstreamError, match="closing"):
             await asyncio.wait_for(waiting, 2)
@@ -226,7 +231,10 @@ async def test_errors_at_the_boundary_keep_their_cause(kind: str) -> None:
         writer.write(b"SPDY/9 banana\r\n\r\n")
 
     library_error = httptools.HttpParserError if kind == "lean" else aiohttp.ClientError
-    transport = make_transport(kind, connect_timeout=1.0, read_timeout=2.0, max_connections=2)
+    transport_class = LeanClient if kind == "lean" else AiohttpTransport
+    transport = transport_class(
+        connect_timeout=1.0, read_timeout=2.0, slots=ConnectionSlots.for_pool(2, wait=1.0)
+    )
     await transport.start()
     try:
         with pytest.raises(UpstreamError, match=r"cannot connect to 127\.0\.0\.1:") as refused:
