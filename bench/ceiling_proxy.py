@@ -32,7 +32,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
     async with upstream:
         out = [(k, v) for k, v in upstream.header_items if k.lower() not in HOP_BY_HOP]
         # As token-proxy does: an answer that came in whole leaves in one write.
-        whole = upstream.complete_body() if request.method != "HEAD" else None
+        whole = upstream.received_body() if request.method != "HEAD" else None
         if whole is not None:
             return web.Response(
                 status=upstream.status, reason=upstream.reason, headers=out, body=whole

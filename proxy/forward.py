@@ -241,7 +241,7 @@ class Forwarder:
             headers = downstream_headers(response.header_items, request_id=request_id)
             whole = None
             if request.method != "HEAD" and response.status not in _NO_BODY_STATUS:
-                whole = response.complete_body()
+                whole = response.received_body()
             out: web.StreamResponse
             if whole is not None:
                 # A small answer that came in whole leaves in one write, headers and body

@@ -84,8 +84,11 @@ class AiohttpResponse:
         except ERRORS.types as exc:
             raise ERRORS.translate(exc, self._transport.attempt(self._response.url, True)) from exc
 
-    def complete_body(self) -> bytes | None:
-        return None  # aiohttp's body stream is always streamed through
+    def received_body(self) -> bytes | None:
+        content = self._response.content
+        if not content.is_eof() or content.exception() is not None:
+            return None
+        return content.read_nowait()
 
     def close(self) -> None:
         """Release the connection and its slot; a connection whose body was not read to the

@@ -31,8 +31,10 @@ class UpstreamResponse(Protocol):
 
     def chunks(self) -> AsyncIterator[bytes]: ...
 
-    def complete_body(self) -> bytes | None:
-        """The whole body when it has already arrived with the headers, else None (stream it)."""
+    def received_body(self) -> bytes | None:
+        """The whole body when upstream has already sent all of it, taken at once; else None,
+        and the body is read with chunks(). Never waits for upstream, so a body that is slow
+        or breaks off is relayed as it comes, its headers first."""
         ...
 
     def close(self) -> None: ...

@@ -72,7 +72,7 @@ class LeanResponse:
             yield chunk
         self.close()
 
-    def complete_body(self) -> bytes | None:
+    def received_body(self) -> bytes | None:
         return self._conn.body.take_all()
 
     def close(self) -> None:

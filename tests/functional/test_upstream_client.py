@@ -246,3 +246,37 @@ async def test_errors_at_the_boundary_keep_their_cause(kind: str) -> None:
         assert isinstance(malformed.value.__cause__, library_error)
     finally:
         await transport.close()
+
+
+@pytest.mark.parametrize("kind", ["lean", "aiohttp"])
+async def test_a_body_is_taken_whole_only_once_it_has_all_arrived(kind: str) -> None:
+    """received_body(): both transports hand over a body that came in with its headers at
+    once, and one still coming as None, without waiting, to be read with chunks()."""
+    rest = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        if n == 1:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nwhole")
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfirst")
+        await writer.drain()
+        await rest.wait()
+        writer.write(b"-rest")
+
+    transport_class = LeanClient if kind == "lean" else AiohttpTransport
+    transport = transport_class(
+        connect_timeout=1.0, read_timeout=2.0, slots=ConnectionSlots.for_pool(2, wait=1.0)
+    )
+    await transport.start()
+    try:
+        async with raw_upstream(serve) as (url, _):
+            whole = await transport.send("GET", url, [], None)
+            assert whole.received_body() == b"whole"
+            whole.close()
+            coming = await transport.send("GET", url, [], None)
+            assert coming.received_body() is None
+            rest.set()
+            assert b"".join([chunk async for chunk in coming.chunks()]) == b"first-rest"
+            coming.close()
+    finally:
+        await transport.close()
