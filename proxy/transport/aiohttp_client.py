@@ -1,5 +1,5 @@
-"""The upstream transport on a pooled aiohttp ClientSession (`upstream_client = "aiohttp"`),
-for what the lean client does not do."""
+"""AiohttpTransport: the upstream transport on a pooled aiohttp ClientSession
+(`upstream_client = "aiohttp"`), for what the lean client does not do."""
 
 from __future__ import annotations
 

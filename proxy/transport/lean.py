@@ -1,11 +1,5 @@
-"""A lean keep-alive HTTP/1.1 client on httptools (llhttp), the upstream transport of the hot
-path. aiohttp's ClientSession costs several times more per request than the server side (see
-ARCHITECTURE.md); this client does only what a proxy needs: a per-origin pool, bodies streamed
-both ways (Content-Length or chunked), HEAD, 1xx and 204/304, TLS with verification, connect and
-read timeouts, and never reusing a connection whose response was not read to its end.
-
-Written by hand because no maintained library offers a small asyncio HTTP/1.1 client with raw
-request targets; httptools, the parser uvicorn uses, does the protocol parsing."""
+"""LeanClient, the default upstream transport: a keep-alive HTTP/1.1 client on httptools, its
+pool of connections per origin and the exchanges over them."""
 
 from __future__ import annotations
 
@@ -100,6 +94,12 @@ class LeanResponse:
         self.close()
 
 
+# Written by hand because no maintained library offers a small asyncio HTTP/1.1 client with raw
+# request targets, and aiohttp's ClientSession costs several times more per request than the
+# server side (see ARCHITECTURE.md). It does only what a proxy needs: a per-origin pool, bodies
+# streamed both ways (Content-Length or chunked), HEAD, 1xx and 204/304, TLS with verification,
+# connect and read timeouts, and never reusing a connection whose response was not read to its
+# end; httptools (llhttp, the parser uvicorn uses) does the protocol parsing.
 class LeanClient:
     """A pool of keep-alive connections per origin, and the exchanges over them."""
 

@@ -1,5 +1,5 @@
-"""HTTP/1.1 on the wire for the lean client: where a URL goes, and a request's head and body
-framing."""
+"""The lean client's HTTP/1.1 requests on the wire: where a URL goes, a request's head, and
+its body's framing."""
 
 from __future__ import annotations
 

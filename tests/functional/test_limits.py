@@ -1,4 +1,5 @@
-"""Limits on concurrent upstream connections: per route, and for the whole upstream pool."""
+"""Limits on concurrent upstream connections: per route, and for the whole upstream pool; and
+the transports built per route profile."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -17,7 +19,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from proxy.config import Settings
+from proxy.errors import UpstreamBusy
 from proxy.transport import Transports
+from proxy.transport.slots import ConnectionSlots
 from tests.conftest import (
     TEST_CLIENT_ID,
     TEST_SECRET,
@@ -226,3 +230,17 @@ def test_routes_of_one_profile_share_one_transport(
     assert of["/ca/"] is of["/ca2/"]
     assert of["/ca/"] is not of["/a/"]
     assert len({id(of["/cap1/"]), id(of["/cap2/"]), id(of["/a/"])}) == 3
+
+
+async def test_a_route_slot_is_given_back_when_its_wait_for_the_pool_ends() -> None:
+    """A route's slot taken while the pool is full goes back when the wait for the pool times
+    out, and the refusal names the pool's max_connections, not the route's."""
+    pool = ConnectionSlots.for_pool(1, wait=0.05)
+    route = ConnectionSlots.for_route("/r/", 2, wait=0.05, parent=pool)
+    assert pool.try_take()
+    with pytest.raises(UpstreamBusy, match=r"raise max_connections$"):
+        await route.take()
+    assert (route.free, pool.waiting) == (2, 0)
+    pool.give()
+    assert route.try_take()
+    assert (route.free, pool.free) == (1, 0)

@@ -1,6 +1,7 @@
-"""The lean upstream client (proxy.transport.lean) against upstreams that misbehave in ways the
-proxy must survive: bytes beyond an answer, uploads cut short after an early answer, a full
-connection pool, and a body taken whole after reading paused."""
+"""The upstream transports against upstreams that misbehave in ways the proxy must survive: for
+the lean client, bytes beyond an answer, uploads cut short after an early answer, a full
+connection pool, and a body taken whole after reading paused; for both, errors that keep their
+cause, slots given back, and a body taken whole only once it has all arrived."""
 
 from __future__ import annotations
 
@@ -225,16 +226,16 @@ def test_a_body_taken_whole_resumes_reading() -> None:
 @pytest.mark.parametrize("kind", ["lean", "aiohttp"])
 async def test_errors_at_the_boundary_keep_their_cause(kind: str) -> None:
     """A library's exception becomes ours through that library's table, with the original kept
-    as its cause: a refused connection, and an answer that is not HTTP."""
+    as its cause: a refused connection, and an answer that is not HTTP. Neither keeps its
+    connection slot."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         writer.write(b"SPDY/9 banana\r\n\r\n")
 
     library_error = httptools.HttpParserError if kind == "lean" else aiohttp.ClientError
     transport_class = LeanClient if kind == "lean" else AiohttpTransport
-    transport = transport_class(
-        connect_timeout=1.0, read_timeout=2.0, slots=ConnectionSlots.for_pool(2, wait=1.0)
-    )
+    slots = ConnectionSlots.for_pool(2, wait=1.0)
+    transport = transport_class(connect_timeout=1.0, read_timeout=2.0, slots=slots)
     await transport.start()
     try:
         with pytest.raises(UpstreamError, match=r"cannot connect to 127\.0\.0\.1:") as refused:
@@ -244,6 +245,7 @@ async def test_errors_at_the_boundary_keep_their_cause(kind: str) -> None:
             with pytest.raises(UpstreamError) as malformed:
                 await transport.send("GET", url, [], None)
         assert isinstance(malformed.value.__cause__, library_error)
+        assert slots.free == 2
     finally:
         await transport.close()
 
@@ -264,9 +266,8 @@ async def test_a_body_is_taken_whole_only_once_it_has_all_arrived(kind: str) -> 
         writer.write(b"-rest")
 
     transport_class = LeanClient if kind == "lean" else AiohttpTransport
-    transport = transport_class(
-        connect_timeout=1.0, read_timeout=2.0, slots=ConnectionSlots.for_pool(2, wait=1.0)
-    )
+    slots = ConnectionSlots.for_pool(2, wait=1.0)
+    transport = transport_class(connect_timeout=1.0, read_timeout=2.0, slots=slots)
     await transport.start()
     try:
         async with raw_upstream(serve) as (url, _):
@@ -278,5 +279,6 @@ async def test_a_body_is_taken_whole_only_once_it_has_all_arrived(kind: str) -> 
             rest.set()
             assert b"".join([chunk async for chunk in coming.chunks()]) == b"first-rest"
             coming.close()
+            assert slots.free == 2
     finally:
         await transport.close()
