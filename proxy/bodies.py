@@ -12,7 +12,7 @@ from aiohttp import web
 from proxy.errors import PayloadTooLarge, UpstreamError
 from proxy.headers import downstream_headers
 from proxy.log import get_logger
-from proxy.upstream import CHUNK_SIZE, Body, UpstreamResponse
+from proxy.transport import CHUNK_SIZE, Body, UpstreamResponse
 
 log = get_logger("proxy.bodies")
 
@@ -101,7 +101,7 @@ async def relay(request: web.Request, response: UpstreamResponse, *, request_id:
         headers = downstream_headers(response.header_items, request_id=request_id)
         whole = None
         if request.method != "HEAD" and response.status not in _NO_BODY_STATUS:
-            whole = response.complete_body()
+            whole = response.received_body()
         out: web.StreamResponse
         sent = 0
         if whole is not None:

@@ -17,7 +17,7 @@ from proxy.headers import upstream_headers
 from proxy.log import bind_request_more, get_logger
 from proxy.routing import Match
 from proxy.runtime import Runtime
-from proxy.upstream import UpstreamResponse
+from proxy.transport import UpstreamResponse
 
 log = get_logger("proxy.flow")
 
@@ -44,9 +44,7 @@ async def forward(
     record.route = match.route.prefix
     record.upstream_url = match.target
     body = await request_body(request, limit=runtime.settings.max_body_size)
-    slot = None
     try:
-        slot = await runtime.take_slot(match.route)
         sent = await send_replaying_once(
             request,
             runtime,
@@ -59,8 +57,6 @@ async def forward(
         await upstream_said(runtime, match, sent.response)
         relayed = await relay(request, sent.response, request_id=request_id)
     finally:
-        if slot is not None:
-            slot.release()
         record.bytes_in = body.bytes_in
     record.bytes_out = relayed.bytes_out
     record.outcome = relayed.outcome
@@ -132,7 +128,8 @@ async def send_once(
         record.token_age = tokens.age(token)
         started = time.perf_counter()
         try:
-            response = await runtime.send(route, request.method, match.target, headers, body.data)
+            transport = runtime.transports.for_route(route)
+            response = await transport.send(request.method, match.target, headers, body.data)
         finally:
             # Only the trip upstream is timed: waiting for a token is not upstream's time.
             record.upstream_seconds = seconds = time.perf_counter() - started

@@ -1,19 +1,16 @@
 """The Runtime: every long-lived thing that Settings decides (route table, team keys, rate
-limits, token sources, upstream transport, access line, shared store), built in one place and
+limits, token sources, upstream transports, access line, shared store), built in one place and
 closed in order. A request takes the current one at entry and keeps it to its end."""
 
 from __future__ import annotations
 
-import asyncio
-import ssl
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 
 import aiohttp
 
 from proxy.access import AccessLog
-from proxy.config import Credential, Route, Settings
+from proxy.config import Credential, Settings
 from proxy.credentials import TokenManager, TokenSource
-from proxy.errors import UpstreamBusy
 from proxy.inbound import Gate
 from proxy.log import redactor
 from proxy.metrics import Metrics
@@ -21,7 +18,7 @@ from proxy.ratelimit import RateLimits
 from proxy.routing import RouteTable
 from proxy.store.base import Store
 from proxy.store.memory import MemoryStore
-from proxy.upstream import Body, Transport, UpstreamResponse, make_transport
+from proxy.transport import Transports
 
 # Builds the token source of one credential; None: a TokenManager fetching tokens itself.
 TokenSourceFactory = Callable[[str, Credential], TokenSource]
@@ -42,7 +39,7 @@ class Runtime:
         store: Store,
         tokens: Mapping[str, TokenSource],
         token_session: aiohttp.ClientSession | None,
-        transport: Transport,
+        transports: Transports,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -67,16 +64,8 @@ class Runtime:
             sample=settings.access_log_sample,
             debug=settings.log_level == "debug",
         )
+        self.transports = transports
         self._token_session = token_session
-        self._transport = transport
-        self._slot_wait = settings.connect_timeout
-        # Certificate verification is always on; a route may name its own CA bundle.
-        self._ssl = _ssl_contexts(settings.routes)
-        self._slots = {
-            route.prefix: asyncio.Semaphore(route.max_connections)
-            for route in settings.routes
-            if route.max_connections is not None
-        }
 
     @classmethod
     async def open(
@@ -93,13 +82,8 @@ class Runtime:
                 redactor.add_secret(client.key.get_secret_value())
         store = store if store is not None else MemoryStore()
         await store.start()
-        transport = make_transport(
-            settings.upstream_client,
-            connect_timeout=settings.connect_timeout,
-            read_timeout=settings.read_timeout,
-            max_connections=settings.max_connections,
-        )
-        await transport.start()
+        transports = Transports.from_settings(settings)
+        await transports.start()
         session = None
         if token_sources is None:
             # Token traffic has a session of its own so it never queues behind upstream
@@ -129,58 +113,20 @@ class Runtime:
             store=store,
             tokens=tokens,
             token_session=session,
-            transport=transport,
+            transports=transports,
         )
         for source in tokens.values():
             source.start()
         return runtime
 
     async def close(self) -> None:
-        """Stop the token sources, then close their session, the transport and the store."""
+        """Stop the token sources, then close their session, the transports and the store."""
         for source in self.tokens.values():
             await source.close()
         if self._token_session is not None:
             await self._token_session.close()
-        await self._transport.close()
+        await self.transports.close()
         await self.store.close()
-
-    async def take_slot(self, route: Route) -> asyncio.Semaphore | None:
-        """One of the route's upstream connections (its max_connections), to be held for the
-        whole exchange and released after; None for a route without a limit."""
-        slots = self._slots.get(route.prefix)
-        if slots is None:
-            return None
-        try:
-            async with asyncio.timeout(self._slot_wait):
-                await slots.acquire()
-        except TimeoutError:
-            raise UpstreamBusy(
-                f"all {route.max_connections} upstream connections of route {route.prefix!r} "
-                f"stayed busy for {self._slot_wait:g} s; raise max_connections of that route "
-                "if upstream can take more"
-            ) from None
-        return slots
-
-    async def send(
-        self,
-        route: Route,
-        method: str,
-        url: str,
-        headers: Sequence[tuple[str, str]],
-        body: Body,
-    ) -> UpstreamResponse:
-        """The send step's trip through the route's transport."""
-        return await self._transport.send(
-            method, url, headers, body, ssl_context=self._ssl.get(route.prefix)
-        )
-
-
-def _ssl_contexts(routes: Sequence[Route]) -> dict[str, ssl.SSLContext]:
-    return {
-        route.prefix: ssl.create_default_context(cafile=str(route.ca_bundle))
-        for route in routes
-        if route.ca_bundle is not None
-    }
 
 
 class Current:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import functools
 import io
 import itertools
 import json
@@ -27,12 +26,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-import proxy.runtime as runtime_mod
 from proxy.app import create_app, runner_options, runtime_of
 from proxy.config import Settings
 from proxy.credentials import TokenManager
 from proxy.log import configure_logging, redactor
-from proxy.upstream import make_transport
 
 TEST_CLIENT_ID = "test-client-id"
 TEST_SECRET = "Sup3r-S3cret-Value-Never-Logged-7f3a"
@@ -259,16 +256,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.fixture(scope="session")
 def upstream_client(request: pytest.FixtureRequest) -> str:
-    """The transport under test: `make test` runs the functional suite with both."""
+    """The transport under test: `make test` runs the functional suite with both. The
+    fixtures that build a proxy (make_settings, start_proxy, proxy_process) give it to every
+    proxy whose settings do not name a transport themselves."""
     kind: str = request.config.getoption("--upstream-client")
     return kind
 
 
-@pytest.fixture(autouse=True)
-def _force_transport(monkeypatch: pytest.MonkeyPatch, upstream_client: str) -> None:
-    """Every in-process proxy uses the transport under test, however its settings were made."""
-    forced = functools.partial(make_transport, upstream_client)
-    monkeypatch.setattr(runtime_mod, "make_transport", lambda _kind, **options: forced(**options))
+def with_transport(settings: Settings, upstream_client: str) -> Settings:
+    """`settings` with the transport under test, unless they name one themselves."""
+    if "upstream_client" in settings.model_fields_set:
+        return settings
+    return settings.model_copy(update={"upstream_client": upstream_client})
 
 
 @pytest.fixture(autouse=True)
@@ -331,8 +330,11 @@ SettingsFactory = Callable[..., Settings]
 
 
 @pytest.fixture
-def make_settings(token_server: FakeTokenServer, upstream: FakeUpstream) -> SettingsFactory:
-    """Settings for one credential and one route pointed at the fake servers."""
+def make_settings(
+    token_server: FakeTokenServer, upstream: FakeUpstream, upstream_client: str
+) -> SettingsFactory:
+    """Settings for one credential and one route pointed at the fake servers, with the
+    transport under test."""
 
     def build(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
@@ -341,6 +343,7 @@ def make_settings(token_server: FakeTokenServer, upstream: FakeUpstream) -> Sett
             "token_url": token_server.url,
             "upstream": upstream.url,
             "port": 0,
+            "upstream_client": upstream_client,
         }
         values.update(overrides)
         return Settings(**values)
@@ -380,13 +383,16 @@ def problem_of(status: int, content_type: str | None, body: bytes) -> dict[str, 
 
 @pytest.fixture
 async def start_proxy(
-    make_settings: SettingsFactory,
+    make_settings: SettingsFactory, upstream_client: str
 ) -> AsyncIterator[ProxyFactory]:
-    """Start the proxy in-process; the client reaches it on loopback."""
+    """Start the proxy in-process, with the transport under test unless `settings` name one;
+    the client reaches it on loopback."""
     clients: list[Client] = []
 
     async def start(settings: Settings | None = None, **overrides: Any) -> Client:
-        settings = settings if settings is not None else make_settings(**overrides)
+        if settings is None:
+            settings = make_settings(**overrides)
+        settings = with_transport(settings, upstream_client)
         app = create_app(settings)
         app.on_response_prepare.append(_watch_response)
         server = TestServer(app, host="127.0.0.1")
