@@ -11,6 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from proxy.config import REGION_TOKEN_URLS, Settings, load_settings
+from proxy.config.values import check_url
 from proxy.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -1244,3 +1245,21 @@ def test_workers_refuse_a_limit_below_one_each(tmp_path: Path) -> None:
     assert "lower workers," in message, "workers was set in the file, so the fix names its key"
     assert "TOKEN_PROXY_WORKERS" not in message
     assert SECRET not in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://someone:Pa55-In-A-Url@host/token",
+        "https://someone:Pa55-In-A-Url@host/token",
+        "someone:Pa55-In-A-Url@host/token",
+        "https://someone:Pa55-In-A-Url@/token",
+    ],
+)
+def test_url_with_a_password_is_refused_without_quoting_it(url: str) -> None:
+    """A token URL that carries a user and password, whatever else is wrong with it, is refused
+    with a message that shows neither."""
+    with pytest.raises(ValueError, match="credentials in the URL") as info:
+        check_url(url, what="token_url")
+    assert "Pa55-In-A-Url" not in str(info.value)
+    assert "someone" not in str(info.value)

@@ -21,10 +21,13 @@ def is_loopback_host(host: str) -> bool:
 def check_url(value: str, *, what: str, allow_path: bool = True) -> str:
     """Validate an upstream or token URL: https, or http on a loopback host only."""
     parts = urlsplit(value)
+    if "@" in parts.netloc or (not parts.netloc and "@" in value):
+        raise ValueError(
+            f"{shown_url(value)}: credentials in the URL are not allowed; use "
+            "client_id/client_secret"
+        )
     if parts.scheme not in {"http", "https"} or not parts.hostname:
         raise ValueError(f"{value!r} is not an http(s) URL; write it as https://host[/path]")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError("credentials in the URL are not allowed; use client_id/client_secret")
     if parts.scheme == "http" and not is_loopback_host(parts.hostname):
         raise ValueError(
             f"{value!r} uses plain http to a host that is not loopback, which would send "
@@ -33,6 +36,16 @@ def check_url(value: str, *, what: str, allow_path: bool = True) -> str:
     if parts.fragment or (not allow_path and parts.query):
         raise ValueError(f"{value!r} must not carry a query or fragment")
     return value
+
+
+def shown_url(value: str) -> str:
+    """`value` quoted for a message, with whatever precedes an `@` (a user and password, in
+    any scheme, parsed or not) replaced by `***`."""
+    if "@" not in value:
+        return repr(value)
+    scheme, sep, rest = value.partition("://")
+    host = rest.rpartition("@")[2] if sep else value.rpartition("@")[2]
+    return repr(f"{scheme}{sep}***@{host}" if sep else f"***@{host}")
 
 
 def check_rate_limits(values: tuple[str, ...]) -> tuple[str, ...]:
