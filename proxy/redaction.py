@@ -53,8 +53,16 @@ class Redactor:
         self._compile()
 
     def _compile(self) -> None:
+        raw = {*self._secrets, *self._tokens}
+        values = set(raw)
+        # A traceback writes some messages through repr() (a KeyError's, a task's exception):
+        # a value with a quote, a backslash or an unprintable character is then written
+        # escaped, within either quote. A plain value is its own repr and costs nothing more.
+        for value in raw:
+            values.add(repr(value)[1:-1])
+            values.add(repr(value + "'\"")[1:-4])
         # Longest first, so that a secret inside a longer one (its encoded forms) goes with it.
-        self._values = tuple(sorted({*self._secrets, *self._tokens}, key=len, reverse=True))
+        self._values = tuple(sorted(values, key=len, reverse=True))
         self._shortest = len(self._values[-1]) if self._values else 1 << 30
         forms = set(self._values)
         for value in self._values:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from aiohttp.http_exceptions import LineTooLong
@@ -20,12 +21,13 @@ from proxy.log import (
     bind_request,
     bind_request_more,
     configure_logging,
+    flush_logs,
     get_logger,
     log_info_fast,
     redactor,
     unbind_request,
 )
-from tests.conftest import configure_test_logging
+from tests.conftest import FakeTokenServer, ProxyFactory, configure_test_logging
 
 
 class _Terminal(io.StringIO):
@@ -87,6 +89,17 @@ def test_live_values_are_scrubbed_anywhere() -> None:
     assert "my-very-secret" not in text
     assert "tok-1234567890" not in text
     assert text.count(REDACTED) == 3
+
+
+def test_values_written_escaped_are_scrubbed_too() -> None:
+    """A secret with a quote or a backslash is hidden also where repr() escaped it, within
+    either quote (a KeyError's message, a task's exception in the loop's report)."""
+    processor = Redactor()
+    secret = "it's\\a secret"
+    processor.add_secret(secret)
+    for shown in (repr(KeyError(secret)), repr(KeyError(f'"{secret}"'))):
+        assert "\\\\" in shown
+        assert processor.scrub(shown).count(REDACTED) == 1, shown
 
 
 def test_short_values_are_not_scrubbed() -> None:
@@ -324,3 +337,122 @@ def test_a_task_started_in_a_request_keeps_the_fields_it_saw(log_output: io.Stri
 async def _log_after(event: asyncio.Future[None]) -> None:
     await event
     get_logger("proxy.test").info("task")
+
+
+# --- a chained cause leaks nothing ----------------------------------------------------------------
+
+# Secrets as a user may choose them: plain, and with what repr() and JSON escape (a traceback
+# shows a KeyError's message, and a task's exception, through repr()).
+CHAIN_SECRETS = [
+    ("Chain-Secret-Value-0a1b2c3d", "chain-team-key-4e5f6a7b8c9d"),
+    ('Ch"ain\\S3cret-ünï-0a1b', "chain-team-key-'quoted'-4e5f"),
+]
+
+
+def _shown_forms(value: str) -> set[str]:
+    """The ways a traceback or a JSON line can write `value`: as is, as repr() writes it within
+    either quote, and each of those JSON-escaped."""
+    plain = {value, repr(value)[1:-1], repr(value + "'\"")[1:-4]}
+    return plain | {json.dumps(form)[1:-1] for form in plain}
+
+
+def _chained_failure(secret: str, token: str, key: str) -> RuntimeError:
+    """A plain error raised from a cause whose message, notes, own cause and that cause's
+    context (an exception group) hold the client secret, a token and a team key."""
+    try:
+        try:
+            try:
+                raise ExceptionGroup(
+                    "token fetches failed",
+                    [ValueError(f"client_secret={secret!r}"), TimeoutError(f"token {token}")],
+                )
+            except ExceptionGroup:
+                raise ConnectionError(f"Authorization: Bearer {token}; key={key!r}") from None
+        except ConnectionError as connection:
+            connection.__suppress_context__ = False
+            cause = KeyError(f"{secret} {token} {key}")
+            cause.add_note(f"the team key was {key}")
+            raise cause from connection
+    except KeyError as exc:
+        try:
+            raise RuntimeError("the upstream exchange failed") from exc
+        except RuntimeError as failure:
+            return failure
+
+
+def _log_everywhere(failure: RuntimeError) -> None:
+    """The failure logged in every way the proxy and its libraries log one."""
+    try:
+        raise failure
+    except RuntimeError:
+        get_logger("proxy.test").exception("failed")
+        logging.getLogger("aiohttp.server").exception("Error handling request")
+    get_logger("proxy.test").error("failed", exc_info=failure)
+    logging.getLogger("aiohttp.web").error("failed", exc_info=failure)
+
+
+def _task_exception_never_retrieved(
+    failure: RuntimeError, loop_factory: Callable[[], asyncio.AbstractEventLoop]
+) -> None:
+    """What the loop's default exception handler prints for a task that failed unawaited."""
+
+    async def fail() -> None:
+        raise failure
+
+    async def main() -> None:
+        task = asyncio.get_running_loop().create_task(fail())
+        await asyncio.wait({task})
+        del task  # its exception never retrieved: the loop reports it when it is collected
+        gc.collect()
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(main())
+
+
+def _loop_factories() -> list[Callable[[], asyncio.AbstractEventLoop]]:
+    factories: list[Callable[[], asyncio.AbstractEventLoop]] = [asyncio.new_event_loop]
+    try:
+        import uvloop  # noqa: PLC0415  (optional: the `speed` extra)
+    except ImportError:  # pragma: no cover - depends on the installation
+        return factories
+    return [*factories, uvloop.new_event_loop]
+
+
+@pytest.mark.parametrize(("secret", "key"), CHAIN_SECRETS, ids=["plain", "escaped"])
+@pytest.mark.parametrize("fmt", ["json", "console", "terminal"])
+async def test_a_chained_cause_leaks_nothing(
+    start_proxy: ProxyFactory,
+    token_server: FakeTokenServer,
+    secret: str,
+    key: str,
+    fmt: str,
+) -> None:
+    """An error raised from a cause that holds the client secret, a live token and a team key
+    (in its message, its notes, its own cause and that one's context) shows none of them when
+    logged through the configured chain: JSON and console, structlog's loggers and the
+    standard library's, and the loop's report of a task exception never retrieved (on
+    asyncio's loop and uvloop's). The proxy registered the secret, key and token itself."""
+    client = await start_proxy(client_secret=secret, clients=[{"name": "team", "key": key}])
+    async with client.get("/x", headers={"Authorization": f"Bearer {key}"}) as response:
+        assert response.status == 200
+    token = token_server.issued[-1]
+    failure = _chained_failure(secret, token, key)
+    stream = _Terminal() if fmt == "terminal" else io.StringIO()
+    try:
+        configure_logging(
+            level="debug", fmt="auto" if fmt == "terminal" else fmt, stream=stream, cache=False
+        )
+        _log_everywhere(failure)
+        for factory in _loop_factories():
+            await asyncio.to_thread(_task_exception_never_retrieved, failure, factory)
+        flush_logs()
+    finally:
+        configure_test_logging()
+    text = stream.getvalue()
+    for name in ("RuntimeError", "KeyError", "ConnectionError", "ExceptionGroup", "TimeoutError"):
+        assert text.count(name) >= 6, (name, text)
+    assert text.count("Task exception was never retrieved") == len(_loop_factories())
+    assert REDACTED in text
+    for value in (secret, token, key):
+        shown = [form for form in _shown_forms(value) if form in text]
+        assert not shown, (shown, text)
