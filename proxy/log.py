@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from contextvars import ContextVar, Token
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 import structlog
 from aiohttp.http_exceptions import HttpProcessingError
@@ -172,10 +172,24 @@ def _merge_context(logger: WrappedLogger, method_name: str, event_dict: EventDic
 _writer: LineWriter | None = None
 
 
+class InfoLines(Protocol):
+    """How log_info_fast writes a line: _FastLines in JSON mode, else structlog's chain. A
+    test renders the same events both ways and compares the text (tests/test_log.py)."""
+
+    def info(self, logger: str, event: str, fields: dict[str, Any]) -> None: ...
+
+
+class _ChainLines:
+    """structlog's own chain: the console renderer's way, and the reference of _FastLines."""
+
+    def info(self, logger: str, event: str, fields: dict[str, Any]) -> None:
+        get_logger(logger).info(event, **fields)
+
+
 class _FastLines:
     """JSON lines rendered without structlog's generic chain, for the access line written on
-    every request: the same keys in the same order, merged with the bound context, redacted,
-    stamped and written through the same LineWriter as every other line."""
+    every request: the text the chain writes (same keys in the same order, merged with the
+    bound context, redacted, stamped), through the same LineWriter as every other line."""
 
     def __init__(self, writer: LineWriter, level: int) -> None:
         self._writer = writer
@@ -184,12 +198,15 @@ class _FastLines:
         self._stamp = ""
 
     def _timestamp(self) -> str:
+        """What TimeStamper(fmt="iso", utc=True) writes, with strftime once a second."""
         now = time.time()
         second = int(now)
         if second != self._second:
             self._second = second
             self._stamp = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        return f"{self._stamp}.{int((now - second) * 1_000_000):06d}Z"
+        micro = int((now - second) * 1_000_000)
+        # isoformat() leaves out a fraction of zero microseconds.
+        return f"{self._stamp}.{micro:06d}Z" if micro else f"{self._stamp}Z"
 
     def info(self, logger: str, event: str, fields: dict[str, Any]) -> None:
         if self._level > logging.INFO:
@@ -199,24 +216,25 @@ class _FastLines:
         _merge_context(None, "info", fields)
         fields["level"] = "info"
         fields["timestamp"] = self._timestamp()
-        line = _dumps(fields)
         # One search of the rendered line for every live secret and token replaces the walk
-        # over each value; the redactor itself runs only on a hit or a sensitive key.
-        if redactor.any_sensitive_key(fields) or redactor.mentions_secret(line):
+        # over each value; the redactor itself runs only on a hit, or first when it could
+        # change more than a secret (a sensitive key, a value other than a plain one).
+        if redactor.needs_walk(fields):
             line = _dumps(redactor(None, "info", fields))
+        else:
+            line = _dumps(fields)
+            if redactor.mentions_secret(line):
+                line = _dumps(redactor(None, "info", fields))
         self._writer.write(line + "\n")
 
 
-_fast: _FastLines | None = None
+_lines: InfoLines = _ChainLines()
 
 
 def log_info_fast(logger: str, event: str, fields: dict[str, Any]) -> None:
-    """Log `event` at info level with `fields` (a dict this call may change), as
-    get_logger(logger).info(event, **fields) would; in JSON mode without structlog's chain."""
-    if _fast is not None:
-        _fast.info(logger, event, fields)
-    else:
-        get_logger(logger).info(event, **fields)
+    """Log `event` at info level with `fields` (a dict this call may change): the line that
+    get_logger(logger).info(event, **fields) writes, in JSON mode without structlog's chain."""
+    _lines.info(logger, event, fields)
 
 
 def flush_logs() -> None:
@@ -242,17 +260,17 @@ def configure_logging(
     aiohttp's among them, through the same processors by a stdlib handler. Tests that
     configure more than once pass cache=False (structlog cannot reconfigure cached loggers);
     tests that read the stream right after logging pass buffered=False (see LineWriter)."""
-    global _writer, _fast  # noqa: PLW0603  (one writer per configuration, flushed at exit)
+    global _writer, _lines  # noqa: PLW0603  (one writer per configuration, flushed at exit)
     stream = sys.stderr if stream is None else stream
     if _writer is not None:
         _writer.close()
     writer = _writer = LineWriter(stream, buffered=buffered)
-    _fast = None
+    _lines = _ChainLines()
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     renderer: Processor
     if use_json:
         renderer = structlog.processors.JSONRenderer(serializer=_dumps)
-        _fast = _FastLines(writer, _LEVELS[level])
+        _lines = _FastLines(writer, _LEVELS[level])
     else:
         renderer = structlog.dev.ConsoleRenderer(
             colors=stream.isatty(), exception_formatter=structlog.dev.plain_traceback

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import copy
+import datetime
 import gc
 import io
 import json
 import logging
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
+import structlog
 from aiohttp.http_exceptions import LineTooLong
 
+import proxy.log as proxy_log
 from proxy.log import (
     REDACTED,
     LineWriter,
@@ -280,6 +286,97 @@ def test_fast_lines_match_the_structlog_chain(log_output: io.StringIO) -> None:
     assert list(fast) == list(slow)
     assert {**fast, "timestamp": None} == {**slow, "timestamp": None}
     assert list(fast)[-3:] == ["request_id", "level", "timestamp"]
+
+
+FAST_SECRET = 'fast-path-"secret"\\ü'
+FAST_TOKEN = "fast-path-token-0123456789abcdef"
+# The events the access line's fast path and structlog's chain must write alike: the access
+# line itself, then what else a field could hold.
+FAST_EVENTS: list[dict[str, Any]] = [
+    {
+        "method": "GET",
+        "path": "/data/wow/token/index?namespace=dynamic-eu&access_token=[redacted]",
+        "route": "/data",
+        "client": "-",
+        "status": 200,
+        "duration_ms": 1.49,
+        "upstream_ms": 0.55,
+        "bytes_in": 0,
+        "bytes_out": 44,
+        "token_age_s": None,
+        "replayed": False,
+        "outcome": "complete",
+        "upstream_url": None,
+    },
+    {},
+    {"path": "/données/ü/😀/\u2028", "client": "équipe-Ω", "note": 'tab\tline\n"q" \\ \x00\x7f'},
+    {"a": 1e-7, "b": 1e300, "c": -0.0, "d": 1 / 3, "e": 2.0, "f": 2**62, "g": -(2**63)},
+    {"nan": float("nan"), "inf": float("inf"), "minus_inf": float("-inf")},
+    {"yes": True, "no": False, "none": None, "empty": ""},
+    {"headers": {"authorization": "Basic abc", "accept": "*/*", "deeper": {"api_key": "k"}}},
+    {"items": [1, "x", None, {"token": "t", "n": 2.5}], "pair": (1, "two"), "one": frozenset({3})},
+    {"raw": b"bytes \xff", "kind": ValueError("an error"), "status": 200},
+    {"path": f"/p?x={FAST_SECRET}", "status": 401},
+    {"upstream_url": f"https://eu.api.blizzard.com/?access_token={FAST_TOKEN}", "status": 200},
+    {"authorization": "Bearer anything", "client_secret": None, "token_age_s": 3.5},
+    {"detail": {"nested": [FAST_SECRET, f"x{FAST_TOKEN}y"]}},
+]
+
+
+class _FrozenDatetime(datetime.datetime):
+    moment = 0.0
+
+    @classmethod
+    def now(cls, tz: datetime.tzinfo | None = None) -> _FrozenDatetime:
+        frozen = datetime.datetime.fromtimestamp(cls.moment, tz)
+        return cls.combine(frozen.date(), frozen.timetz())
+
+
+@pytest.mark.parametrize("moment", [1_700_000_000.25, 1_700_000_000.0, 1_700_000_000.5])
+@pytest.mark.parametrize("serializer", ["orjson", "json"])
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_the_fast_path_writes_what_structlog_writes(
+    monkeypatch: pytest.MonkeyPatch, moment: float, serializer: str, fmt: str
+) -> None:
+    """log_info_fast writes, character for character, the line get_logger(...).info(...)
+    writes through structlog's chain, for the access line and for anything else a field can
+    hold: unicode, control characters, None, floats (also nan and inf), nested values, bytes
+    and objects, sensitive keys, and live secrets and tokens (as is, JSON-escaped, nested),
+    with the request's and the process's context merged, with orjson and without it, at a
+    whole second and within one. In console mode both go through the chain."""
+    if serializer == "json":
+        monkeypatch.setattr(proxy_log, "_dumps", proxy_log._json_dumps)
+    monkeypatch.setattr(proxy_log, "time", SimpleNamespace(time=lambda: moment))
+    monkeypatch.setattr(_FrozenDatetime, "moment", moment)
+    clock = SimpleNamespace(datetime=_FrozenDatetime, timezone=datetime.timezone)
+    monkeypatch.setattr(structlog.processors, "datetime", clock)
+    stream = io.StringIO()
+    configure_logging(level="debug", fmt=fmt, stream=stream, cache=False, buffered=False)
+    expected = proxy_log._FastLines if fmt == "json" else proxy_log._ChainLines
+    assert type(proxy_log._lines) is expected
+    redactor.add_secret(FAST_SECRET)
+    redactor.add_token(FAST_TOKEN)
+    bind_process(worker=2)
+    try:
+        for fields in FAST_EVENTS:
+            for request_id in ("rid-ü-1", f"rid-{FAST_SECRET}"):
+                bound = bind_request(request_id=request_id, client="team")
+                try:
+                    start = stream.tell()
+                    log_info_fast("proxy.access", "request", copy.deepcopy(fields))
+                    fast = stream.getvalue()[start:]
+                    start = stream.tell()
+                    get_logger("proxy.access").info("request", **copy.deepcopy(fields))
+                    slow = stream.getvalue()[start:]
+                finally:
+                    unbind_request(bound)
+                assert fast == slow, fields
+                assert fast.count("\n") == 1
+                assert FAST_SECRET not in fast
+                assert FAST_TOKEN not in fast
+    finally:
+        _process_context.clear()
+        configure_test_logging()
 
 
 @pytest.mark.parametrize(
