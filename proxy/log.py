@@ -1,6 +1,7 @@
-"""Logging: structlog configured once, the standard library's loggers (aiohttp's among them)
-rendered through the same chain, redacted by proxy.redaction's processor, and the access
-line's fast path beside that chain."""
+"""Logging: structlog's chain configured once, for our loggers and the standard library's.
+
+aiohttp's loggers are rendered through the same chain, which proxy.redaction's processor
+redacts; the access line takes a fast path beside it that writes the same text."""
 
 from __future__ import annotations
 

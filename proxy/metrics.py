@@ -1,6 +1,8 @@
-"""The Prometheus metric objects of one proxy, in a registry of their own. With several
-workers, each worker's objects live in prometheus-client's multiprocess files and /-/metrics
-adds up every worker's, plus the token metrics the supervisor sends along with its tokens."""
+"""The Prometheus metrics of one proxy, in a registry of their own, and their exposition.
+
+With several workers, each worker's objects live in prometheus-client's multiprocess files
+and /-/metrics adds up every worker's, plus the token metrics the supervisor sends along
+with its tokens."""
 
 from __future__ import annotations
 

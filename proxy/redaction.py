@@ -1,5 +1,7 @@
-"""Redaction: which keys and values of a log line are secrets, and the one redactor that hides
-them on every line (the structlog processor, and the search of a rendered line)."""
+"""Redaction: which keys and values of a log line are secrets, and the redactor that hides them.
+
+One Redactor serves every line: as structlog's processor, and as the search of a line the
+access line's fast path rendered."""
 
 from __future__ import annotations
 

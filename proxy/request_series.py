@@ -1,5 +1,7 @@
-"""The per-request metrics behind one interface: prometheus-client's own objects, or plain
-numbers of a single process exported exactly as those objects export themselves."""
+"""The per-request metrics behind one interface, with prometheus-client's objects or without.
+
+A worker's go to prometheus-client's multiprocess files; a single process keeps plain
+numbers, exported exactly as prometheus-client's objects export themselves."""
 
 from __future__ import annotations
 
