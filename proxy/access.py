@@ -1,6 +1,8 @@
-"""The access line: one log line per forwarded request, with the request path and (at debug
-level) the upstream URL shown with the values of query parameters that can carry a credential
-(`access_token`, `client_secret`, `code`, `api_key`, ...) masked, all else as sent."""
+"""The access line: one log line per forwarded request, with credentials in its targets masked.
+
+The request path and (at debug level) the upstream URL are shown with the values of query
+parameters that can carry a credential (`access_token`, `client_secret`, `code`, `api_key`,
+...) masked, all else as sent."""
 
 from __future__ import annotations
 

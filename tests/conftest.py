@@ -35,26 +35,64 @@ TEST_CLIENT_ID = "test-client-id"
 TEST_SECRET = "Sup3r-S3cret-Value-Never-Logged-7f3a"
 
 
+OUTSIDE_TESTS = "outside any test"
+
+
 class LeakWatch:
-    """Everything the suite saw the proxy produce, and every token issued: at the end of the
-    session none of the texts may contain the test secret or any token."""
+    """Everything the suite saw the proxy produce, each piece with the test during which it
+    was captured, and every token issued: no text may contain the test secret or any token.
+    Each test's captures are checked as it ends (its teardown fails, naming it), and all of
+    them again at the end of the session."""
 
     def __init__(self) -> None:
-        self.texts: list[tuple[str, str]] = []
+        self.texts: list[tuple[str, str, str]] = []  # (test, where, text)
         self.tokens: set[str] = set()
         self.log = io.StringIO()
+        self.current = OUTSIDE_TESTS
+        # Where each test's lines begin in `log`, in order.
+        self._log_starts: list[tuple[int, str]] = [(0, OUTSIDE_TESTS)]
+        self._first_text = 0
+        self.reported: set[str] = set()  # by the checks of single tests
+
+    def begin(self, test: str) -> None:
+        """Attribute what is captured from now on to `test` (a node id)."""
+        self.current = test
+        self._log_starts.append((self.log.tell(), test))
+        self._first_text = len(self.texts)
+
+    def end(self) -> None:
+        self.begin(OUTSIDE_TESTS)
 
     def add(self, where: str, text: str) -> None:
-        self.texts.append((where, text))
+        self.texts.append((self.current, where, text))
 
-    def leaks(self) -> list[str]:
+    def _needles(self) -> dict[str, str]:
         basic = base64.b64encode(f"{TEST_CLIENT_ID}:{TEST_SECRET}".encode()).decode()
         needles = {"the test secret": TEST_SECRET, "the Basic credentials": basic}
         needles.update({f"token {token[:6]}…": token for token in self.tokens})
-        found = []
-        for where, text in [*self.texts, ("in-process logs", self.log.getvalue())]:
-            found += [f"{name} in {where}" for name, needle in needles.items() if needle in text]
-        return found
+        return needles
+
+    def _pieces(self, *, current_only: bool) -> list[tuple[str, str, str]]:
+        texts = self.texts[self._first_text :] if current_only else self.texts
+        log = self.log.getvalue()
+        starts = self._log_starts[-1:] if current_only else self._log_starts
+        ends = [start for start, _ in starts[1:]] + [len(log)]
+        in_log = [
+            (test, "the in-process logs", log[start:end])
+            for (start, test), end in zip(starts, ends, strict=True)
+        ]
+        return [*texts, *in_log]
+
+    def leaks(self, *, current_only: bool = False) -> list[str]:
+        """What leaked and where, each with the test during which it was captured; only the
+        current test's captures when `current_only`."""
+        needles = self._needles()
+        return [
+            f"{name} in {where}, during {test}"
+            for test, where, text in self._pieces(current_only=current_only)
+            for name, needle in needles.items()
+            if needle in text
+        ]
 
 
 LEAKS = LeakWatch()
@@ -280,11 +318,34 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(autouse=True, scope="session")
 def _no_leaks() -> Iterator[None]:
-    """The session-wide leak check: fails the run if any secret or token escaped."""
+    """The session-wide leak check: fails the run if any secret or token escaped, naming the
+    test during which each was captured (tokens are known once issued: a text captured
+    before the token it holds was issued is found here)."""
     configure_test_logging()
     yield
-    leaks = LEAKS.leaks()
+    leaks = [leak for leak in LEAKS.leaks() if leak not in LEAKS.reported]
     assert not leaks, f"secrets or tokens leaked: {leaks}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    """What is captured from a test's setup to its teardown is that test's."""
+    LEAKS.begin(item.nodeid)
+    try:
+        return (yield)
+    finally:
+        LEAKS.end()
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks_in_this_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fails the test whose logs, responses, metrics pages or process logs hold the test
+    secret or a token (at its teardown, after the teardown of every fixture it used)."""
+    yield
+    leaks = LEAKS.leaks(current_only=True)
+    LEAKS.reported.update(leaks)
+    if leaks:
+        pytest.fail(f"{request.node.nodeid} leaked secrets or tokens: {leaks}", pytrace=False)
 
 
 @pytest.fixture(autouse=True)

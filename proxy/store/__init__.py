@@ -1,6 +1,7 @@
 """Where shared state lives (tokens, rate-limit counters, 429 pauses): the interfaces, the
 in-memory store, and Redis behind a fallback to memory."""
 
+from proxy.errors import StoreUnavailable
 from proxy.store.base import (
     ALONE,
     SHARED,
@@ -15,7 +16,6 @@ from proxy.store.base import (
     SharedToken,
     Slot,
     Store,
-    StoreUnavailable,
     TokenSnapshot,
     TokenStore,
 )
