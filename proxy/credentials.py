@@ -102,6 +102,10 @@ class TokenSource(Protocol):
 
     def replayed(self, path: str, *, rejected: bool) -> None: ...
 
+    def use(self, credential: Credential, *, request_timeout: float, wait_timeout: float) -> None:
+        """A reload kept this source: the same credential, perhaps with a new secret."""
+        ...
+
 
 def _register_secrets(credential: Credential) -> None:
     """The secret in every form a log line could show it: plain, form-encoded, Basic."""
@@ -232,6 +236,8 @@ class TokenManager(_TokenHolder):
         self._token: Token | None = None
         self._changed = asyncio.Event()
         self._wake = asyncio.Event()
+        # Set by a new secret: it cuts short the wait after a failed fetch.
+        self._retry = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._failures = 0
         self._last_error: TokenEndpointError | None = None
@@ -253,6 +259,18 @@ class TokenManager(_TokenHolder):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+    def use(self, credential: Credential, *, request_timeout: float, wait_timeout: float) -> None:
+        """A reload's credential (same identity) and timeouts, from the next fetch on: the
+        token in hand stays until its refresh; after a failed fetch (a refused secret, say)
+        a new secret is tried at once."""
+        _register_secrets(credential)
+        changed = credential.client_secret != self._credential.client_secret
+        self._credential = credential
+        self._request_timeout = aiohttp.ClientTimeout(total=request_timeout)
+        self._wait_timeout = wait_timeout
+        if changed:
+            self._retry.set()
 
     @property
     def ready(self) -> bool:
@@ -378,6 +396,7 @@ class TokenManager(_TokenHolder):
 
     async def _run(self) -> None:
         while True:
+            self._retry.clear()  # a secret that arrives during this fetch is tried after it
             try:
                 token = await self.fetch()
             except TokenEndpointError as exc:
@@ -458,12 +477,11 @@ class TokenManager(_TokenHolder):
         self._wake.clear()
         if delay <= 0:
             return
-        if not wakeable:
-            await asyncio.sleep(delay)
-            return
+        # After a failure, only a new secret ends the backoff early.
+        event = self._wake if wakeable else self._retry
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(delay):
-                await self._wake.wait()
+                await event.wait()
 
     def _seconds_left(self) -> float:
         token = self._token
@@ -503,6 +521,11 @@ class TokenReplica(_TokenHolder):
 
     async def close(self) -> None:
         """Nothing to close: the supervisor owns the token."""
+
+    def use(self, credential: Credential, *, request_timeout: float, wait_timeout: float) -> None:
+        """A reload kept this credential: the supervisor uses its secret; the wait is ours."""
+        _register_secrets(credential)
+        self._wait_timeout = wait_timeout
 
     def apply(self, status: TokenStatus) -> None:
         """Install the supervisor's latest word on this credential, and wake any waiter."""

@@ -4,6 +4,7 @@ adds up every worker's, plus the token metrics the supervisor sends along with i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from bisect import bisect_left
@@ -66,6 +67,19 @@ _EXPIRES_IN = (
 _FAILURES = (
     "token_proxy_token_refresh_failures_consecutive",
     "Token requests that failed in a row, by credential.",
+)
+
+_RELOADS = (
+    "token_proxy_config_reloads",
+    "Reloads of the configuration (SIGHUP) and of the secret files, by outcome.",
+)
+_LAST_RELOAD_SUCCESS = (
+    "token_proxy_config_last_reload_success_timestamp_seconds",
+    "Unix time of the last successful reload (of the start, before any).",
+)
+_LAST_RELOAD_OK = (
+    "token_proxy_config_last_reload_successful",
+    "1 when the last reload was applied, 0 when it was refused and the running one stayed.",
 )
 
 
@@ -140,6 +154,9 @@ class Metrics:
         if multiprocess_dir is not None:
             self._exposed = CollectorRegistry()
             MultiProcessCollector(self._exposed, path=multiprocess_dir)  # type: ignore[no-untyped-call]  # unannotated upstream
+        # Plain numbers, not in the workers' files: each worker exports its supervisor's.
+        self.reloads = ConfigReloads()
+        self._exposed.register(self.reloads)
 
     def request_started(self) -> None:
         if self._multiprocess:
@@ -192,6 +209,12 @@ class Metrics:
             failures=value(_FAILURES[0], labels) or 0.0,
         )
 
+    def forget_credential(self, credential: str) -> None:
+        """A credential a reload removed: its token gauges go (its counters stay, totals)."""
+        for gauge in (self.token_expiry, self.token_expires_in, self.refresh_failures):
+            with contextlib.suppress(KeyError):
+                gauge.remove(credential)
+
     @staticmethod
     def method_label(method: str) -> str:
         return method if method in KNOWN_METHODS else "OTHER"
@@ -226,6 +249,48 @@ class TokenMetricsCopy(Collector):
             expires_in.add_metric([name], seconds_left)
             failures.add_metric([name], figures.failures)
         yield from (fetches, expiry, expires_in, failures)
+
+
+@dataclass(slots=True, eq=False)  # a registry keys its collectors by identity
+class ConfigReloads(Collector):
+    """How reloads went, under the names Prometheus gives its own: the load at start counts
+    as a success (no reload yet), as it does there."""
+
+    success: float = 0.0
+    failure: float = 0.0
+    last_success: float = field(default_factory=time.time)
+    last_ok: bool = True
+
+    def record(self, *, ok: bool) -> None:
+        if ok:
+            self.success += 1
+            self.last_success = time.time()
+        else:
+            self.failure += 1
+        self.last_ok = ok
+
+    def figures(self) -> dict[str, float]:
+        """What a supervisor sends its workers, for `copy`."""
+        return {
+            "success": self.success,
+            "failure": self.failure,
+            "last_success": self.last_success,
+            "last_ok": float(self.last_ok),
+        }
+
+    def copy(self, figures: Mapping[str, float]) -> None:
+        self.success = float(figures["success"])
+        self.failure = float(figures["failure"])
+        self.last_success = float(figures["last_success"])
+        self.last_ok = bool(figures["last_ok"])
+
+    def collect(self) -> Iterator[Metric]:
+        reloads = CounterMetricFamily(*_RELOADS, labels=["outcome"])
+        reloads.add_metric(["success"], self.success)
+        reloads.add_metric(["failure"], self.failure)
+        yield reloads
+        yield GaugeMetricFamily(*_LAST_RELOAD_SUCCESS, value=self.last_success)
+        yield GaugeMetricFamily(*_LAST_RELOAD_OK, value=float(self.last_ok))
 
 
 class _Inc(Protocol):

@@ -1,23 +1,27 @@
 """The Runtime: every long-lived thing that Settings decides (route table, team keys, rate
 limits, token sources, upstream transport, access line, shared store), built in one place and
-closed in order. A request takes the current one at entry and keeps it to its end."""
+closed in order. A request takes the current one at entry and keeps it to its end; a reload
+builds the next one from the previous, which hands on what did not change."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Generic, TypeVar
 
 import aiohttp
 
 from proxy.access import AccessLog
-from proxy.config import Credential, Route, Settings
+from proxy.config import Credential, Route, Settings, fingerprint
 from proxy.credentials import TokenManager, TokenSource
 from proxy.errors import UpstreamBusy
 from proxy.inbound import Gate
 from proxy.log import redactor
 from proxy.metrics import Metrics
 from proxy.ratelimit import RateLimits
+from proxy.reload import token_identity
 from proxy.routing import RouteTable
 from proxy.store.base import Store
 from proxy.store.memory import MemoryStore
@@ -29,25 +33,64 @@ TokenSourceFactory = Callable[[str, Credential], TokenSource]
 # stops counting it (its holder died).
 SLOT_HOLD_MARGIN = 5.0
 
+T = TypeVar("T")
+
+
+class _Shared(Generic[T]):
+    """A resource that runtimes hand on across reloads: the old runtime still serves its last
+    requests with it while the new one serves the next, and the last to let go closes it."""
+
+    __slots__ = ("_close", "_users", "value")
+
+    def __init__(self, value: T, close: Callable[[], Awaitable[None]]) -> None:
+        self.value = value
+        self._close = close
+        self._users = 1
+
+    def share(self) -> _Shared[T]:
+        self._users += 1
+        return self
+
+    async def release(self) -> None:
+        self._users -= 1
+        if self._users == 0:
+            await self._close()
+
+
+def _transport_options(settings: Settings) -> tuple[object, ...]:
+    return (
+        settings.upstream_client,
+        settings.connect_timeout,
+        settings.read_timeout,
+        settings.max_connections,
+    )
+
 
 class Runtime:
     """What serves requests for one configuration; `open` builds and starts it, `close`
-    releases it: token sources, their session, the transport, the store."""
+    releases it: token sources, their session, the transport, the store, each closed by the
+    last runtime that uses it."""
 
     def __init__(
         self,
         *,
         settings: Settings,
         metrics: Metrics,
-        store: Store,
-        tokens: Mapping[str, TokenSource],
-        token_session: aiohttp.ClientSession | None,
-        transport: Transport,
+        store: _Shared[Store],
+        sources: Mapping[str, _Shared[TokenSource]],
+        token_session: _Shared[aiohttp.ClientSession] | None,
+        transport: _Shared[Transport],
+        config_hash: str,
+        previous: Runtime | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.store = store
-        self.tokens = tokens
+        self.store = store.value
+        self.tokens: Mapping[str, TokenSource] = {
+            name: shared.value for name, shared in sources.items()
+        }
+        # Names this configuration: /-/ready shows it, the reload line compares it.
+        self.config_hash = config_hash
         self.routes = RouteTable(settings.routes)
         self.gate = Gate(settings.clients)
         self.limits = RateLimits(
@@ -59,7 +102,7 @@ class Runtime:
                 client.name: (client.rate_limit, client.rate_limit_max_wait)
                 for client in settings.clients
             },
-            counters=store.counters,
+            counters=self.store.counters,
             hold=settings.connect_timeout + settings.read_timeout + SLOT_HOLD_MARGIN,
         )
         self.access = AccessLog(
@@ -67,16 +110,19 @@ class Runtime:
             sample=settings.access_log_sample,
             debug=settings.log_level == "debug",
         )
+        self._store = store
+        self._sources = sources
         self._token_session = token_session
         self._transport = transport
+        self._upstream = transport.value
         self._slot_wait = settings.connect_timeout
         # Certificate verification is always on; a route may name its own CA bundle.
         self._ssl = _ssl_contexts(settings.routes)
-        self._slots = {
-            route.prefix: asyncio.Semaphore(route.max_connections)
-            for route in settings.routes
-            if route.max_connections is not None
-        }
+        self._slots = _route_slots(settings.routes, previous)
+        # Requests running on this runtime; once replaced, it closes when they are done.
+        self._active = 0
+        self._idle: asyncio.Event | None = None
+        self._closed = False
 
     @classmethod
     async def open(
@@ -86,28 +132,80 @@ class Runtime:
         metrics: Metrics,
         token_sources: TokenSourceFactory | None = None,
         store: Store | None = None,
+        previous: Runtime | None = None,
+        config_hash: str | None = None,
     ) -> Runtime:
-        """Build everything Settings describes and start it (the token fetches begin)."""
+        """Build everything Settings describes and start it (the token fetches begin). With
+        `previous`, the runtime serving now, take over from it what did not change: the
+        store, the token session, the transport when its settings are the same, and the token
+        source of each credential whose identity is the same (its token stays; a changed
+        secret is used at its next fetch)."""
         for client in settings.clients:
             if client.key is not None:
                 redactor.add_secret(client.key.get_secret_value())
-        store = store if store is not None else MemoryStore()
-        await store.start()
-        transport = make_transport(
-            settings.upstream_client,
-            connect_timeout=settings.connect_timeout,
-            read_timeout=settings.read_timeout,
-            max_connections=settings.max_connections,
-        )
-        await transport.start()
-        session = None
-        if token_sources is None:
-            # Token traffic has a session of its own so it never queues behind upstream
-            # connections.
-            session = aiohttp.ClientSession(
-                cookie_jar=aiohttp.DummyCookieJar(), trust_env=False, raise_for_status=False
+        taken: list[_Shared[Any]] = []
+        try:
+            return await cls._open(
+                settings,
+                metrics=metrics,
+                token_sources=token_sources,
+                store=store,
+                previous=previous,
+                config_hash=config_hash or fingerprint(settings),
+                taken=taken,
             )
-            own_session = session
+        except BaseException:
+            for shared in reversed(taken):
+                with contextlib.suppress(Exception):
+                    await shared.release()
+            raise
+
+    @classmethod
+    async def _open(
+        cls,
+        settings: Settings,
+        *,
+        metrics: Metrics,
+        token_sources: TokenSourceFactory | None,
+        store: Store | None,
+        previous: Runtime | None,
+        config_hash: str,
+        taken: list[_Shared[Any]],
+    ) -> Runtime:
+        if previous is not None:
+            shared_store = previous._store.share()
+        else:
+            own_store = store if store is not None else MemoryStore()
+            await own_store.start()
+            shared_store = _Shared(own_store, own_store.close)
+        taken.append(shared_store)
+        if previous is not None and _transport_options(previous.settings) == _transport_options(
+            settings
+        ):
+            shared_transport = previous._transport.share()
+        else:
+            transport = make_transport(
+                settings.upstream_client,
+                connect_timeout=settings.connect_timeout,
+                read_timeout=settings.read_timeout,
+                max_connections=settings.max_connections,
+            )
+            await transport.start()
+            shared_transport = _Shared(transport, transport.close)
+        taken.append(shared_transport)
+        shared_session = None
+        if token_sources is None:
+            if previous is not None and previous._token_session is not None:
+                shared_session = previous._token_session.share()
+            else:
+                # Token traffic has a session of its own so it never queues behind upstream
+                # connections.
+                session = aiohttp.ClientSession(
+                    cookie_jar=aiohttp.DummyCookieJar(), trust_env=False, raise_for_status=False
+                )
+                shared_session = _Shared(session, session.close)
+            taken.append(shared_session)
+            own_session = shared_session.value
 
             def token_sources(name: str, credential: Credential) -> TokenSource:
                 return TokenManager(
@@ -119,30 +217,72 @@ class Runtime:
                     wait_timeout=settings.token_wait_timeout,
                 )
 
-        tokens = {
-            name: token_sources(name, credential)
-            for name, credential in settings.credentials.items()
-        }
+        sources: dict[str, _Shared[TokenSource]] = {}
+        new: list[TokenSource] = []
+        for name, credential in settings.credentials.items():
+            kept = previous._kept_source(name, credential) if previous is not None else None
+            if kept is not None:
+                kept.value.use(
+                    credential,
+                    request_timeout=settings.token_timeout,
+                    wait_timeout=settings.token_wait_timeout,
+                )
+                sources[name] = kept
+            else:
+                source = token_sources(name, credential)
+                sources[name] = _Shared(source, source.close)
+                new.append(source)
+            taken.append(sources[name])
         runtime = cls(
             settings=settings,
             metrics=metrics,
-            store=store,
-            tokens=tokens,
-            token_session=session,
-            transport=transport,
+            store=shared_store,
+            sources=sources,
+            token_session=shared_session,
+            transport=shared_transport,
+            config_hash=config_hash,
+            previous=previous,
         )
-        for source in tokens.values():
+        for source in new:
             source.start()
         return runtime
 
+    def _kept_source(self, name: str, credential: Credential) -> _Shared[TokenSource] | None:
+        """This runtime's token source of `name`, shared, when `credential` is the same one."""
+        shared = self._sources.get(name)
+        held = self.settings.credentials.get(name)
+        if shared is None or held is None or token_identity(held) != token_identity(credential):
+            return None
+        return shared.share()
+
+    def begin(self) -> None:
+        """A request starts on this runtime."""
+        self._active += 1
+
+    def end(self) -> None:
+        """A request that began on this runtime is done."""
+        self._active -= 1
+        if self._active == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def drained(self) -> None:
+        """Return once no request runs on this runtime (after it was replaced)."""
+        if self._active:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
+
     async def close(self) -> None:
-        """Stop the token sources, then close their session, the transport and the store."""
-        for source in self.tokens.values():
-            await source.close()
+        """Let go of the token sources, their session, the transport and the store: each is
+        closed unless a newer runtime took it over. Closing twice does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        for shared in self._sources.values():
+            await shared.release()
         if self._token_session is not None:
-            await self._token_session.close()
-        await self._transport.close()
-        await self.store.close()
+            await self._token_session.release()
+        await self._transport.release()
+        await self._store.release()
 
     async def take_slot(self, route: Route) -> asyncio.Semaphore | None:
         """One of the route's upstream connections (its max_connections), to be held for the
@@ -170,9 +310,25 @@ class Runtime:
         body: Body,
     ) -> UpstreamResponse:
         """The send step's trip through the route's transport."""
-        return await self._transport.send(
+        return await self._upstream.send(
             method, url, headers, body, ssl_context=self._ssl.get(route.prefix)
         )
+
+
+def _route_slots(routes: Sequence[Route], previous: Runtime | None) -> dict[str, asyncio.Semaphore]:
+    """Each limited route's connection slots; a route whose limit a reload kept keeps its
+    semaphore, so that the requests still on the old runtime count against the same limit."""
+    before = previous._slots if previous is not None else {}
+    held = {r.prefix: r.max_connections for r in previous.settings.routes} if previous else {}
+    return {
+        route.prefix: (
+            before[route.prefix]
+            if route.prefix in before and held.get(route.prefix) == route.max_connections
+            else asyncio.Semaphore(route.max_connections)
+        )
+        for route in routes
+        if route.max_connections is not None
+    }
 
 
 def _ssl_contexts(routes: Sequence[Route]) -> dict[str, ssl.SSLContext]:
@@ -185,12 +341,38 @@ def _ssl_contexts(routes: Sequence[Route]) -> dict[str, ssl.SSLContext]:
 
 class Current:
     """The runtime that new requests start on; a reload replaces it with one assignment, and
-    requests already running keep the one they took."""
+    requests already running keep the one they took, which closes once they are done."""
 
-    __slots__ = ("_runtime",)
+    __slots__ = ("_metrics", "_retiring", "_runtime", "_token_sources")
 
-    def __init__(self) -> None:
+    def __init__(
+        self, *, metrics: Metrics | None = None, token_sources: TokenSourceFactory | None = None
+    ) -> None:
         self._runtime: Runtime | None = None
+        self._retiring: dict[Runtime, asyncio.Task[None]] = {}
+        self._metrics = metrics if metrics is not None else Metrics()
+        self._token_sources = token_sources
+
+    async def start(self, settings: Settings, *, config_hash: str | None = None) -> None:
+        """Build the first runtime."""
+        self._runtime = await Runtime.open(
+            settings,
+            metrics=self._metrics,
+            token_sources=self._token_sources,
+            config_hash=config_hash,
+        )
+
+    async def replace(self, settings: Settings, *, config_hash: str | None = None) -> None:
+        """A reload: build the next runtime from the current one, which hands on what did not
+        change, and switch new requests to it."""
+        new = await Runtime.open(
+            settings,
+            metrics=self._metrics,
+            token_sources=self._token_sources,
+            previous=self.runtime,
+            config_hash=config_hash,
+        )
+        self.swap(new)
 
     @property
     def runtime(self) -> Runtime:
@@ -202,3 +384,35 @@ class Current:
     @runtime.setter
     def runtime(self, runtime: Runtime) -> None:
         self._runtime = runtime
+
+    def swap(self, runtime: Runtime) -> Runtime | None:
+        """Start new requests on `runtime`; the one it replaces (returned) closes when its last
+        request ends."""
+        old, self._runtime = self._runtime, runtime
+        if old is not None:
+            self._retiring[old] = asyncio.create_task(self._retire(old), name="runtime-retire")
+        return old
+
+    @property
+    def retiring(self) -> int:
+        """Replaced runtimes whose requests are still running."""
+        return len(self._retiring)
+
+    async def _retire(self, old: Runtime) -> None:
+        try:
+            await old.drained()
+            await old.close()
+        finally:
+            self._retiring.pop(old, None)
+
+    async def close(self) -> None:
+        """Close the current runtime and those replaced (the server has stopped: a request
+        still counted on one of them was cut off)."""
+        retiring = list(self._retiring.items())
+        for _, task in retiring:
+            task.cancel()
+        await asyncio.gather(*(task for _, task in retiring), return_exceptions=True)
+        for old, _ in retiring:
+            await old.close()
+        if self._runtime is not None:
+            await self._runtime.close()
