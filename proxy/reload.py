@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from proxy.config import Credential, Loaded, SecretFile, Settings, fingerprint, load
 from proxy.errors import ConfigError
-from proxy.log import get_logger
+from proxy.log import get_logger, set_logging
 from proxy.metrics import ConfigReloads
 from proxy.store.base import CredentialIdentity
 
@@ -135,7 +135,7 @@ class Reloader:
     """Reloads one process's configuration: `hup` (the SIGHUP handler) and `ask` queue a
     reload, `run` (a task of the serving loop) carries them out one at a time and polls the
     secret files in between. `apply` switches to validated settings; it may raise, and then
-    the running configuration stays."""
+    the running configuration stays. The log level and format change here, for all."""
 
     def __init__(
         self,
@@ -285,6 +285,8 @@ class Reloader:
             log.info("configuration reloaded", **told)
         else:
             log.info("configuration reloaded: nothing changed", **told)
+        # After the line above, which the level it had lets through: the reload is told.
+        set_logging(level=loaded.settings.log_level, fmt=loaded.settings.log_format)
         return True
 
     def _refused(self, trigger: str, problems: list[str]) -> None:

@@ -13,7 +13,7 @@ from aiohttp import web
 from proxy import __version__
 from proxy.app import CUT_OFF, METRICS, RUNTIME, create_app, create_metrics_app, runner_options
 from proxy.config import Loaded, fingerprint
-from proxy.log import get_logger, set_logging
+from proxy.log import get_logger
 from proxy.reload import SECRET_POLL_INTERVAL, Changes, ConfigSource, Reloader
 from proxy.workers import WorkerLink
 
@@ -101,7 +101,6 @@ def _reloader(
         await app[RUNTIME].replace(shaped, config_hash=fingerprint(new.settings))
         for name in changes.removed_credentials:
             app[METRICS].forget_credential(name)
-        set_logging(level=shaped.log_level, fmt=shaped.log_format)
 
     return Reloader(
         source,

@@ -31,7 +31,7 @@ from prometheus_client.multiprocess import mark_process_dead
 from proxy.config import Credential, Loaded, Settings
 from proxy.credentials import Token, TokenManager, TokenReplica, TokenStatus
 from proxy.errors import ProxyError
-from proxy.log import get_logger, set_logging
+from proxy.log import get_logger
 from proxy.metrics import Metrics, TokenFigures, TokenMetricsCopy
 from proxy.refusals import Evidence, Refusal, RefusingPaths
 from proxy.reload import SIGHUP, Changes, ConfigSource, Reloader, token_identity
@@ -498,7 +498,6 @@ class Supervisor:
                 )
         for name in changes.removed_credentials:
             self._metrics.forget_credential(name)
-        set_logging(level=settings.log_level, fmt=settings.log_format)
         table = loaded.toml if changes.trigger == SIGHUP else None
         self._tell({"tell": "reload", "trigger": changes.trigger, "table": table})
         if any(key.startswith(("credentials", "clients")) for key in changes.fields):

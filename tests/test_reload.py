@@ -244,7 +244,10 @@ def reloader_for(
     return Reloader(source, source.load(), apply=applied, reloads=reloads, poll=None)
 
 
+# Debug and JSON, as the suite logs: a reload sets the level and format of the process.
 CONFIG = """
+log_level = "debug"
+log_format = "json"
 read_timeout = {read_timeout}
 port = {port}
 
@@ -397,7 +400,8 @@ async def test_a_secrets_directory_file_is_validated_with_the_file_as_it_was_rea
     config = tmp_path / "proxy.toml"
     config.write_text(
         f'client_id = "{TEST_CLIENT_ID}"\ntoken_url = "http://127.0.0.1:9/t"\n'
-        'upstream = "http://127.0.0.1:9"\nread_timeout = 30\n'
+        'upstream = "http://127.0.0.1:9"\nread_timeout = 30\nlog_level = "debug"\n'
+        'log_format = "json"\n'
     )
     applied = Applied()
     reloader = reloader_for(ConfigSource(config_file=config), applied)
