@@ -62,8 +62,10 @@ def _parser() -> argparse.ArgumentParser:
         prog="token-proxy [run]",
         help="serve the proxy (the default command: `run` may be left out)",
         description="Serve the proxy until SIGTERM or SIGINT, then let requests in flight "
-        "finish for up to shutdown_timeout seconds and exit 0. The command name may be left "
-        f"out: bare `token-proxy` runs. {_SETTINGS_ORDER}",
+        "finish for up to shutdown_timeout seconds and exit 0. SIGHUP reloads the "
+        "configuration file and the secret files (a secret file that changes is read again "
+        "by itself); an invalid configuration is logged and the running one stays. The "
+        f"command name may be left out: bare `token-proxy` runs. {_SETTINGS_ORDER}",
     )
     check = commands.add_parser(
         "check",
@@ -72,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Validate the configuration and fetch one token per credential; print "
         "each credential's token URL, auth method, scope and expiry (never the token or the "
         "secret). Exit 0 when every token was obtained, 1 when one was not, 2 for a "
-        f"configuration error. {_SETTINGS_ORDER}",
+        "configuration error: run it on an edited file before sending SIGHUP. "
+        f"{_SETTINGS_ORDER}",
     )
     health = commands.add_parser(
         "health",

@@ -106,6 +106,8 @@ class TokenSource(Protocol):
         """A reload kept this source: the same credential, perhaps with a new secret."""
         ...
 
+    async def wait_changed(self) -> None: ...
+
 
 def _register_secrets(credential: Credential) -> None:
     """The secret in every form a log line could show it: plain, form-encoded, Basic."""
@@ -153,6 +155,10 @@ class _TokenHolder:
                 else None
             ),
         }
+
+    async def wait_changed(self) -> None:
+        """Return at the next new token or failed token request."""
+        await self._changed.wait()
 
     def usable_token(self) -> Token | None:
         """The current token if it is usable now; None: await token() (the hot path, no wait)."""
@@ -288,10 +294,6 @@ class TokenManager(_TokenHolder):
             rejected=error is not None and error.rejects_client,
             retry_at=self._next_attempt_at,
         )
-
-    async def wait_changed(self) -> None:
-        """Return at the next new token or failed token request."""
-        await self._changed.wait()
 
     def _current(self) -> Token | None:
         return self._token

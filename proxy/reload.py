@@ -198,7 +198,10 @@ class Reloader:
 
     async def check_secrets(self) -> bool | None:
         """Read the secret files again; switch when one changed (None: none did)."""
-        reread = await asyncio.to_thread(self._loaded.secret_files.reread)
+        files = self._loaded.secret_files
+        if not files.files and files.secrets_dir is None:
+            return None  # every secret came from the environment or the file itself
+        reread = await asyncio.to_thread(files.reread)
         fresh = [line for line in reread.problems if line not in self._problems]
         self._problems = frozenset(reread.problems)
         for line in fresh:

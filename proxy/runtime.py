@@ -123,6 +123,7 @@ class Runtime:
         self._active = 0
         self._idle: asyncio.Event | None = None
         self._closed = False
+        self._fresh: list[TokenSource] = []  # the token sources this runtime started
 
     @classmethod
     async def open(
@@ -243,9 +244,20 @@ class Runtime:
             config_hash=config_hash,
             previous=previous,
         )
+        runtime._fresh = new
         for source in new:
             source.start()
         return runtime
+
+    async def first_answers(self) -> None:
+        """Wait until the token endpoint has answered each credential new in this runtime
+        once (a token, or a refusal), for at most token_timeout: a reload that adds one
+        switches once it has its token, so that its first requests do not wait for it."""
+        if not self._fresh:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.settings.token_timeout):
+                await asyncio.gather(*(_first_answer(source) for source in self._fresh))
 
     def _kept_source(self, name: str, credential: Credential) -> _Shared[TokenSource] | None:
         """This runtime's token source of `name`, shared, when `credential` is the same one."""
@@ -315,6 +327,11 @@ class Runtime:
         )
 
 
+async def _first_answer(source: TokenSource) -> None:
+    while (status := source.status()).token is None and not status.failures:
+        await source.wait_changed()
+
+
 def _route_slots(routes: Sequence[Route], previous: Runtime | None) -> dict[str, asyncio.Semaphore]:
     """Each limited route's connection slots; a route whose limit a reload kept keeps its
     semaphore, so that the requests still on the old runtime count against the same limit."""
@@ -372,6 +389,7 @@ class Current:
             previous=self.runtime,
             config_hash=config_hash,
         )
+        await new.first_answers()
         self.swap(new)
 
     @property

@@ -114,6 +114,29 @@ async def test_a_changed_client_id_fetches_anew_and_a_removed_credential_stops(
     await current.close()
 
 
+async def test_a_reload_that_adds_a_credential_switches_once_it_has_its_token(
+    make_settings: SettingsFactory, token_server: FakeTokenServer
+) -> None:
+    """The new credential's first token request is answered before new requests reach it:
+    a token, so that they need not wait; or a refusal, which does not hold the reload."""
+    base = make_settings()
+    current = Current(metrics=Metrics())
+    await current.start(base)
+    await manager(current.runtime).token()
+    added = base.credentials["default"].model_copy(update={"client_id": "added-client"})
+    await current.replace(base.model_copy(update={"credentials": {**base.credentials, "b": added}}))
+    assert manager(current.runtime, "b").usable_token() is not None
+    token_server.script.append(web.json_response({"error": "invalid_client"}, status=401))
+    refused = added.model_copy(update={"client_id": "refused-client"})
+    started = asyncio.get_running_loop().time()
+    await current.replace(
+        base.model_copy(update={"credentials": {**base.credentials, "c": refused}})
+    )
+    assert asyncio.get_running_loop().time() - started < 2
+    assert manager(current.runtime, "c").status().rejected
+    await current.close()
+
+
 async def test_a_route_whose_limit_stays_keeps_its_connection_slots(
     make_settings: SettingsFactory,
 ) -> None:
