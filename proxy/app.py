@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from proxy import __version__
 from proxy.access import Exchange
 from proxy.config import Settings
+from proxy.current import Current
 from proxy.errors import (
     BadRequest,
     ClientRejected,
@@ -34,7 +35,7 @@ from proxy.flow import forward
 from proxy.inbound import ANONYMOUS
 from proxy.log import bind_request, get_logger, unbind_request
 from proxy.metrics import Metrics
-from proxy.runtime import Current, Runtime, TokenSourceFactory
+from proxy.runtime import Runtime, TokenSourceFactory
 
 METRICS = web.AppKey("metrics", Metrics)
 # The runtime requests start on: a reload replaces it with one assignment.

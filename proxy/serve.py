@@ -101,6 +101,8 @@ def _reloader(
         await app[RUNTIME].replace(shaped, config_hash=fingerprint(new.settings))
         for name in changes.removed_credentials:
             app[METRICS].forget_credential(name)
+            if worker is not None:
+                worker.forget(name)
 
     return Reloader(
         source,

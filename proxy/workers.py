@@ -221,6 +221,11 @@ class WorkerLink:
             replica.apply(known[0])
         return replica
 
+    def forget(self, name: str) -> None:
+        """A credential a reload removed: its token metrics are no longer exported."""
+        self._statuses.pop(name, None)
+        self._replicas.pop(name, None)
+
     def listening(self) -> None:
         """Tell the supervisor this worker has bound its port and serves."""
         self._send({"ask": "ready"})

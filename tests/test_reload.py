@@ -18,9 +18,10 @@ from pydantic import SecretStr
 
 from proxy.config import Loaded, Settings, fingerprint, load
 from proxy.credentials import TokenManager
+from proxy.current import Current
 from proxy.metrics import ConfigReloads, Metrics
 from proxy.reload import SIGHUP, Changes, ConfigSource, Reloader
-from proxy.runtime import Current, Runtime
+from proxy.runtime import Runtime
 from tests.conftest import (
     TEST_CLIENT_ID,
     TEST_SECRET,

@@ -257,19 +257,30 @@ async def metric(url: str, name: str, labels: dict[str, str] | None = None) -> f
 # --- secret files ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mounted_as", ["client_secret_file", "secrets directory"])
+@pytest.mark.parametrize(
+    ("mounted_as", "workers"),
+    [("client_secret_file", 1), ("secrets directory", 1), ("client_secret_file", 2)],
+)
 async def test_a_rotated_kubernetes_secret_is_used_without_a_signal(
-    start: StartProxy, issuer: Issuer, upstream: FakeUpstream, tmp_path: Path, mounted_as: str
+    *,
+    start: StartProxy,
+    issuer: Issuer,
+    upstream: FakeUpstream,
+    tmp_path: Path,
+    mounted_as: str,
+    workers: int,
 ) -> None:
     """The secret comes from a Secret volume (files as links through ..data), named by
     client_secret_file or as the secrets directory itself (deploy/kubernetes.yaml), and is
     wrong at start: 503, the proxy keeps running. The kubelet swaps ..data to the right
     secret: the same process answers 200 within 15 s, with no signal (a poll with lstat, or a
-    watch on the old inode, misses this swap), and its one token came with the new secret."""
+    watch on the old inode, misses this swap), and its one token came with the new secret.
+    With workers, the supervisor sees the swap, fetches the group's token, and each worker
+    switches too."""
     mount = tmp_path / "secret-volume"
     mount.mkdir()
     if mounted_as == "client_secret_file":
-        name, env = "client-secret", {}
+        name, env = "client-secret", dict[str, str]()
         text = config_text(issuer, upstream, secret_file=mount / name)
     else:
         name, env = "token_proxy_client_secret", {"TOKEN_PROXY_SECRETS_DIR": str(mount)}
@@ -277,6 +288,8 @@ async def test_a_rotated_kubernetes_secret_is_used_without_a_signal(
             f'log_format = "json"\nlog_level = "debug"\nclient_id = "{TEST_CLIENT_ID}"\n'
             f'token_url = "{issuer.url}"\nupstream = "{upstream.url}"\n'
         )
+    if workers > 1:
+        env["TOKEN_PROXY_WORKERS"] = str(workers)
     kubernetes_mount(mount, {name: WRONG_SECRET}, version="2024_05_01_1")
     proxy = await start(text, ready=False, env=env)
     status, problem = await get(proxy.url + "/thing")
@@ -288,12 +301,21 @@ async def test_a_rotated_kubernetes_secret_is_used_without_a_signal(
     assert took < 15
     assert proxy.process.poll() is None
     assert issuer.count() == 1
-    (line,) = proxy.named("configuration reloaded")
-    assert line["trigger"] == "secret files"
-    assert line["credentials_rotated"] == [
-        "api" if mounted_as == "client_secret_file" else "default"
-    ]
-    print(f"\n{mounted_as}: rotated secret used {took:.2f} s after the ..data swap, no signal")
+    # The supervisor's line has no worker number; each worker's has its own.
+    processes = {None} | set(range(1, workers + 1) if workers > 1 else ())
+    await until(
+        lambda: {e.get("worker") for e in proxy.named("configuration reloaded")} == processes,
+        "every process reloaded",
+    )
+    for line in proxy.named("configuration reloaded"):
+        assert line["trigger"] == "secret files"
+        assert line["credentials_rotated"] == [
+            "api" if mounted_as == "client_secret_file" else "default"
+        ]
+    print(
+        f"\n{mounted_as}, {workers} worker(s): rotated secret used {took:.2f} s after the "
+        "..data swap, no signal"
+    )
 
 
 # --- SIGHUP ---------------------------------------------------------------------------------
