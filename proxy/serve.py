@@ -126,7 +126,7 @@ def _on_signals(reloader: Reloader, worker: WorkerLink | None) -> asyncio.Event:
         # The supervisor reloads the group: a SIGHUP sent to the whole process group must not
         # end a worker, nor reload it on its own.
         loop.add_signal_handler(signal.SIGHUP, _hup_to_a_worker)
-        worker.on_reload = reloader.ask
+        worker.on_reload(reloader.ask)
     return stop
 
 

@@ -190,8 +190,10 @@ class WorkerLink:
         self._reader_task: asyncio.Task[None] | None = None
         self._closing = False
         self.lost = asyncio.Event()
-        # The supervisor's word to reload with the group: the trigger and the file's table.
-        self.on_reload: Callable[[str, Mapping[str, Any] | None], None] | None = None
+        # The supervisor's word to reload with the group (the trigger and the file's table),
+        # and one that came before this worker listened for it.
+        self._on_reload: Callable[[str, Mapping[str, Any] | None], None] | None = None
+        self._missed_reload: tuple[str, Mapping[str, Any] | None] | None = None
         self.metrics = Metrics(multiprocess_dir=directory)
         self.metrics.include(TokenMetricsCopy(self._figures))
 
@@ -220,6 +222,14 @@ class WorkerLink:
         if known is not None:
             replica.apply(known[0])
         return replica
+
+    def on_reload(self, reload: Callable[[str, Mapping[str, Any] | None], None]) -> None:
+        """Reload this worker with `reload` when the supervisor says so (and now, if it said
+        so while this worker was starting)."""
+        self._on_reload = reload
+        missed, self._missed_reload = self._missed_reload, None
+        if missed is not None:
+            reload(*missed)
 
     def forget(self, name: str) -> None:
         """A credential a reload removed: its token metrics are no longer exported."""
@@ -261,8 +271,12 @@ class WorkerLink:
                         dropped=float(message["dropped"]),
                     )
                     self._paths_of(str(message["credential"])).learn(str(message["path"]), refusal)
-                elif tell == "reload" and self.on_reload is not None:
-                    self.on_reload(str(message["trigger"]), message["table"])
+                elif tell == "reload":
+                    asked = str(message["trigger"]), message["table"]
+                    if self._on_reload is None:
+                        self._missed_reload = asked
+                    else:
+                        self._on_reload(*asked)
                 elif tell == "reloads":
                     self.metrics.reloads.copy(message["figures"])
         except (ConnectionError, ValueError, KeyError, TypeError) as exc:
