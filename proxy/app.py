@@ -94,7 +94,6 @@ async def handle(request: web.Request) -> web.StreamResponse:
     app = request.app
     metrics = app[METRICS]
     runtime = app[RUNTIME].runtime  # kept to the end of this request, whatever replaces it
-    runtime.begin()
     started = time.perf_counter()
     request_id = request_id_of(request)
     raw = request.raw_path
@@ -103,6 +102,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     status = CLIENT_CLOSED_REQUEST
     metrics.request_started()
     bound = bind_request(request_id=request_id, client=ANONYMOUS)
+    runtime.begin()  # a replaced runtime closes once every request it began has ended
     try:
         if reserved:
             response = await _reserved(request, runtime, raw, request_id)

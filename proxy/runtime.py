@@ -220,15 +220,12 @@ class Runtime:
 
         sources: dict[str, _Shared[TokenSource]] = {}
         new: list[TokenSource] = []
+        kept: list[tuple[TokenSource, Credential]] = []
         for name, credential in settings.credentials.items():
-            kept = previous._kept_source(name, credential) if previous is not None else None
-            if kept is not None:
-                kept.value.use(
-                    credential,
-                    request_timeout=settings.token_timeout,
-                    wait_timeout=settings.token_wait_timeout,
-                )
-                sources[name] = kept
+            shared = previous._kept_source(name, credential) if previous is not None else None
+            if shared is not None:
+                sources[name] = shared
+                kept.append((shared.value, credential))
             else:
                 source = token_sources(name, credential)
                 sources[name] = _Shared(source, source.close)
@@ -245,6 +242,13 @@ class Runtime:
             previous=previous,
         )
         runtime._fresh = new
+        # Only now that nothing can fail: the running runtime shares these sources.
+        for source, credential in kept:
+            source.use(
+                credential,
+                request_timeout=settings.token_timeout,
+                wait_timeout=settings.token_wait_timeout,
+            )
         for source in new:
             source.start()
         return runtime
