@@ -31,6 +31,7 @@ from tests.conftest import (
     LEAKS,
     TEST_CLIENT_ID,
     TEST_SECRET,
+    FakeTokenServer,
     FakeUpstream,
     free_port,
     process_env,
@@ -181,7 +182,7 @@ async def start(
         config = tmp_path / f"proxy-{port}.toml"
         config.write_text(text)
         environ = process_env(
-            token_server=issuer,  # type: ignore[arg-type]  # only its url is read
+            token_server=FakeTokenServer(url=issuer.url),  # process_env reads its url only
             upstream=upstream,
             port=port,
             upstream_client=upstream_client,
@@ -434,21 +435,26 @@ async def test_two_sighups_under_steady_load_lose_no_request(
         await asyncio.wait_for(arrived.wait(), DEADLINE)
         proxy.config.write_text(config_text(issuer, upstream, extra="read_timeout = 30"))
         proxy.hup()
-        await until(lambda: len(proxy.named("configuration reloaded")) == 1, "first reload")
+        first_took = await until(
+            lambda: len(proxy.named("configuration reloaded")) == 1, "first reload"
+        )
         assert not slow_request.done(), "the slow request should span the first reload"
         await asyncio.sleep(1.0)
         proxy.config.write_text(
             config_text(issuer, upstream, extra="read_timeout = 30", routes=("/", "/extra/"))
         )
         proxy.hup()
-        await until(lambda: len(proxy.named("configuration reloaded")) == 2, "second reload")
+        second_took = await until(
+            lambda: len(proxy.named("configuration reloaded")) == 2, "second reload"
+        )
         await loading
         slow_status = await slow_request
     _, echoed = await get(proxy.url + "/extra/thing")
     failures = [status for status in statuses if status != 200]
     print(
         f"\nunder load: {len(statuses)} requests at {rate}/s over {seconds:g} s, 2 SIGHUPs, "
-        f"{len(failures)} not 200, slow request {slow_status}, token fetches {issuer.count()}"
+        f"{len(failures)} not 200, slow request {slow_status}, token fetches {issuer.count()}, "
+        f"reload lines {first_took:.2f} s and {second_took:.2f} s after each signal"
     )
     assert len(statuses) == rate * seconds
     assert failures == []
