@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from proxy import __version__
 from proxy.access import Exchange
 from proxy.config import Settings
+from proxy.current import Current
 from proxy.errors import (
     BadRequest,
     ClientRejected,
@@ -34,7 +35,7 @@ from proxy.flow import forward
 from proxy.inbound import ANONYMOUS
 from proxy.log import bind_request, get_logger, unbind_request
 from proxy.metrics import Metrics
-from proxy.runtime import Current, Runtime, TokenSourceFactory
+from proxy.runtime import Runtime, TokenSourceFactory
 
 METRICS = web.AppKey("metrics", Metrics)
 # The runtime requests start on: a reload replaces it with one assignment.
@@ -101,6 +102,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     status = CLIENT_CLOSED_REQUEST
     metrics.request_started()
     bound = bind_request(request_id=request_id, client=ANONYMOUS)
+    runtime.begin()  # a replaced runtime closes once every request it began has ended
     try:
         if reserved:
             response = await _reserved(request, runtime, raw, request_id)
@@ -126,6 +128,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         exchange.bytes_out = response.content_length or 0
     finally:
         metrics.request_finished()
+        runtime.end()  # its close, once replaced, waits for the loop: the line below still runs
         if exchange.outcome != "client_aborted":
             status = response.status
         elif app[CUT_OFF].is_set():
@@ -242,7 +245,9 @@ def _ready(runtime: Runtime, request_id: str) -> web.Response:
     states = {name: source.state() for name, source in sources.items()}
     waiting = sorted(name for name, state in states.items() if not state["ready"])
     if not waiting:
-        return web.json_response({"status": "ready", "credentials": states})
+        return web.json_response(
+            {"status": "ready", "config_hash": runtime.config_hash, "credentials": states}
+        )
     refused = [name for name in waiting if sources[name].status().rejected]
     pending = [name for name in waiting if name not in refused]
     reasons = []
@@ -262,7 +267,11 @@ def _ready(runtime: Runtime, request_id: str) -> web.Response:
     retry_after = max(1, math.ceil(max(retries))) if retries else 1
     error_class = ClientRejected if refused else TokenUnavailable
     error = error_class("; ".join(reasons), retry_after=retry_after)
-    return problem_response(error, request_id=request_id, extra={"credentials": states})
+    return problem_response(
+        error,
+        request_id=request_id,
+        extra={"config_hash": runtime.config_hash, "credentials": states},
+    )
 
 
 def runtime_of(app: web.Application) -> Runtime:
@@ -275,10 +284,13 @@ def create_app(
     *,
     metrics: Metrics | None = None,
     token_sources: TokenSourceFactory | None = None,
+    config_hash: str | None = None,
 ) -> web.Application:
     """Build the proxy application; long-lived resources open and close in cleanup_ctx.
     `token_sources` replaces the TokenManager of each credential (a worker process takes its
-    tokens from the supervisor)."""
+    tokens from the supervisor); `config_hash` names the configuration for /-/ready (a
+    worker's is its group's, before it took its share). A reload replaces the runtime through
+    app[RUNTIME].replace."""
     _name_the_server()
     app = web.Application(
         middlewares=[_every_request],
@@ -287,16 +299,14 @@ def create_app(
     )
     app[METRICS] = metrics if metrics is not None else Metrics()
     app[CUT_OFF] = asyncio.Event()
-    current = app[RUNTIME] = Current()
+    current = app[RUNTIME] = Current(metrics=app[METRICS], token_sources=token_sources)
 
     async def runtime(app: web.Application) -> AsyncIterator[None]:
-        current.runtime = await Runtime.open(
-            settings, metrics=app[METRICS], token_sources=token_sources
-        )
+        await current.start(settings, config_hash=config_hash)
         try:
             yield
         finally:
-            await current.runtime.close()
+            await current.close()
 
     app.cleanup_ctx.append(runtime)
     # The middleware sends every request to `handle`; this route only spares the router the

@@ -102,6 +102,12 @@ class TokenSource(Protocol):
 
     def replayed(self, path: str, *, rejected: bool) -> None: ...
 
+    def use(self, credential: Credential, *, request_timeout: float, wait_timeout: float) -> None:
+        """A reload kept this source: the same credential, perhaps with a new secret."""
+        ...
+
+    async def wait_changed(self) -> None: ...
+
 
 def _register_secrets(credential: Credential) -> None:
     """The secret in every form a log line could show it: plain, form-encoded, Basic."""
@@ -149,6 +155,10 @@ class _TokenHolder:
                 else None
             ),
         }
+
+    async def wait_changed(self) -> None:
+        """Return at the next new token or failed token request."""
+        await self._changed.wait()
 
     def usable_token(self) -> Token | None:
         """The current token if it is usable now; None: await token() (the hot path, no wait)."""
@@ -232,6 +242,8 @@ class TokenManager(_TokenHolder):
         self._token: Token | None = None
         self._changed = asyncio.Event()
         self._wake = asyncio.Event()
+        # Set by a new secret: it cuts short the wait after a failed fetch.
+        self._retry = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._failures = 0
         self._last_error: TokenEndpointError | None = None
@@ -254,6 +266,18 @@ class TokenManager(_TokenHolder):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    def use(self, credential: Credential, *, request_timeout: float, wait_timeout: float) -> None:
+        """A reload's credential (same identity) and timeouts, from the next fetch on: the
+        token in hand stays until its refresh; after a failed fetch (a refused secret, say)
+        a new secret is tried at once."""
+        _register_secrets(credential)
+        changed = credential.client_secret != self._credential.client_secret
+        self._credential = credential
+        self._request_timeout = aiohttp.ClientTimeout(total=request_timeout)
+        self._wait_timeout = wait_timeout
+        if changed:
+            self._retry.set()
+
     @property
     def ready(self) -> bool:
         token = self._token
@@ -270,10 +294,6 @@ class TokenManager(_TokenHolder):
             rejected=error is not None and error.rejects_client,
             retry_at=self._next_attempt_at,
         )
-
-    async def wait_changed(self) -> None:
-        """Return at the next new token or failed token request."""
-        await self._changed.wait()
 
     def _current(self) -> Token | None:
         return self._token
@@ -378,6 +398,7 @@ class TokenManager(_TokenHolder):
 
     async def _run(self) -> None:
         while True:
+            self._retry.clear()  # a secret that arrives during this fetch is tried after it
             try:
                 token = await self.fetch()
             except TokenEndpointError as exc:
@@ -458,12 +479,11 @@ class TokenManager(_TokenHolder):
         self._wake.clear()
         if delay <= 0:
             return
-        if not wakeable:
-            await asyncio.sleep(delay)
-            return
+        # After a failure, only a new secret ends the backoff early.
+        event = self._wake if wakeable else self._retry
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(delay):
-                await self._wake.wait()
+                await event.wait()
 
     def _seconds_left(self) -> float:
         token = self._token
@@ -503,6 +523,11 @@ class TokenReplica(_TokenHolder):
 
     async def close(self) -> None:
         """Nothing to close: the supervisor owns the token."""
+
+    def use(self, credential: Credential, *, request_timeout: float, wait_timeout: float) -> None:
+        """A reload kept this credential: the supervisor uses its secret; the wait is ours."""
+        _register_secrets(credential)
+        self._wait_timeout = wait_timeout
 
     def apply(self, status: TokenStatus) -> None:
         """Install the supervisor's latest word on this credential, and wake any waiter."""

@@ -192,9 +192,8 @@ class _FastLines:
     every request: the text the chain writes (same keys in the same order, merged with the
     bound context, redacted, stamped), through the same LineWriter as every other line."""
 
-    def __init__(self, writer: LineWriter, level: int) -> None:
+    def __init__(self, writer: LineWriter) -> None:
         self._writer = writer
-        self._level = level
         self._second = -1
         self._stamp = ""
 
@@ -210,7 +209,7 @@ class _FastLines:
         return f"{self._stamp}.{micro:06d}Z" if micro else f"{self._stamp}Z"
 
     def info(self, logger: str, event: str, fields: dict[str, Any]) -> None:
-        if self._level > logging.INFO:
+        if _live.level > logging.INFO:
             return
         fields["event"] = event
         fields["logger"] = logger
@@ -246,6 +245,26 @@ def flush_logs() -> None:
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 _LEVELS["error"] = logging.ERROR
+# The level of each structlog method; one not named here is always written.
+_METHOD_LEVELS = {**_LEVELS, "warn": logging.WARNING, "err": logging.ERROR}
+_METHOD_LEVELS.update(exception=logging.ERROR, critical=logging.CRITICAL, fatal=logging.CRITICAL)
+
+
+class _Live:
+    """What a reload changes in the configured chain without building it again: structlog
+    caches each logger with its processors and wrapper class on first use, so the level is
+    checked by the first processor and the renderer is looked up by the last."""
+
+    level = logging.INFO
+    stream: TextIO = sys.stderr
+    renderer: Processor = structlog.processors.JSONRenderer()
+
+
+_live = _Live()
+
+
+def _render(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> Any:
+    return _live.renderer(logger, method_name, event_dict)
 
 
 def configure_logging(
@@ -260,25 +279,17 @@ def configure_logging(
     round trip, it is the hot path of the access line), and the standard library's loggers,
     aiohttp's among them, through the same processors by a stdlib handler. Tests that
     configure more than once pass cache=False (structlog cannot reconfigure cached loggers);
-    tests that read the stream right after logging pass buffered=False (see LineWriter)."""
-    global _writer, _lines  # noqa: PLW0603  (one writer per configuration, flushed at exit)
+    tests that read the stream right after logging pass buffered=False (see LineWriter).
+    set_logging changes the level and format afterwards."""
+    global _writer  # noqa: PLW0603  (one writer per configuration, flushed at exit)
     stream = sys.stderr if stream is None else stream
     if _writer is not None:
         _writer.close()
     writer = _writer = LineWriter(stream, buffered=buffered)
-    _lines = _ChainLines()
-    use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
-    renderer: Processor
-    if use_json:
-        renderer = structlog.processors.JSONRenderer(serializer=_dumps)
-        _lines = _FastLines(writer, _LEVELS[level])
-    else:
-        renderer = structlog.dev.ConsoleRenderer(
-            colors=stream.isatty(), exception_formatter=structlog.dev.plain_traceback
-        )
+    _live.stream = stream
     timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
     # Tracebacks become text before redaction, so that they are scrubbed too.
-    final: list[Processor] = [structlog.processors.format_exc_info, redactor, renderer]
+    final: list[Processor] = [structlog.processors.format_exc_info, redactor, _render]
     structlog.configure(
         processors=[
             _name_key,
@@ -287,7 +298,8 @@ def configure_logging(
             timestamper,
             *final,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        # Every level passes the wrapper: _name_key filters by the live level.
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
         logger_factory=lambda *_: _LineLogger(writer),
         cache_logger_on_first_use=cache,
     )
@@ -306,12 +318,29 @@ def configure_logging(
     for old in root.handlers[:]:
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(_LEVELS[level])
+    set_logging(level=level, fmt=fmt)
     # aiohttp's access logger is replaced by our own access line; its other loggers stay on.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, _QuietBadRequests) for f in server_log.filters):
         server_log.addFilter(_QuietBadRequests())
+
+
+def set_logging(*, level: str, fmt: str) -> None:
+    """Change the level and format of the configured logging, for every logger at once (a
+    reload): the lines after this call follow them."""
+    global _lines  # noqa: PLW0603  (the access line's renderer follows the format)
+    stream = _live.stream
+    use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
+    if use_json:
+        _live.renderer = structlog.processors.JSONRenderer(serializer=_dumps)
+    else:
+        _live.renderer = structlog.dev.ConsoleRenderer(
+            colors=stream.isatty(), exception_formatter=structlog.dev.plain_traceback
+        )
+    _lines = _FastLines(_writer) if use_json and _writer is not None else _ChainLines()
+    _live.level = _LEVELS[level]
+    logging.getLogger().setLevel(_LEVELS[level])
 
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
@@ -322,6 +351,9 @@ def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
 
 
 def _name_key(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
-    """Name the logger under the same key the standard library's lines use."""
+    """Drop a line below the live level; name the logger under the same key the standard
+    library's lines use."""
+    if _METHOD_LEVELS.get(method_name, logging.CRITICAL) < _live.level:
+        raise structlog.DropEvent
     event_dict["logger"] = event_dict.pop("logger_name", None)
     return event_dict

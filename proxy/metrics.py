@@ -6,8 +6,10 @@ with its tokens."""
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -41,6 +43,18 @@ _EXPIRES_IN = (
 _FAILURES = (
     "token_proxy_token_refresh_failures_consecutive",
     "Token requests that failed in a row, by credential.",
+)
+_RELOADS = (
+    "token_proxy_config_reloads",
+    "Reloads of the configuration (SIGHUP) and of the secret files, by outcome.",
+)
+_LAST_RELOAD_SUCCESS = (
+    "token_proxy_config_last_reload_success_timestamp_seconds",
+    "Unix time of the last successful reload (of the start, before any).",
+)
+_LAST_RELOAD_OK = (
+    "token_proxy_config_last_reload_successful",
+    "1 when the last reload was applied, 0 when it was refused and the running one stayed.",
 )
 
 
@@ -87,6 +101,9 @@ class Metrics:
         if multiprocess_dir is not None:
             self._exposed = CollectorRegistry()
             MultiProcessCollector(self._exposed, path=multiprocess_dir)  # type: ignore[no-untyped-call]  # unannotated upstream
+        # Plain numbers, not in the workers' files: each worker exports its supervisor's.
+        self.reloads = ConfigReloads()
+        self._exposed.register(self.reloads)
 
     def observe_request(
         self, *, route: str, method: str, status: int, client: str, seconds: float
@@ -124,6 +141,12 @@ class Metrics:
             failures=next(_values(self.refresh_failures, _FAILURES[0], credential), 0.0),
         )
 
+    def forget_credential(self, credential: str) -> None:
+        """A credential a reload removed: its token gauges go (its counters stay, totals)."""
+        for gauge in (self.token_expiry, self.token_expires_in, self.refresh_failures):
+            with contextlib.suppress(KeyError):
+                gauge.remove(credential)
+
     @staticmethod
     def method_label(method: str) -> str:
         return method if method in KNOWN_METHODS else "OTHER"
@@ -158,6 +181,48 @@ class TokenMetricsCopy(Collector):
             expires_in.add_metric([name], seconds_left)
             failures.add_metric([name], figures.failures)
         yield from (fetches, expiry, expires_in, failures)
+
+
+@dataclass(slots=True, eq=False)  # a registry keys its collectors by identity
+class ConfigReloads(Collector):
+    """How reloads went, under the names Prometheus gives its own: the load at start counts
+    as a success (no reload yet), as it does there."""
+
+    success: float = 0.0
+    failure: float = 0.0
+    last_success: float = field(default_factory=time.time)
+    last_ok: bool = True
+
+    def record(self, *, ok: bool) -> None:
+        if ok:
+            self.success += 1
+            self.last_success = time.time()
+        else:
+            self.failure += 1
+        self.last_ok = ok
+
+    def figures(self) -> dict[str, float]:
+        """What a supervisor sends its workers, for `copy`."""
+        return {
+            "success": self.success,
+            "failure": self.failure,
+            "last_success": self.last_success,
+            "last_ok": float(self.last_ok),
+        }
+
+    def copy(self, figures: Mapping[str, float]) -> None:
+        self.success = float(figures["success"])
+        self.failure = float(figures["failure"])
+        self.last_success = float(figures["last_success"])
+        self.last_ok = bool(figures["last_ok"])
+
+    def collect(self) -> Iterator[Metric]:
+        reloads = CounterMetricFamily(*_RELOADS, labels=["outcome"])
+        reloads.add_metric(["success"], self.success)
+        reloads.add_metric(["failure"], self.failure)
+        yield reloads
+        yield GaugeMetricFamily(*_LAST_RELOAD_SUCCESS, value=self.last_success)
+        yield GaugeMetricFamily(*_LAST_RELOAD_OK, value=float(self.last_ok))
 
 
 def _samples(metric: Counter | Gauge, name: str, credential: str) -> Iterator[Sample]:

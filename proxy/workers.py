@@ -21,19 +21,20 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 from prometheus_client.multiprocess import mark_process_dead
 
-from proxy.config import Credential, Settings
+from proxy.config import Credential, Loaded, Settings
 from proxy.credentials import Token, TokenManager, TokenReplica, TokenStatus
 from proxy.errors import ProxyError
 from proxy.log import get_logger
 from proxy.metrics import Metrics, TokenFigures, TokenMetricsCopy
 from proxy.refusals import Evidence, Refusal, RefusingPaths
+from proxy.reload import SIGHUP, Changes, ConfigSource, Reloader, token_identity
 
 log = get_logger("proxy.workers")
 
@@ -102,7 +103,8 @@ def worker_settings(settings: Settings, spec: WorkerSpec) -> Settings:
 
 
 def _line(message: Mapping[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+    # default=str: a reload's table may hold a TOML date, which no setting takes.
+    return json.dumps(message, separators=(",", ":"), default=str).encode() + b"\n"
 
 
 def _status_message(name: str, status: TokenStatus, figures: TokenFigures) -> dict[str, Any]:
@@ -188,8 +190,18 @@ class WorkerLink:
         self._reader_task: asyncio.Task[None] | None = None
         self._closing = False
         self.lost = asyncio.Event()
+        # The supervisor's word to reload with the group (the trigger and the file's table),
+        # and one that came before this worker listened for it.
+        self._on_reload: Callable[[str, Mapping[str, Any] | None], None] | None = None
+        self._missed_reload: tuple[str, Mapping[str, Any] | None] | None = None
         self.metrics = Metrics(multiprocess_dir=directory)
         self.metrics.include(TokenMetricsCopy(self._figures))
+
+    def settings_for(self, settings: Settings) -> Settings:
+        """This worker's share of the group's settings (worker_settings), which its token
+        sources made from now on use."""
+        self._settings = worker_settings(settings, self.spec)
+        return self._settings
 
     async def connect(self) -> None:
         sock = socket.socket(fileno=self.spec.fd)
@@ -210,6 +222,19 @@ class WorkerLink:
         if known is not None:
             replica.apply(known[0])
         return replica
+
+    def on_reload(self, reload: Callable[[str, Mapping[str, Any] | None], None]) -> None:
+        """Reload this worker with `reload` when the supervisor says so (and now, if it said
+        so while this worker was starting)."""
+        self._on_reload = reload
+        missed, self._missed_reload = self._missed_reload, None
+        if missed is not None:
+            reload(*missed)
+
+    def forget(self, name: str) -> None:
+        """A credential a reload removed: its token metrics are no longer exported."""
+        self._statuses.pop(name, None)
+        self._replicas.pop(name, None)
 
     def listening(self) -> None:
         """Tell the supervisor this worker has bound its port and serves."""
@@ -246,6 +271,14 @@ class WorkerLink:
                         dropped=float(message["dropped"]),
                     )
                     self._paths_of(str(message["credential"])).learn(str(message["path"]), refusal)
+                elif tell == "reload":
+                    asked = str(message["trigger"]), message["table"]
+                    if self._on_reload is None:
+                        self._missed_reload = asked
+                    else:
+                        self._on_reload(*asked)
+                elif tell == "reloads":
+                    self.metrics.reloads.copy(message["figures"])
         except (ConnectionError, ValueError, KeyError, TypeError) as exc:
             # The text of the exception could hold part of a message, a token: only its type.
             log.error("the link to the supervisor broke", error=type(exc).__name__)
@@ -297,8 +330,16 @@ class Supervisor:
     `workers` worker processes serving: a worker that dies is restarted after a short,
     growing pause; one that cannot start at all ends the supervisor with a message."""
 
-    def __init__(self, settings: Settings, *, command: list[str]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        command: list[str],
+        reloading: tuple[ConfigSource, Loaded] | None = None,
+    ) -> None:
         self._settings = settings
+        # Where SIGHUP reads the configuration again; None: SIGHUP is ignored.
+        self._reloading = reloading
         # How to start this program again: the interpreter's arguments and the user's own.
         self._command = command
         self.port = settings.port
@@ -307,6 +348,8 @@ class Supervisor:
         self._held: list[socket.socket] = []
         self._workers: dict[int, _Worker] = {}
         self._managers: dict[str, TokenManager] = {}
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._session: aiohttp.ClientSession | None = None
         self._metrics = Metrics()
         self._fetching: dict[str, asyncio.Task[None]] = {}
         self._directory = ""
@@ -365,28 +408,20 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._done.set)
+        reloading = self._reloader()
+        loop.add_signal_handler(
+            signal.SIGHUP, reloading.hup if reloading is not None else lambda: None
+        )
         if not self._directory:
             self.make_metrics_directory()
-        session = aiohttp.ClientSession(
+        session = self._session = aiohttp.ClientSession(
             cookie_jar=aiohttp.DummyCookieJar(), trust_env=False, raise_for_status=False
         )
-        self._managers = {
-            name: TokenManager(
-                name=name,
-                credential=credential,
-                session=session,
-                metrics=self._metrics,
-                request_timeout=settings.token_timeout,
-                wait_timeout=settings.token_wait_timeout,
-            )
-            for name, credential in settings.credentials.items()
-        }
-        for manager in self._managers.values():
-            manager.start()
-        watchers = [
-            asyncio.create_task(self._watch(name), name=f"token-watch:{name}")
-            for name in self._managers
-        ]
+        for name, credential in settings.credentials.items():
+            self._add_manager(name, credential)
+        reloader = None
+        if reloading is not None:
+            reloader = asyncio.create_task(reloading.run(), name="reloader")
         self._log_split()
         keepers = [
             asyncio.create_task(self._keep(index), name=f"worker:{index}")
@@ -404,10 +439,13 @@ class Supervisor:
             for task in [*keepers, *self._fetching.values()]:
                 task.cancel()
             await asyncio.gather(*keepers, *self._fetching.values(), return_exceptions=True)
+            if reloader is not None:
+                reloader.cancel()
+                await asyncio.gather(reloader, return_exceptions=True)
             await self._stop_workers()
-            for task in watchers:
+            for task in self._watchers.values():
                 task.cancel()
-            await asyncio.gather(*watchers, return_exceptions=True)
+            await asyncio.gather(*self._watchers.values(), return_exceptions=True)
             for manager in self._managers.values():
                 await manager.close()
             await session.close()
@@ -415,6 +453,83 @@ class Supervisor:
             self.release_ports()
         log.info("stopped")
         return self._exit_code
+
+    # Reloading -------------------------------------------------------------------------------
+
+    def _reloader(self) -> Reloader | None:
+        if self._reloading is None:
+            return None
+        source, loaded = self._reloading
+        return Reloader(
+            source,
+            loaded,
+            apply=self._reload,
+            reloads=self._metrics.reloads,
+            reported=self._tell_reloads,
+        )
+
+    def _add_manager(self, name: str, credential: Credential) -> None:
+        """Start the TokenManager of one credential, and tell the workers it has no token yet
+        (a worker that held the token of a replaced one must not keep it)."""
+        if self._session is None:
+            raise RuntimeError("the supervisor is not running")
+        settings = self._settings
+        manager = self._managers[name] = TokenManager(
+            name=name,
+            credential=credential,
+            session=self._session,
+            metrics=self._metrics,
+            request_timeout=settings.token_timeout,
+            wait_timeout=settings.token_wait_timeout,
+        )
+        manager.start()
+        self._watchers[name] = asyncio.create_task(self._watch(name), name=f"token-watch:{name}")
+        self._broadcast(name)
+
+    async def _drop_manager(self, name: str) -> None:
+        for task in (self._watchers.pop(name, None), self._fetching.pop(name, None)):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        await self._managers.pop(name).close()
+
+    async def _reload(self, loaded: Loaded, changes: Changes) -> None:
+        """The group's reload: this process's token managers first (a credential that stays
+        the same keeps its token, a changed secret is used at the next fetch), then every
+        worker reloads too, from the file's table as read here."""
+        old, settings = self._settings, loaded.settings
+        self._settings = settings
+        for name in list(self._managers):
+            credential = settings.credentials.get(name)
+            if credential is None or token_identity(credential) != token_identity(
+                old.credentials[name]
+            ):
+                await self._drop_manager(name)
+        for name, credential in settings.credentials.items():
+            manager = self._managers.get(name)
+            if manager is None:
+                self._add_manager(name, credential)
+            else:
+                manager.use(
+                    credential,
+                    request_timeout=settings.token_timeout,
+                    wait_timeout=settings.token_wait_timeout,
+                )
+        for name in changes.removed_credentials:
+            self._metrics.forget_credential(name)
+        table = loaded.toml if changes.trigger == SIGHUP else None
+        self._tell({"tell": "reload", "trigger": changes.trigger, "table": table})
+        if any(key.startswith(("credentials", "clients")) for key in changes.fields):
+            self._log_split()
+
+    def _tell_reloads(self) -> None:
+        self._tell({"tell": "reloads", "figures": self._metrics.reloads.figures()})
+
+    def _tell(self, message: Mapping[str, Any]) -> None:
+        line = _line(message)
+        for worker in self._workers.values():
+            if not worker.writer.is_closing():
+                worker.writer.write(line)
 
     def _log_split(self) -> None:
         settings = self._settings
@@ -519,6 +634,7 @@ class Supervisor:
             writer.write(self._status_line(name))
             for path, refusal in manager.refusals():
                 writer.write(_line(_path_message(name, path, refusal)))
+        writer.write(_line({"tell": "reloads", "figures": self._metrics.reloads.figures()}))
         worker.reader_task = asyncio.create_task(self._listen(worker, reader))
         log.info("worker started", worker=index, pid=process.pid)
         return worker

@@ -31,6 +31,7 @@ from proxy.log import (
     get_logger,
     log_info_fast,
     redactor,
+    set_logging,
     unbind_request,
 )
 from tests.conftest import FakeTokenServer, ProxyFactory, configure_test_logging
@@ -553,3 +554,25 @@ async def test_a_chained_cause_leaks_nothing(
     for value in (secret, token, key):
         shown = [form for form in _shown_forms(value) if form in text]
         assert not shown, (shown, text)
+
+
+def test_log_level_and_format_change_for_loggers_already_in_use() -> None:
+    """structlog caches a logger on first use; set_logging still changes what it writes."""
+    stream = io.StringIO()
+    configure_logging(level="info", fmt="json", stream=stream, cache=True, buffered=False)
+    try:
+        logger = get_logger("tests.live-level")
+        logger.debug("hidden")
+        logger.info("shown")
+        set_logging(level="debug", fmt="json")
+        logger.debug("now shown")
+        set_logging(level="warning", fmt="console")
+        logger.info("hidden again")
+        logger.warning("as console")
+    finally:
+        configure_test_logging()
+    lines = stream.getvalue().splitlines()
+    assert [json.loads(line)["event"] for line in lines[:2]] == ["shown", "now shown"]
+    assert len(lines) == 3
+    assert "as console" in lines[2]
+    assert not lines[2].startswith("{")

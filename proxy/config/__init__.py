@@ -9,6 +9,7 @@ from proxy.config.battlenet import (
     REGION_UPSTREAMS,
     RegionName,
 )
+from proxy.config.fingerprint import FINGERPRINT_LENGTH, fingerprint
 from proxy.config.loader import Loaded, load, load_settings
 from proxy.config.messages import ENV_PREFIX, Problem, Problems, problems_of
 from proxy.config.model import MAX_WORKERS, LogFormat, LogLevel, Settings
@@ -29,6 +30,7 @@ __all__ = [
     "BATTLENET_TOKEN_URL",
     "DEFAULT_SECRETS_DIR",
     "ENV_PREFIX",
+    "FINGERPRINT_LENGTH",
     "MAX_WORKERS",
     "MIN_KEY_LENGTH",
     "REGION_TOKEN_URLS",
@@ -49,6 +51,7 @@ __all__ = [
     "Settings",
     "check_rate_limits",
     "check_url",
+    "fingerprint",
     "is_loopback_host",
     "load",
     "load_settings",

@@ -27,6 +27,9 @@ class Loaded:
 
     settings: Settings
     secret_files: SecretFiles
+    # The configuration file's table as read, for load(table=) to apply a change of the secret
+    # files without reading the file again (it is read again on SIGHUP only).
+    toml: Mapping[str, Any] | None = None
 
 
 def load_settings(
@@ -42,9 +45,11 @@ def load(
     *,
     flags: Mapping[str, Any] | None = None,
     config_file: Path | None = None,
+    table: Mapping[str, Any] | None = None,
 ) -> Loaded:
     """Settings from every source with the secret files they came from, or ConfigError with
-    one line per problem."""
+    one line per problem. `table`: the file's table as read before (Loaded.toml), used
+    instead of reading the file again."""
     environ = os.environ
     fields = frozenset(Settings.model_fields)
     problems = sources.check_environment(environ, known=fields | _LOADER_ENV)
@@ -56,7 +61,9 @@ def load(
     fatal: list[Problem] = []
     cause: Exception | None = None
     raw: dict[str, Any] = {}
-    if config_file is not None:
+    if config_file is not None and table is not None:
+        raw = dict(table)
+    elif config_file is not None:
         try:
             raw = sources.read_toml(config_file, named_by=named_by)
         except ConfigError as exc:
@@ -97,4 +104,4 @@ def load(
     if settings is None or report:
         raise ConfigError(report) from cause
     files = SecretFiles.of(settings, origins=origins, secrets_dir=secrets_dir, scan=scan)
-    return Loaded(settings, files)
+    return Loaded(settings, files, raw if config_file is not None else None)

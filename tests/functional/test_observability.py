@@ -312,7 +312,7 @@ async def test_metrics_of_a_scenario_with_two_routes_and_credentials(
         "credential": {"a", "b"},
         "client": {"-"},
         "method": set(KNOWN_METHODS) | {"OTHER"},
-        "outcome": {"success", "error", "rejected"},
+        "outcome": {"success", "error", "rejected", "failure"},  # token fetches, reloads
         "limit": {"credential", "client", "upstream"},
     }
     for (name, labels), _ in final.items():
@@ -868,7 +868,7 @@ def test_grafana_dashboard_charts_every_metric() -> None:
             exported.append(family.name + "_bucket")
         else:
             exported.append(family.name)
-    assert len(exported) == 10
+    assert len(exported) == 13
     missing = [
         name for name in exported if not re.search(rf"(?<![A-Za-z0-9_]){name}\b", everything)
     ]
