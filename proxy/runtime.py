@@ -11,6 +11,7 @@ import aiohttp
 from proxy.access import AccessLog
 from proxy.config import Credential, Settings
 from proxy.credentials import TokenManager, TokenSource
+from proxy.egress import register_secrets as register_egress_secrets
 from proxy.inbound import Gate
 from proxy.log import redactor
 from proxy.metrics import Metrics
@@ -80,6 +81,7 @@ class Runtime:
         for client in settings.clients:
             if client.key is not None:
                 redactor.add_secret(client.key.get_secret_value())
+        register_egress_secrets(settings)
         store = store if store is not None else MemoryStore()
         await store.start()
         transports = Transports.from_settings(settings)
@@ -101,6 +103,7 @@ class Runtime:
                     metrics=metrics,
                     request_timeout=settings.token_timeout,
                     wait_timeout=settings.token_wait_timeout,
+                    egress=settings.credential_egress(name).proxy_for_url(credential.token_url),
                 )
 
         tokens = {

@@ -30,6 +30,7 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from proxy.config import Credential, Settings
 from proxy.credentials import Token, TokenManager, TokenReplica, TokenStatus
+from proxy.egress import register_secrets as register_egress_secrets
 from proxy.errors import ProxyError
 from proxy.log import get_logger
 from proxy.metrics import Metrics, TokenFigures, TokenMetricsCopy
@@ -367,6 +368,7 @@ class Supervisor:
             loop.add_signal_handler(signum, self._done.set)
         if not self._directory:
             self.make_metrics_directory()
+        register_egress_secrets(settings)
         session = aiohttp.ClientSession(
             cookie_jar=aiohttp.DummyCookieJar(), trust_env=False, raise_for_status=False
         )
@@ -378,6 +380,7 @@ class Supervisor:
                 metrics=self._metrics,
                 request_timeout=settings.token_timeout,
                 wait_timeout=settings.token_wait_timeout,
+                egress=settings.credential_egress(name).proxy_for_url(credential.token_url),
             )
             for name, credential in settings.credentials.items()
         }
