@@ -3,6 +3,7 @@ proxy unreachable, too slow, or refusing a request or a tunnel (403, 407), each 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -71,8 +72,10 @@ def named(proxy: EgressProxy) -> str:
     return f"the egress proxy {proxy.url} ({proxy.setting})"
 
 
-def unreachable(proxy: EgressProxy, target: str, reason: str) -> EgressProxyError:
-    """No connection to the proxy itself: `reason` is the socket's."""
+def unreachable(proxy: EgressProxy, target: str, exc: OSError) -> EgressProxyError:
+    """No connection to the proxy itself, for the reason `exc` gives."""
+    # asyncio's message ("Connect call failed (...)") says less than the errno's.
+    reason = os.strerror(exc.errno) if exc.errno else exc.strerror or str(exc)
     return EgressProxyError(
         f"cannot connect to {named(proxy)}: {reason}; check that it runs and that "
         f"{proxy.setting} names it, or add {_host(target)} to NO_PROXY if it can be reached "
@@ -157,7 +160,7 @@ def token_failure(exc: Exception, proxy: EgressProxy | None, url: str) -> TokenE
     elif isinstance(exc, aiohttp.ClientHttpProxyError):
         error = refused(proxy, target, exc.status, exc.message, tunnel=True)
     elif isinstance(exc, aiohttp.ClientProxyConnectionError):
-        error = unreachable(proxy, target, exc.os_error.strerror or str(exc.os_error))
+        error = unreachable(proxy, target, exc.os_error)
     else:
         error = EgressProxyError(f"{named(proxy)} failed: {type(exc).__name__}")
     return TokenEndpointError(error.detail, error=EGRESS_ERROR_CODE, description=error.detail)

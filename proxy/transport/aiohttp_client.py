@@ -28,7 +28,7 @@ def _proxy_failed(exc: Exception, at: Attempt) -> UpstreamError:
     if isinstance(exc, aiohttp.ClientHttpProxyError):
         return refused(at.via, at.target, exc.status, exc.message, tunnel=True)
     if isinstance(exc, aiohttp.ClientProxyConnectionError):
-        return unreachable(at.via, at.target, exc.os_error.strerror or str(exc.os_error))
+        return unreachable(at.via, at.target, exc.os_error)
     return EgressProxyError(f"{named(at.via)} failed ({type(exc).__name__})")
 
 

@@ -106,7 +106,7 @@ async def open_through(
         raise timed_out(via, target, seconds, tunnel=stage == "tunnel") from exc
     except (OSError, ValueError) as exc:
         if stage == "connect" and isinstance(exc, OSError):
-            raise unreachable(via, target, exc.strerror or str(exc)) from exc
+            raise unreachable(via, target, exc) from exc
         if stage == "tls" and isinstance(exc, OSError):
             raise ERRORS.translate(exc, attempt) from exc
         raise EgressProxyError(
