@@ -5,15 +5,21 @@ what /-/ready and `check` say. `make test` runs these with both transports."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import hashlib
+import io
 import json
 import os
+import secrets
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from proxy.config import Settings
 from tests.conftest import (
@@ -191,6 +197,35 @@ async def test_https_upstream_is_tunnelled_and_the_proxy_never_sees_the_token(
             assert {"proxy-authorization", "via"}.isdisjoint(seen.header_names())
     # The token request (http://) had no proxy: HTTP_PROXY is not set.
     assert ("POST", token_server.url) not in egress.requests()
+
+
+async def test_large_bodies_stream_both_ways_through_the_tunnel(
+    start_proxy: ProxyFactory,
+    token_server: FakeTokenServer,
+    tls_upstream: FakeUpstream,
+    certificates: dict[str, Certificate],
+    tinyproxy: StartTinyproxy,
+) -> None:
+    """Bodies larger than the client's flow-control buffers go up and come down whole through
+    a tunnel (TLS over the CONNECT), on the same pooled tunnel."""
+    egress = tinyproxy()
+    payload = secrets.token_bytes(3 * 1024 * 1024)
+
+    async def download(request: web.Request) -> web.Response:
+        return web.Response(body=payload, content_type="application/octet-stream")
+
+    tls_upstream.handlers["/down"] = download
+    route = tls_route(tls_upstream, certificates["loopback"], outbound_proxy=egress.url)
+    client = await start_proxy(routes_settings(token_server, [route]))
+    async with client.post("/tls/up", data=io.BytesIO(payload)) as response:
+        assert response.status == 200, await response.text()
+        assert (await response.json())["length"] == len(payload)
+    async with client.get("/tls/down") as response:
+        assert response.status == 200
+        got = await response.read()
+    assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+    assert tls_upstream.requests[0].body == payload[: len(tls_upstream.requests[0].body)]
+    assert egress.connects() == [f"127.0.0.1:{port_of(tls_upstream.url)}"]
 
 
 async def test_the_tunnel_still_verifies_the_upstreams_name(
@@ -534,6 +569,54 @@ async def test_connect_to_a_port_the_proxy_forbids_is_502_saying_403(
     assert tls_upstream.requests == []
 
 
+async def test_tunnel_to_an_upstream_the_proxy_cannot_reach_says_so(
+    start_proxy: ProxyFactory, token_server: FakeTokenServer, tinyproxy: StartTinyproxy
+) -> None:
+    """The egress proxy answers the CONNECT with its own 5xx when it cannot reach the
+    upstream: the 502 says that the proxy could not reach it."""
+    egress = tinyproxy()
+    dead = f"https://127.0.0.1:{free_port()}"
+    route = {"prefix": "/", "upstream": dead, "outbound_proxy": egress.url}
+    client = await start_proxy(routes_settings(token_server, [route]))
+    async with client.get("/x") as response:
+        found = await problem(response, 502)
+    assert found["detail"].startswith(f"the egress proxy {egress.url} (routes[0].outbound_proxy)")
+    assert f"the proxy could not reach 127.0.0.1:{port_of(dead)}" in found["detail"]
+
+
+async def test_egress_proxy_that_never_answers_is_502_within_connect_timeout(
+    start_proxy: ProxyFactory,
+    token_server: FakeTokenServer,
+    tls_upstream: FakeUpstream,
+    certificates: dict[str, Certificate],
+) -> None:
+    """A proxy that takes the connection and never answers the CONNECT costs connect_timeout,
+    then a 502 naming the proxy and the timeout."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        await reader.read()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    try:
+        mute = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        route = tls_route(tls_upstream, certificates["loopback"], prefix="/", outbound_proxy=mute)
+        client = await start_proxy(routes_settings(token_server, [route], connect_timeout=0.3))
+        started = time.monotonic()
+        async with client.get("/x") as response:
+            found = await problem(response, 502)
+        assert time.monotonic() - started < 3
+        assert f"egress proxy {mute}" in found["detail"]
+        assert "within connect_timeout (0.3 s)" in found["detail"]
+        assert tls_upstream.requests == []
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
 # --- check, and the real process -----------------------------------------------------------------
 
 
@@ -626,9 +709,9 @@ async def test_the_process_fetches_and_forwards_through_the_proxy(
     tinyproxy: StartTinyproxy,
     certificates: dict[str, Certificate],
 ) -> None:
-    """token-proxy as users run it (uvloop's event loop when installed): HTTP_PROXY for the
-    token request, HTTPS_PROXY for an https upstream tunnelled with CONNECT (trusted through
-    SSL_CERT_FILE), the tunnel reused."""
+    """token-proxy as users run it, with two workers (uvloop's event loop when installed):
+    HTTP_PROXY for the supervisor's token request, HTTPS_PROXY for a worker's https upstream
+    tunnelled with CONNECT (trusted through SSL_CERT_FILE), the tunnel reused."""
     egress = tinyproxy()
     cert = certificates["loopback"]
     async with other_server(cert.server_context()) as tls:
@@ -638,6 +721,7 @@ async def test_the_process_fetches_and_forwards_through_the_proxy(
                 "HTTPS_PROXY": egress.url,
                 "TOKEN_PROXY_UPSTREAM": tls.url,
                 "SSL_CERT_FILE": str(cert.cert),
+                "TOKEN_PROXY_WORKERS": "2",
             }
         )
         async with aiohttp.ClientSession() as session:
