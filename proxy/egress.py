@@ -31,6 +31,24 @@ def egress_proxies(settings: Settings) -> dict[str, list[EgressProxy]]:
     return uses
 
 
+def summary(settings: Settings) -> dict[str, str]:
+    """Which egress proxy each credential's token requests and each route's upstream go
+    through (NO_PROXY applied), for the start-up line; empty when all go directly."""
+    used = {
+        f"credential {name}": settings.credential_egress(name).proxy_for_url(c.token_url)
+        for name, c in settings.credentials.items()
+    }
+    for route in settings.routes:
+        proxy = settings.route_egress(route).proxy_for_url(route.upstream)
+        used[f"route {route.prefix}"] = proxy
+    if all(proxy is None for proxy in used.values()):
+        return {}
+    return {
+        use: "direct" if proxy is None else f"{proxy.url} ({proxy.setting})"
+        for use, proxy in used.items()
+    }
+
+
 def register_secrets(settings: Settings) -> None:
     """The user and password of every egress proxy, for the log redactor."""
     for proxies in egress_proxies(settings).values():

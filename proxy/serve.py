@@ -11,6 +11,7 @@ from aiohttp import web
 from proxy import __version__
 from proxy.app import CUT_OFF, METRICS, create_app, create_metrics_app, runner_options
 from proxy.config import Settings
+from proxy.egress import summary as egress_summary
 from proxy.log import get_logger
 from proxy.workers import WorkerLink
 
@@ -48,6 +49,7 @@ async def serve(settings: Settings, worker: WorkerLink | None = None) -> None:
             lost.add_done_callback(lambda _: stop.set())
             worker.listening()
         addresses = [f"{host}:{port}" for r in runners for host, port, *_ in r.addresses]
+        egress = egress_summary(settings)
         log.info(
             "token-proxy listening",
             version=__version__,
@@ -55,6 +57,8 @@ async def serve(settings: Settings, worker: WorkerLink | None = None) -> None:
             upstream_client=settings.upstream_client,
             addresses=addresses,
             routes={route.prefix: route.upstream for route in settings.routes},
+            # Only behind an egress proxy: which one each credential and route goes through.
+            **({"egress_proxy": egress} if egress else {}),
         )
         if settings.exposed_anonymously:
             log.warning(

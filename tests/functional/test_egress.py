@@ -36,7 +36,7 @@ from tests.conftest import (
     problem_of,
     wait_for,
 )
-from tests.functional.test_cli import run_cli_async
+from tests.functional.test_cli import assert_config_error, run_cli_async
 from tests.functional.test_security import Certificate, other_server, self_signed
 from tests.functional.tinyproxy import Tinyproxy, relay_to
 
@@ -638,15 +638,13 @@ def check_tables(stdout: str) -> list[list[dict[str, str]]]:
     return found
 
 
-def check_env(
-    clean_env: dict[str, str], token_server: FakeTokenServer, **extra: str
-) -> dict[str, str]:
+def check_env(clean_env: dict[str, str], token_url: str, **extra: str) -> dict[str, str]:
     env = dict(clean_env)
     env.update(
         {
             "TOKEN_PROXY_CLIENT_ID": TEST_CLIENT_ID,
             "TOKEN_PROXY_CLIENT_SECRET": TEST_SECRET,
-            "TOKEN_PROXY_TOKEN_URL": token_server.url,
+            "TOKEN_PROXY_TOKEN_URL": token_url,
             "TOKEN_PROXY_UPSTREAM": "http://localhost:9",
             **extra,
         }
@@ -673,7 +671,7 @@ async def test_check_prints_the_egress_proxy_of_each_credential_and_route(
     each route, which proxy it uses (its address, never its password) or `direct`."""
     env = check_env(
         clean_env,
-        token_server,
+        token_server.url,
         HTTP_PROXY=authenticating.url_with_credentials,
         NO_PROXY="localhost",
     )
@@ -694,7 +692,7 @@ async def test_check_names_a_dead_egress_proxy_and_exits_1(
 ) -> None:
     """`check` through an egress proxy nobody runs: exit 1, the proxy named in the result."""
     down = dead_proxy()
-    env = check_env(clean_env, token_server, TOKEN_PROXY_OUTBOUND_PROXY=down)
+    env = check_env(clean_env, token_server.url, TOKEN_PROXY_OUTBOUND_PROXY=down)
     result = await run_cli_async(["check"], env, tmp_path)
     assert result.returncode == 1, result
     assert f"FAILED: cannot connect to the egress proxy {down} (outbound_proxy)" in result.stdout
@@ -732,3 +730,30 @@ async def test_the_process_fetches_and_forwards_through_the_proxy(
         assert egress.connects() == [f"127.0.0.1:{port_of(tls.url)}"]
         assert ("POST", token_server.url) in egress.requests()
     assert upstream.requests == []
+    lines = [json.loads(line) for line in proxy.log_text().splitlines() if line.startswith("{")]
+    started = [line for line in lines if line.get("event") == "token-proxy listening"]
+    assert started
+    for line in started:
+        assert line["egress_proxy"] == {
+            "credential default": f"{egress.url} (HTTP_PROXY)",
+            "route /": f"{egress.url} (HTTPS_PROXY)",
+        }
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("TOKEN_PROXY_OUTBOUND_PROXY", f"socks5://me:{PROXY_PASSWORD}@proxy:1080", "SOCKS"),
+        ("TOKEN_PROXY_OUTBOUND_PROXY", f"http://me:{PROXY_PASSWORD}@proxy:port", "no valid port"),
+        ("HTTPS_PROXY", f"https://me:{PROXY_PASSWORD}@proxy:443", "https:// egress proxy"),
+    ],
+)
+async def test_a_bad_proxy_url_exits_2_naming_the_setting(
+    clean_env: dict[str, str], tmp_path: Path, variable: str, value: str, says: str
+) -> None:
+    """A proxy URL that cannot be used stops the proxy before it binds, with exit 2, the
+    variable named, what to fix, and never the password."""
+    env = check_env(clean_env, "http://127.0.0.1:9/token", **{variable: value})
+    result = await run_cli_async(["run"], env, tmp_path)
+    assert_config_error(result, f"environment variable {variable}: ", says)
+    assert PROXY_PASSWORD not in result.stderr
