@@ -54,9 +54,11 @@ lint: $(DEV_STAMP)
 typecheck: $(DEV_STAMP)
 	$(BIN)/mypy
 
-# The store tests start a real redis-server: Debian's package is installed when it is missing.
+# The store tests start a real redis-server, the egress tests a real tinyproxy: Debian's
+# packages are installed when they are missing.
 test: $(DEV_STAMP) lint typecheck
 	scripts/ensure-redis-server
+	scripts/ensure-tinyproxy
 	$(BIN)/pytest
 	$(BIN)/pytest -q tests/functional --upstream-client aiohttp
 

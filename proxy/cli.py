@@ -21,6 +21,7 @@ from proxy.config import MIN_KEY_LENGTH, Loaded, Settings, load
 from proxy.errors import ConfigError, TokenEndpointError
 
 if TYPE_CHECKING:
+    from proxy.config.egress import EgressProxy
     from proxy.reload import ConfigSource
     from proxy.workers import WorkerSpec
 
@@ -327,20 +328,24 @@ async def _check(settings: Settings) -> int:
     import aiohttp  # noqa: PLC0415  (see the module docstring)
 
     from proxy.credentials import TokenManager  # noqa: PLC0415
+    from proxy.egress import register_secrets  # noqa: PLC0415
     from proxy.log import redactor  # noqa: PLC0415
     from proxy.metrics import Metrics  # noqa: PLC0415
 
+    register_secrets(settings)
     rows: list[tuple[str, ...]] = []
     failed = False
     metrics = Metrics()
     async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
         for name, credential in settings.credentials.items():
+            via = settings.credential_egress(name).proxy_for_url(credential.token_url)
             manager = TokenManager(
                 name=name,
                 credential=credential,
                 session=session,
                 metrics=metrics,
                 request_timeout=settings.token_timeout,
+                egress=via,
             )
             try:
                 token = await manager.fetch()
@@ -352,11 +357,48 @@ async def _check(settings: Settings) -> int:
                 result, expires = "ok", f"{token.lifetime:.0f} s"
                 scope = token.scope or credential.scope or "-"
             rows.append(
-                (name, credential.token_url, credential.auth_method, scope, expires, result)
+                (
+                    name,
+                    credential.token_url,
+                    credential.auth_method,
+                    scope,
+                    expires,
+                    _egress_shown(via),
+                    result,
+                )
             )
-    header = ("credential", "token_url", "auth_method", "scope", "expires_in", "result")
+    header = (
+        "credential",
+        "token_url",
+        "auth_method",
+        "scope",
+        "expires_in",
+        "egress_proxy",
+        "result",
+    )
+    _print_table(header, rows)
+    print()
+    routes = [
+        (
+            route.prefix,
+            route.upstream,
+            route.credential,
+            _egress_shown(settings.route_egress(route).proxy_for_url(route.upstream)),
+        )
+        for route in settings.routes_by_length
+    ]
+    _print_table(("route", "upstream", "credential", "egress_proxy"), routes)
+    return EXIT_TOKEN_FAILED if failed else EXIT_OK
+
+
+def _egress_shown(via: EgressProxy | None) -> str:
+    """The egress proxy as `check` shows it: its address without user and password."""
+    return "direct" if via is None else via.url
+
+
+def _print_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
+    """Columns padded to their widest cell; the last one, which may hold spaces, as it is."""
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header) - 1)]
     for row in (header, *rows):
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
         print("  ".join([*cells, row[-1]]).rstrip())
-    return EXIT_TOKEN_FAILED if failed else EXIT_OK

@@ -17,6 +17,8 @@ from urllib.parse import quote_plus
 import aiohttp
 
 from proxy.config import Credential
+from proxy.config.egress import EgressProxy
+from proxy.egress import AiohttpVia, through, token_failure, token_refused
 from proxy.errors import ClientRejected, TokenEndpointError, TokenUnavailable
 from proxy.log import get_logger, redactor
 from proxy.metrics import Metrics
@@ -230,10 +232,14 @@ class TokenManager(_TokenHolder):
         wait_timeout: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
         rng: Callable[[], float] = random.random,
+        egress: EgressProxy | None = None,
     ) -> None:
+        """`egress`: the egress proxy the token requests go through (None: direct)."""
         self.name = name
         self._credential = credential
         self._session = session
+        self._egress = egress
+        self._via = AiohttpVia.of(egress, credential.token_url.partition(":")[0])
         self._metrics = metrics
         self._request_timeout = aiohttp.ClientTimeout(total=request_timeout)
         self._wait_timeout = wait_timeout
@@ -360,7 +366,7 @@ class TokenManager(_TokenHolder):
         if credential.scope:
             form["scope"] = credential.scope
         form.update(credential.extra_params)
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": "application/json", **self._via.headers}
         secret = credential.client_secret.get_secret_value()
         if credential.auth_method == "client_secret_basic":
             headers["Authorization"] = "Basic " + basic_credentials(credential.client_id, secret)
@@ -368,6 +374,7 @@ class TokenManager(_TokenHolder):
             form["client_id"] = credential.client_id
             form["client_secret"] = secret
         started = self._clock()
+        egress = self._egress
         try:
             async with self._session.post(
                 credential.token_url,
@@ -375,19 +382,26 @@ class TokenManager(_TokenHolder):
                 headers=headers,
                 timeout=self._request_timeout,
                 allow_redirects=False,
+                proxy=self._via.url,
+                proxy_headers=self._via.proxy_headers,
             ) as response:
                 body = await response.content.read(MAX_TOKEN_RESPONSE + 1)
                 status, content_type = response.status, response.content_type
         except TimeoutError:
             raise TokenEndpointError(
-                f"token endpoint gave no answer within {self._request_timeout.total:g} s",
+                f"token endpoint gave no answer within {self._request_timeout.total:g} s"
+                f"{through(egress)}",
                 error="timeout",
             ) from None
+        except (aiohttp.ClientProxyConnectionError, aiohttp.ClientHttpProxyError) as exc:
+            raise token_failure(exc, egress, credential.token_url) from None
         except aiohttp.ClientError as exc:
             raise TokenEndpointError(
-                f"cannot reach the token endpoint: {type(exc).__name__}: {exc}",
+                f"cannot reach the token endpoint{through(egress)}: {type(exc).__name__}: {exc}",
                 error="connection_error",
             ) from None
+        if status == 407 and egress is not None:
+            raise token_refused(egress, credential.token_url, status)
         if len(body) > MAX_TOKEN_RESPONSE:
             raise TokenEndpointError(
                 "token endpoint answered more than 1 MiB", error="invalid_response"

@@ -13,6 +13,7 @@ ProxyError                 answered as problem+json: status, title, detail, its 
 ├── UpstreamBusy           503 every connection the route may use stayed busy (Retry-After)
 ├── TokenEndpointError     a token request failed (logged, retried; never served directly)
 └── UpstreamError          502 upstream unreachable or broken
+    ├── EgressProxyError   502 the egress proxy is unreachable or refused the request
     └── UpstreamTimeout    504 no byte from upstream within read_timeout
 StoreUnavailable           a shared store (Redis) failed; never served: the fallback store
                            answers from memory instead (so not a ProxyError, which would be)
@@ -168,6 +169,14 @@ class UpstreamError(ProxyError):
     status = 502
     title = "Upstream unreachable"
     type_slug = "upstream-unreachable"
+
+
+class EgressProxyError(UpstreamError):
+    """The egress proxy (outbound_proxy, HTTPS_PROXY) could not be reached, or refused to
+    carry the request; the message names the proxy, not the upstream."""
+
+    title = "Egress proxy unreachable or refusing"
+    type_slug = "egress-proxy"
 
 
 class UpstreamTimeout(UpstreamError):

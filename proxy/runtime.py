@@ -15,6 +15,7 @@ import aiohttp
 from proxy.access import AccessLog
 from proxy.config import Credential, Settings, fingerprint
 from proxy.credentials import TokenManager, TokenSource
+from proxy.egress import register_secrets as register_egress_secrets
 from proxy.inbound import Gate
 from proxy.log import redactor
 from proxy.metrics import Metrics
@@ -63,7 +64,10 @@ def _transport_options(settings: Settings) -> tuple[object, ...]:
         settings.connect_timeout,
         settings.read_timeout,
         settings.max_connections,
-        tuple((r.prefix, r.ca_bundle, r.max_connections) for r in settings.routes),
+        tuple(
+            (r.prefix, r.ca_bundle, r.max_connections, settings.route_egress(r))
+            for r in settings.routes
+        ),
     )
 
 
@@ -141,6 +145,7 @@ class Runtime:
         for client in settings.clients:
             if client.key is not None:
                 redactor.add_secret(client.key.get_secret_value())
+        register_egress_secrets(settings)
         taken: list[_Shared[Any]] = []
         try:
             return await cls._open(
@@ -208,6 +213,7 @@ class Runtime:
                     metrics=metrics,
                     request_timeout=settings.token_timeout,
                     wait_timeout=settings.token_wait_timeout,
+                    egress=settings.credential_egress(name).proxy_for_url(credential.token_url),
                 )
 
         sources: dict[str, _Shared[TokenSource]] = {}

@@ -13,6 +13,7 @@ from aiohttp import web
 from proxy import __version__
 from proxy.app import CUT_OFF, METRICS, RUNTIME, create_app, create_metrics_app, runner_options
 from proxy.config import Loaded, fingerprint
+from proxy.egress import summary as egress_summary
 from proxy.log import get_logger
 from proxy.reload import SECRET_POLL_INTERVAL, Changes, ConfigSource, Reloader
 from proxy.workers import WorkerLink
@@ -60,6 +61,7 @@ async def serve(loaded: Loaded, source: ConfigSource, worker: WorkerLink | None 
             lost.add_done_callback(lambda _: stop.set())
             worker.listening()
         addresses = [f"{host}:{port}" for r in runners for host, port, *_ in r.addresses]
+        egress = egress_summary(settings)
         log.info(
             "token-proxy listening",
             version=__version__,
@@ -68,6 +70,8 @@ async def serve(loaded: Loaded, source: ConfigSource, worker: WorkerLink | None 
             addresses=addresses,
             routes={route.prefix: route.upstream for route in settings.routes},
             config=fingerprint(loaded.settings),
+            # Only behind an egress proxy: which one each credential and route goes through.
+            **({"egress_proxy": egress} if egress else {}),
         )
         if settings.exposed_anonymously:
             log.warning(

@@ -30,6 +30,7 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from proxy.config import Credential, Loaded, Settings
 from proxy.credentials import Token, TokenManager, TokenReplica, TokenStatus
+from proxy.egress import register_secrets as register_egress_secrets
 from proxy.errors import ProxyError
 from proxy.log import get_logger
 from proxy.metrics import Metrics, TokenFigures, TokenMetricsCopy
@@ -414,6 +415,7 @@ class Supervisor:
         )
         if not self._directory:
             self.make_metrics_directory()
+        register_egress_secrets(settings)
         session = self._session = aiohttp.ClientSession(
             cookie_jar=aiohttp.DummyCookieJar(), trust_env=False, raise_for_status=False
         )
@@ -481,6 +483,7 @@ class Supervisor:
             metrics=self._metrics,
             request_timeout=settings.token_timeout,
             wait_timeout=settings.token_wait_timeout,
+            egress=settings.credential_egress(name).proxy_for_url(credential.token_url),
         )
         manager.start()
         self._watchers[name] = asyncio.create_task(self._watch(name), name=f"token-watch:{name}")

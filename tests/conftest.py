@@ -308,10 +308,15 @@ def with_transport(settings: Settings, upstream_client: str) -> Settings:
     return settings.model_copy(update={"upstream_client": upstream_client})
 
 
+# The environment's egress proxy variables, which would send the suite's loopback traffic to
+# whatever proxy the machine running it names; the tests that want one set it themselves.
+PROXY_VARIABLES = frozenset({"http_proxy", "https_proxy", "no_proxy", "all_proxy"})
+
+
 @pytest.fixture(autouse=True)
 def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
-        if name.upper().startswith("TOKEN_PROXY_"):
+        if name.upper().startswith("TOKEN_PROXY_") or name.lower() in PROXY_VARIABLES:
             monkeypatch.delenv(name)
     monkeypatch.setenv("TOKEN_PROXY_SECRETS_DIR", str(Path(__file__).parent / "data" / "empty"))
 

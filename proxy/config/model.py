@@ -11,6 +11,7 @@ import limits
 from pydantic import (
     Field,
     ModelWrapValidatorHandler,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -20,6 +21,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from proxy.config import sources
 from proxy.config.battlenet import RegionName
+from proxy.config.egress import Egress, ProxyEnvironment, check_proxy_url, egress_of
 from proxy.config.expand import expand
 from proxy.config.messages import ENV_PREFIX, Problem, Problems, Schema, problems_of
 from proxy.config.tables import AuthMethod, Client, Credential, Route
@@ -114,6 +116,13 @@ class Settings(BaseSettings):
         description="`lean` (the fast keep-alive HTTP/1.1 client) or `aiohttp` (its "
         "ClientSession, for what the lean one does not do)",
     )
+    outbound_proxy: SecretStr | None = Field(
+        default=None,
+        description="egress proxy for token requests and upstreams, "
+        "`http://[user:password@]host:port`; replaces HTTPS_PROXY and HTTP_PROXY, NO_PROXY "
+        'still applies; `""`: none, whatever the environment says',
+        json_schema_extra={"shown_default": "`HTTPS_PROXY` / `HTTP_PROXY` of the environment"},
+    )
     max_body_size: int | None = Field(
         default=None,
         ge=0,
@@ -151,6 +160,8 @@ class Settings(BaseSettings):
     clients: tuple[Client, ...] = Field(
         default=(), description="`[[clients]]` tables: team keys, below"
     )
+    # HTTPS_PROXY, HTTP_PROXY and NO_PROXY, read when the configuration is loaded.
+    _proxy_environment: ProxyEnvironment = PrivateAttr(default_factory=ProxyEnvironment.read)
 
     @classmethod
     def settings_customise_sources(
@@ -169,6 +180,13 @@ class Settings(BaseSettings):
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("outbound_proxy")
+    @classmethod
+    def _outbound_proxy(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            check_proxy_url(value.get_secret_value())
+        return value
 
     @field_validator("workers")
     @classmethod
@@ -211,6 +229,7 @@ class Settings(BaseSettings):
             problems.append(Problem(("clients",), "two clients share one key; give each its own"))
         if self.workers > 1:
             problems += self._split_limit_problems()
+        problems += self._egress_problems()
         if problems:
             raise Problems(problems)
         return self
@@ -233,6 +252,49 @@ class Settings(BaseSettings):
             for value in values
             if limits.parse(value).amount < self.workers
         ]
+
+    def _egress_problems(self) -> list[Problem]:
+        """A proxy variable of the environment that is not a proxy URL, when anything uses it
+        (a setting's own URL is checked by its validator)."""
+        try:
+            for name in self.credentials:
+                self.credential_egress(name)
+            for route in self.routes:
+                self.route_egress(route)
+        except ValueError as exc:
+            fix = 'or set outbound_proxy, which replaces it ("" for none)'
+            return [Problem((), f"{exc}; {fix}", where="")]
+        return []
+
+    def credential_egress(self, name: str) -> Egress:
+        """Where the token requests of credential `name` go: its own outbound_proxy, else the
+        top-level one, else the environment's proxy variables."""
+        own = self.credentials[name].outbound_proxy
+        if own is None:
+            return self._egress()
+        setting = f"credentials.{name}.outbound_proxy"
+        return egress_of(
+            own.get_secret_value(), setting=setting, environment=self._proxy_environment
+        )
+
+    def route_egress(self, route: Route) -> Egress:
+        """Where the requests of `route` (one of `routes`) go, as credential_egress."""
+        if route.outbound_proxy is None:
+            return self._egress()
+        index = next(i for i, known in enumerate(self.routes) if known.prefix == route.prefix)
+        return egress_of(
+            route.outbound_proxy.get_secret_value(),
+            setting=f"routes[{index}].outbound_proxy",
+            environment=self._proxy_environment,
+        )
+
+    def _egress(self) -> Egress:
+        top = self.outbound_proxy
+        return egress_of(
+            None if top is None else top.get_secret_value(),
+            setting="outbound_proxy",
+            environment=self._proxy_environment,
+        )
 
     def split_limits(self) -> tuple[dict[str, Credential], tuple[Client, ...]]:
         """The credentials and clients with every rate limit divided between the workers

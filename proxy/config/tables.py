@@ -26,6 +26,7 @@ from proxy.config.battlenet import (
     RegionName,
     is_battlenet_token_url,
 )
+from proxy.config.egress import check_proxy_url
 from proxy.config.messages import Problem, Problems, Schema, problems_of
 from proxy.config.sources import read_secret_file
 from proxy.config.values import check_rate_limits, check_url
@@ -83,6 +84,16 @@ class Credential(_Model):
         default=(),
         description="Battle.net regions to route for this credential: `/us/`, `/eu/`, ...",
     )
+    outbound_proxy: SecretStr | None = Field(
+        default=None,
+        description='egress proxy of this credential\'s token requests; `""`: none',
+        json_schema_extra={"shown_default": "the top-level `outbound_proxy`"},
+    )
+
+    @field_validator("outbound_proxy")
+    @classmethod
+    def _outbound_proxy(cls, value: SecretStr | None) -> SecretStr | None:
+        return _proxy_url(value)
 
     @field_validator("rate_limit")
     @classmethod
@@ -167,6 +178,12 @@ class Credential(_Model):
         return value
 
 
+def _proxy_url(value: SecretStr | None) -> SecretStr | None:
+    if value is not None:
+        check_proxy_url(value.get_secret_value())
+    return value
+
+
 _SECRET_MISSING = frozenset({("client_secret",), ("client_secret_file",)})
 _SCHEMA = Schema(top=Credential)
 
@@ -186,6 +203,16 @@ class Route(_Model):
     ca_bundle: Path | None = Field(
         default=None, description="PEM file of CAs to verify this upstream with"
     )
+    outbound_proxy: SecretStr | None = Field(
+        default=None,
+        description='egress proxy to this upstream; `""`: none',
+        json_schema_extra={"shown_default": "the top-level `outbound_proxy`"},
+    )
+
+    @field_validator("outbound_proxy")
+    @classmethod
+    def _outbound_proxy(cls, value: SecretStr | None) -> SecretStr | None:
+        return _proxy_url(value)
 
     @field_validator("ca_bundle")
     @classmethod

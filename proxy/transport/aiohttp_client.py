@@ -10,15 +10,32 @@ import aiohttp
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.config.egress import Egress
+from proxy.egress import AiohttpVia, named, refused, unreachable
+from proxy.errors import EgressProxyError, UpstreamError, UpstreamTimeout
 from proxy.transport.base import CHUNK_SIZE, Attempt, Body, ErrorTable, UpstreamResponse
 from proxy.transport.slots import ConnectionSlots
 
 # Headers aiohttp would add on its own; a transparent proxy sends only what the client sent.
 _NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
+
+def _proxy_failed(exc: Exception, at: Attempt) -> UpstreamError:
+    """aiohttp's errors of the egress proxy itself: it could not be reached, or it answered
+    the CONNECT with another status than 200."""
+    if at.via is None:
+        return EgressProxyError(f"the egress proxy failed ({type(exc).__name__})")
+    if isinstance(exc, aiohttp.ClientHttpProxyError):
+        return refused(at.via, at.target, exc.status, exc.message, tunnel=True)
+    if isinstance(exc, aiohttp.ClientProxyConnectionError):
+        return unreachable(at.via, at.target, exc.os_error)
+    return EgressProxyError(f"{named(at.via)} failed ({type(exc).__name__})")
+
+
 # aiohttp's exceptions and ours; the first match wins, so subclasses come before their bases.
 ERRORS = ErrorTable(
+    (aiohttp.ClientProxyConnectionError, _proxy_failed),
+    (aiohttp.ClientHttpProxyError, _proxy_failed),
     (
         aiohttp.ConnectionTimeoutError,
         lambda exc, at: UpstreamError(
@@ -110,9 +127,14 @@ class AiohttpTransport:
         read_timeout: float,
         slots: ConnectionSlots,
         ssl_context: ssl.SSLContext | None = None,
+        egress: Egress | None = None,
     ) -> None:
         """`slots` bounds the connections in use; `ssl_context` verifies https upstreams
-        (None: the system's CAs)."""
+        (None: the system's CAs), through a tunnel too; `egress` says which upstreams are
+        reached through an egress proxy (None: all directly)."""
+        self._egress = None if egress is None or egress.direct else egress
+        # Per scheme, host and port: the egress proxy, its URL and Basic credentials.
+        self._vias: dict[tuple[str, str], AiohttpVia] = {}
         # `connect` bounds name resolution and connecting; a connection of aiohttp's own pool
         # is never waited for, as `slots` is taken first.
         self._timeout = aiohttp.ClientTimeout(
@@ -158,9 +180,12 @@ class AiohttpTransport:
         if not self.slots.try_take():
             await self.slots.take()
         try:
-            response = await session.request(
-                method, target, headers=headers, data=body, allow_redirects=False
-            )
+            if self._egress is None:
+                response = await session.request(
+                    method, target, headers=headers, data=body, allow_redirects=False
+                )
+            else:
+                response = await self._send_via(session, method, target, headers, body)
         except BaseException as exc:
             self.slots.give()
             if isinstance(exc, ERRORS.types):
@@ -168,6 +193,47 @@ class AiohttpTransport:
             raise
         return AiohttpResponse(response, self)
 
+    async def _send_via(
+        self,
+        session: aiohttp.ClientSession,
+        method: str,
+        target: URL,
+        headers: Sequence[tuple[str, str]],
+        body: Body,
+    ) -> aiohttp.ClientResponse:
+        """The request through the egress proxy its upstream goes through, if any: aiohttp
+        tunnels https:// with CONNECT (Proxy-Authorization on the CONNECT only) and sends
+        http:// in absolute form."""
+        via = self._via(target)
+        if via.headers:
+            headers = [*headers, *via.headers.items()]
+        response = await session.request(
+            method,
+            target,
+            headers=headers,
+            data=body,
+            allow_redirects=False,
+            proxy=via.url,
+            proxy_headers=via.proxy_headers,
+        )
+        if via.proxy is not None and response.status == 407 and target.scheme == "http":
+            response.close()
+            raise refused(
+                via.proxy, self.attempt(target, False).target, 407, response.reason, tunnel=False
+            )
+        return response
+
+    def _via(self, url: URL) -> AiohttpVia:
+        key = (url.scheme, url.raw_authority)
+        via = self._vias.get(key)
+        if via is None:
+            proxy = None if self._egress is None else self._egress.proxy_for(*key)
+            via = self._vias[key] = AiohttpVia.of(proxy, url.scheme)
+        return via
+
     def attempt(self, url: URL, reading_body: bool) -> Attempt:
         """What the message of an error on the way to `url` says."""
-        return Attempt(url.host, url.port, self._connect_timeout, self._read_timeout, reading_body)
+        via = None if self._egress is None else self._via(url).proxy
+        return Attempt(
+            url.host, url.port, self._connect_timeout, self._read_timeout, reading_body, via
+        )

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from multidict import CIMultiDictProxy
 
 from proxy.errors import UpstreamError
+
+if TYPE_CHECKING:
+    from proxy.config.egress import EgressProxy
 
 # A request body: buffered bytes (replayable), a stream (sent once), or none.
 Body = bytes | AsyncIterable[bytes] | None
@@ -58,18 +61,28 @@ class Transport(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Attempt:
-    """What an error message may say about the exchange that failed: where it went, the
-    transport's timeouts, and whether the answer's headers had already arrived."""
+    """What an error message may say about the exchange that failed: where it went (and
+    through which egress proxy), the transport's timeouts, and whether the answer's headers
+    had already arrived."""
 
     host: str | None
     port: int | None
     connect_timeout: float
     read_timeout: float
     reading_body: bool = False
+    via: EgressProxy | None = None
+
+    @property
+    def target(self) -> str:
+        """host:port, as a CONNECT names it."""
+        host = self.host or ""
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     @property
     def where(self) -> str:
-        return f"{self.host}:{self.port}"
+        if self.via is None:
+            return f"{self.host}:{self.port}"
+        return f"{self.host}:{self.port} through the egress proxy {self.via.url}"
 
 
 # Builds our error from a library's exception (typed Any: each row's function gets its type).

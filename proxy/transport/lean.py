@@ -11,10 +11,13 @@ from collections.abc import AsyncIterable, AsyncIterator, Sequence
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.config.egress import Egress
+from proxy.egress import refused
 from proxy.errors import UpstreamError, UpstreamTimeout
 from proxy.transport.base import Attempt, Body
 from proxy.transport.connection import ERRORS, Connection
 from proxy.transport.slots import ConnectionSlots
+from proxy.transport.tunnel import open_through
 from proxy.transport.wire import Origin, request_head, split_url, write_stream
 
 _IDLE_TIMEOUT = 15.0
@@ -110,9 +113,12 @@ class LeanClient:
         read_timeout: float,
         slots: ConnectionSlots,
         ssl_context: ssl.SSLContext | None = None,
+        egress: Egress | None = None,
     ) -> None:
         """`slots` bounds the connections in use; `ssl_context` verifies https upstreams
-        (None: the system's CAs)."""
+        (None: the system's CAs), through a tunnel too; `egress` says which upstreams are
+        reached through an egress proxy (None: all directly)."""
+        self._egress = None if egress is None or egress.direct else egress
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._slots = slots
@@ -150,8 +156,18 @@ class LeanClient:
         scheme, netloc, target = split_url(url)
         origin = self._origins.get((scheme, netloc))
         if origin is None:
-            origin = self._origins[(scheme, netloc)] = Origin.parse(scheme, netloc)
-        head = request_head(method, target, origin.host_header, headers, body)
+            origin = self._origins[(scheme, netloc)] = self._origin(scheme, netloc)
+        if origin.absolute is None:
+            head = request_head(method, target, origin.host_header, headers, body)
+        else:
+            head = request_head(
+                method,
+                origin.absolute + target,
+                origin.host_header,
+                headers,
+                body,
+                proxy_authorization=origin.proxy_authorization,
+            )
         if self._slots.try_take():
             conn = self._pooled(origin)  # the usual case, without a coroutine of its own
             reused = conn is not None
@@ -171,6 +187,11 @@ class LeanClient:
                 raise
         conn, _ = await self._acquire(origin, fresh=True)
         return await self._exchange(conn, method, head, body)
+
+    def _origin(self, scheme: str, netloc: str) -> Origin:
+        """Where requests to `netloc` go, the egress proxy in between decided once."""
+        via = None if self._egress is None else self._egress.proxy_for(scheme, netloc)
+        return Origin.parse(scheme, netloc, via=via)
 
     async def _exchange(
         self, conn: Connection, method: str, head: bytes, body: Body
@@ -195,12 +216,20 @@ class LeanClient:
             conn.last_io = time.monotonic()
             conn.expecting = True
             await conn.headers_ready
+            if conn.status == 407 and conn.origin.absolute is not None:
+                self._refused(conn)
         except BaseException:
             if writer is not None:
                 writer.cancel()
             self.release(conn, reuse=False)
             raise
         return LeanResponse(self, conn, writer)
+
+    def _refused(self, conn: Connection) -> None:
+        """An http:// request the egress proxy answered with 407 itself: never upstream's."""
+        via = conn.origin.via
+        if via is not None:
+            raise refused(via, conn.origin.target, conn.status, conn.reason, tunnel=False)
 
     async def _sweep(self) -> None:
         """One timer for every exchange, rather than one per request: an exchange whose
@@ -240,17 +269,22 @@ class LeanClient:
     async def _open(self, origin: Origin) -> Connection:
         """A new connection, now busy, on a slot the caller took (given back if it fails)."""
         loop = asyncio.get_running_loop()
-        attempt = Attempt(origin.host, origin.port, self._connect_timeout, self._read_timeout)
+        attempt = Attempt(
+            origin.host, origin.port, self._connect_timeout, self._read_timeout, via=origin.via
+        )
         context = self._ssl if origin.scheme == "https" else None
         try:
-            async with asyncio.timeout(self._connect_timeout):
-                _, conn = await loop.create_connection(
-                    lambda: Connection(origin, attempt),
-                    origin.host,
-                    origin.port,
-                    ssl=context,
-                    server_hostname=origin.host if context is not None else None,
-                )
+            if origin.via is not None:
+                conn = await open_through(origin, origin.via, attempt, ssl_context=self._ssl)
+            else:
+                async with asyncio.timeout(self._connect_timeout):
+                    _, conn = await loop.create_connection(
+                        lambda: Connection(origin, attempt),
+                        origin.host,
+                        origin.port,
+                        ssl=context,
+                        server_hostname=origin.host if context is not None else None,
+                    )
         except BaseException as exc:
             self._slots.give()
             if isinstance(exc, ERRORS.types):

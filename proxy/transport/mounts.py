@@ -4,12 +4,13 @@ its transports."""
 from __future__ import annotations
 
 import ssl
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from proxy.config import Route, Settings
+from proxy.config.egress import DIRECT, Egress
 from proxy.transport.aiohttp_client import AiohttpTransport
 from proxy.transport.base import Transport
 from proxy.transport.lean import LeanClient
@@ -20,23 +21,25 @@ TransportKind = Literal["lean", "aiohttp"]
 
 @dataclass(frozen=True, slots=True)
 class Profile:
-    """What a transport is built with for a route; routes with equal profiles share one.
-    (An egress proxy, when there is one, is a field of this too.)"""
+    """What a transport is built with for a route; routes with equal profiles share one."""
 
     ca_bundle: Path | None = None
     # A route with max_connections of its own keeps its cap to itself: its prefix makes its
     # profile its own, even when another route names the same number.
     capped_route: str | None = None
     max_connections: int | None = None
+    # Its egress proxies and NO_PROXY: which upstream goes through which proxy.
+    egress: Egress = DIRECT
 
     @classmethod
-    def of(cls, route: Route) -> Profile:
+    def of(cls, route: Route, *, egress: Egress = DIRECT) -> Profile:
         if route.max_connections is None:
-            return cls(ca_bundle=route.ca_bundle)
+            return cls(ca_bundle=route.ca_bundle, egress=egress)
         return cls(
             ca_bundle=route.ca_bundle,
             capped_route=route.prefix,
             max_connections=route.max_connections,
+            egress=egress,
         )
 
 
@@ -54,7 +57,9 @@ class Transports:
         connect_timeout: float,
         read_timeout: float,
         max_connections: int,
+        egress: Mapping[str, Egress] | None = None,
     ) -> None:
+        """`egress`: each route's egress by its prefix (left out: direct)."""
         self._pool = ConnectionSlots.for_pool(max_connections, wait=connect_timeout)
         transport_class: type[LeanClient | AiohttpTransport] = (
             AiohttpTransport if kind == "aiohttp" else LeanClient
@@ -62,7 +67,7 @@ class Transports:
         built: dict[Profile, Transport] = {}
         self._by_prefix: dict[str, Transport] = {}
         for route in routes:
-            profile = Profile.of(route)
+            profile = Profile.of(route, egress=(egress or {}).get(route.prefix, DIRECT))
             transport = built.get(profile)
             if transport is None:
                 transport = built[profile] = transport_class(
@@ -70,6 +75,7 @@ class Transports:
                     read_timeout=read_timeout,
                     slots=self._slots(profile, wait=connect_timeout),
                     ssl_context=_ssl_context(profile.ca_bundle),
+                    egress=profile.egress,
                 )
             self._by_prefix[route.prefix] = transport
         self._transports = tuple(built.values())
@@ -82,6 +88,7 @@ class Transports:
             connect_timeout=settings.connect_timeout,
             read_timeout=settings.read_timeout,
             max_connections=settings.max_connections,
+            egress={route.prefix: settings.route_egress(route) for route in settings.routes},
         )
 
     def for_route(self, route: Route) -> Transport:

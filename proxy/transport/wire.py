@@ -4,9 +4,10 @@ its body's framing."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from proxy.config.egress import EgressProxy
 from proxy.transport.base import Body
 
 if TYPE_CHECKING:
@@ -15,15 +16,26 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class Origin:
-    """Where a request goes: scheme, host, port and the Host header that names them."""
+    """Where a request goes: scheme, host, port and the Host header that names them, and the
+    egress proxy it goes through (connections are pooled by all of it)."""
 
     scheme: str
     host: str
     port: int
     host_header: str
+    via: EgressProxy | None = None
+    # What goes before the path of an absolute-form request target, which an egress proxy
+    # needs for an http:// URL; None for the origin form (direct, or in a CONNECT tunnel).
+    absolute: str | None = None
+    proxy_authorization: str | None = field(default=None, repr=False)
+
+    @property
+    def target(self) -> str:
+        """host:port, as a CONNECT names it."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     @classmethod
-    def parse(cls, scheme: str, netloc: str) -> Origin:
+    def parse(cls, scheme: str, netloc: str, *, via: EgressProxy | None = None) -> Origin:
         host, port = netloc, 443 if scheme == "https" else 80
         if netloc.startswith("["):
             bracket = netloc.index("]")
@@ -33,7 +45,16 @@ class Origin:
         elif ":" in netloc:
             host, _, port_text = netloc.rpartition(":")
             port = int(port_text)
-        return cls(scheme=scheme, host=host, port=port, host_header=netloc)
+        forward = via is not None and scheme == "http"
+        return cls(
+            scheme=scheme,
+            host=host,
+            port=port,
+            host_header=netloc,
+            via=via,
+            absolute=f"http://{netloc}" if forward else None,
+            proxy_authorization=via.authorization if forward and via is not None else None,
+        )
 
 
 def split_url(url: str) -> tuple[str, str, str]:
@@ -51,9 +72,17 @@ def split_url(url: str) -> tuple[str, str, str]:
 
 
 def request_head(
-    method: str, target: str, host: str, headers: Sequence[tuple[str, str]], body: Body
+    method: str,
+    target: str,
+    host: str,
+    headers: Sequence[tuple[str, str]],
+    body: Body,
+    *,
+    proxy_authorization: str | None = None,
 ) -> bytes:
     lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
+    if proxy_authorization is not None:
+        lines.append(f"Proxy-Authorization: {proxy_authorization}")
     has_length = False
     for name, value in headers:
         if len(name) == 14 and name.lower() == "content-length":

@@ -92,9 +92,15 @@ def assert_config_error(result: Result, *names: str) -> None:
         assert name in result.stderr, f"{name!r} not in stderr:\n{result.stderr}"
 
 
+def tables(stdout: str) -> list[list[list[str]]]:
+    """check's tables (credentials, then routes), each row split on runs of whitespace."""
+    blocks = [block for block in stdout.split("\n\n") if block.strip()]
+    return [[line.split() for line in block.splitlines() if line.strip()] for block in blocks]
+
+
 def table(stdout: str) -> list[list[str]]:
-    """The rows of check's table, split on runs of whitespace."""
-    return [line.split() for line in stdout.splitlines() if line.strip()]
+    """The rows of check's first table, the credentials'."""
+    return tables(stdout)[0]
 
 
 # --- --version -----------------------------------------------------------------------------------
