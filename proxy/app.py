@@ -241,8 +241,11 @@ def _ready(runtime: Runtime, request_id: str) -> web.Response:
     sources = runtime.tokens
     states = {name: source.state() for name, source in sources.items()}
     waiting = sorted(name for name, state in states.items() if not state["ready"])
+    shown: dict[str, object] = {"credentials": states}
+    if runtime.cache is not None:
+        shown["cache"] = runtime.cache.state()
     if not waiting:
-        return web.json_response({"status": "ready", "credentials": states})
+        return web.json_response({"status": "ready", **shown})
     refused = [name for name in waiting if sources[name].status().rejected]
     pending = [name for name in waiting if name not in refused]
     reasons = []
@@ -262,7 +265,7 @@ def _ready(runtime: Runtime, request_id: str) -> web.Response:
     retry_after = max(1, math.ceil(max(retries))) if retries else 1
     error_class = ClientRejected if refused else TokenUnavailable
     error = error_class("; ".join(reasons), retry_after=retry_after)
-    return problem_response(error, request_id=request_id, extra={"credentials": states})
+    return problem_response(error, request_id=request_id, extra=shown)
 
 
 def runtime_of(app: web.Application) -> Runtime:

@@ -1,10 +1,12 @@
 """The Runtime: every long-lived thing that Settings decides (route table, team keys, rate
-limits, token sources, upstream transports, access line, shared store), built in one place and
-closed in order. A request takes the current one at entry and keeps it to its end."""
+limits, token sources, upstream transports, response cache, access line, shared store), built
+in one place and closed in order. A request takes the current one at entry and keeps it to
+its end."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import aiohttp
 
@@ -20,6 +22,9 @@ from proxy.store.base import Store
 from proxy.store.memory import MemoryStore
 from proxy.transport import Transports
 
+if TYPE_CHECKING:
+    from proxy.cache import ResponseCache
+
 # Builds the token source of one credential; None: a TokenManager fetching tokens itself.
 TokenSourceFactory = Callable[[str, Credential], TokenSource]
 # How long a rate-limit slot may stay pending beyond the upstream timeouts before the store
@@ -29,7 +34,7 @@ SLOT_HOLD_MARGIN = 5.0
 
 class Runtime:
     """What serves requests for one configuration; `open` builds and starts it, `close`
-    releases it: token sources, their session, the transport, the store."""
+    releases it: token sources, their session, the transport, the cache, the store."""
 
     def __init__(
         self,
@@ -40,6 +45,7 @@ class Runtime:
         tokens: Mapping[str, TokenSource],
         token_session: aiohttp.ClientSession | None,
         transports: Transports,
+        cache: ResponseCache | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -65,6 +71,8 @@ class Runtime:
             debug=settings.log_level == "debug",
         )
         self.transports = transports
+        # None unless a route uses it: the request path's one check of a cache that is off.
+        self.cache = cache
         self._token_session = token_session
 
     @classmethod
@@ -107,6 +115,12 @@ class Runtime:
             name: token_sources(name, credential)
             for name, credential in settings.credentials.items()
         }
+        cache = None
+        if any(settings.caches(route) for route in settings.routes):
+            # Imported only when used: hishel's import costs a cache that is off nothing.
+            from proxy.cache import ResponseCache  # noqa: PLC0415
+
+            cache = ResponseCache.from_settings(settings, metrics=metrics)
         runtime = cls(
             settings=settings,
             metrics=metrics,
@@ -114,18 +128,22 @@ class Runtime:
             tokens=tokens,
             token_session=session,
             transports=transports,
+            cache=cache,
         )
         for source in tokens.values():
             source.start()
         return runtime
 
     async def close(self) -> None:
-        """Stop the token sources, then close their session, the transports and the store."""
+        """Stop the token sources, then close their session, the transports, the cache and
+        the store."""
         for source in self.tokens.values():
             await source.close()
         if self._token_session is not None:
             await self._token_session.close()
         await self.transports.close()
+        if self.cache is not None:
+            self.cache.close()
         await self.store.close()
 
 

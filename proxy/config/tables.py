@@ -186,6 +186,12 @@ class Route(_Model):
     ca_bundle: Path | None = Field(
         default=None, description="PEM file of CAs to verify this upstream with"
     )
+    cache: bool | None = Field(
+        default=None,
+        description="`true` or `false`: the response cache on this route, whatever the "
+        "top-level `cache` says",
+        json_schema_extra={"shown_default": "the top-level `cache`"},
+    )
 
     @field_validator("ca_bundle")
     @classmethod
