@@ -79,7 +79,7 @@ class ResponseCache:
             routes=routes,
             credentials=credentials,
             max_bytes=settings.cache_max_bytes,
-            max_entry_bytes=settings.cache_max_entry_bytes,
+            max_entry_bytes=settings.cache_entry_limit,
             metrics=metrics,
         )
 

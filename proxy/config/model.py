@@ -231,7 +231,8 @@ class Settings(BaseSettings):
             problems.append(Problem(("clients",), "two clients share one key; give each its own"))
         if self.workers > 1:
             problems += self._split_limit_problems()
-        if self.cache_max_entry_bytes > self.cache_max_bytes:
+        entry_bound_set = "cache_max_entry_bytes" in self.model_fields_set
+        if entry_bound_set and self.cache_max_entry_bytes > self.cache_max_bytes:
             problems.append(
                 Problem(
                     ("cache_max_entry_bytes",),
@@ -284,6 +285,12 @@ class Settings(BaseSettings):
     def exposed_anonymously(self) -> bool:
         """Listening beyond loopback with no team keys to keep strangers out."""
         return not is_loopback_host(self.host) and not self.clients
+
+    @property
+    def cache_entry_limit(self) -> int:
+        """The largest body the cache keeps: cache_max_entry_bytes, within cache_max_bytes
+        when only that one was set."""
+        return min(self.cache_max_entry_bytes, self.cache_max_bytes)
 
     def caches(self, route: Route) -> bool:
         """Whether answers on `route` go through the response cache (its own `cache` key,
