@@ -24,6 +24,7 @@ the header fields as upstream sent them."""
 from __future__ import annotations
 
 import calendar
+import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,10 @@ Primary = tuple[str, str, str]
 Secondary = tuple[tuple[str, str | None], ...]
 Fields = tuple[tuple[str, str], ...]
 
+# hishel logs each decision at debug level, without saying for which request: one line per
+# miss that X-Cache and the access line already tell better.
+logging.getLogger("hishel").setLevel(logging.INFO)
+
 _PRIVATE: hishel.CacheOptions = {"shared": False, "supported_methods": ["GET", "HEAD"]}
 # A cache directive: a token, optionally `=` a token or a quoted string (RFC 9111 §5.2).
 _DIRECTIVE = re.compile(r"""([!#$%&'*+.^_`|~0-9A-Za-z-]+)(?:\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*))?""")
@@ -55,7 +60,8 @@ _NOT_EVALUATED = ("Range", "If-Range", "If-Match", "If-Unmodified-Since")
 _NOT_MODIFIED_FIELDS = frozenset(
     {"cache-control", "content-location", "date", "etag", "expires", "last-modified", "vary"}
 )
-ENTRY_OVERHEAD = 600  # bytes an entry costs beyond its body and fields (objects, key, index)
+ENTRY_OVERHEAD = 700  # bytes an entry costs beyond its body and fields (objects, key, index)
+FIELD_OVERHEAD = 160  # bytes a stored header field costs beyond its text (two str and a tuple)
 
 
 def directives(values: Iterable[str]) -> dict[str, str | None]:
@@ -155,7 +161,9 @@ class Entry:
         keys = sum(len(part) for part in self.primary) + sum(
             len(name) + len(value or "") for name, value in self.key
         )
-        self.size = len(self.body) + fields + keys + ENTRY_OVERHEAD + 80 * len(self.headers)
+        self.size = (
+            len(self.body) + fields + keys + ENTRY_OVERHEAD + FIELD_OVERHEAD * len(self.headers)
+        )
 
     def age(self, now: float) -> float:
         """current_age of RFC 9111 §4.2.3."""
