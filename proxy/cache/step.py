@@ -118,7 +118,11 @@ class ResponseCache:
                 "the request says only-if-cached and no fresh stored answer fits it; send it "
                 "without that directive to ask upstream"
             )
-        stale = entry if entry is not None and entry.validated else None
+        stale = entry
+        if entry is not None and not entry.validated:
+            # Without a validator it can never be used again: the answer will replace it.
+            self.forget(entry)
+            stale = None
         return Plan(
             self, match, MISS, headers, primary=(credential, method, url), entry=stale, asked=asked
         )
