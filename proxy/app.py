@@ -35,6 +35,7 @@ from proxy.inbound import ANONYMOUS
 from proxy.log import bind_request, get_logger, unbind_request
 from proxy.metrics import Metrics
 from proxy.runtime import Current, Runtime, TokenSourceFactory
+from proxy.store.base import Store
 
 METRICS = web.AppKey("metrics", Metrics)
 # The runtime requests start on: a reload replaces it with one assignment.
@@ -278,10 +279,11 @@ def create_app(
     *,
     metrics: Metrics | None = None,
     token_sources: TokenSourceFactory | None = None,
+    store: Store | None = None,
 ) -> web.Application:
     """Build the proxy application; long-lived resources open and close in cleanup_ctx.
     `token_sources` replaces the TokenManager of each credential (a worker process takes its
-    tokens from the supervisor)."""
+    tokens from the supervisor); `store` the in-memory store (Redis behind the fallback)."""
     _name_the_server()
     app = web.Application(
         middlewares=[_every_request],
@@ -294,7 +296,7 @@ def create_app(
 
     async def runtime(app: web.Application) -> AsyncIterator[None]:
         current.runtime = await Runtime.open(
-            settings, metrics=app[METRICS], token_sources=token_sources
+            settings, metrics=app[METRICS], token_sources=token_sources, store=store
         )
         try:
             yield

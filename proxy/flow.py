@@ -51,7 +51,7 @@ async def forward(
     plan: Plan | None = None
     cache = runtime.cache
     if cache is not None:
-        looked = cache.look_up(request, match, request_id=request_id)
+        looked = await cache.look_up(request, match, request_id=request_id)
         if isinstance(looked, web.Response):
             # A fresh hit: no rate-limit budget, no token, no trip upstream.
             record.cache = looked.headers["X-Cache"]

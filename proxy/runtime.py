@@ -120,7 +120,7 @@ class Runtime:
             # Imported only when used: hishel's import costs a cache that is off nothing.
             from proxy.cache import ResponseCache  # noqa: PLC0415
 
-            cache = ResponseCache.from_settings(settings, metrics=metrics)
+            cache = ResponseCache.from_settings(settings, metrics=metrics, store=store)
         runtime = cls(
             settings=settings,
             metrics=metrics,

@@ -16,6 +16,7 @@ from multidict import CIMultiDictProxy
 from proxy.bodies import Relayed, relay
 from proxy.cache import policy
 from proxy.cache.policy import Asked, Entry, Primary
+from proxy.cache.shared import pack, primary_name, shared_ttl, unpack, variant_name
 from proxy.cache.storage import MemoryEntries
 from proxy.config import Settings
 from proxy.errors import NotCached, UpstreamError
@@ -23,13 +24,15 @@ from proxy.headers import Headers, response_fields
 from proxy.log import get_logger
 from proxy.metrics import Metrics
 from proxy.routing import Match
-from proxy.store.base import CredentialIdentity
+from proxy.store.base import CredentialIdentity, ResponseStore, Store
 from proxy.transport import UpstreamResponse
 
 log = get_logger("proxy.cache")
 
 HIT, REVALIDATED, MISS, BYPASS = "HIT", "REVALIDATED", "MISS", "BYPASS"
 _CACHED_METHODS = frozenset({"GET", "HEAD"})
+_GET_ONLY = ("GET",)
+_GET_THEN_HEAD = ("GET", "HEAD")
 _SAFE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 # The client's validators: a look-up asks upstream for the whole answer instead, to store it,
 # and evaluates them itself.
@@ -38,7 +41,8 @@ _CLIENT_VALIDATORS = frozenset({"if-none-match", "if-modified-since"})
 
 class ResponseCache:
     """The response cache of one Runtime: which routes use it, each credential's key, the
-    entries, and the clock that ages them (epoch seconds, injectable)."""
+    entries in memory and, with Redis, those the replicas share (`shared`, by credential),
+    and the clock that ages them (epoch seconds, injectable)."""
 
     def __init__(
         self,
@@ -48,10 +52,13 @@ class ResponseCache:
         max_bytes: int,
         max_entry_bytes: int,
         metrics: Metrics,
+        shared: Mapping[str, ResponseStore] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.routes = frozenset(routes)
         self.credentials = dict(credentials)
+        self.shared = dict(shared or {})
+        self._shared_by_key = {self.credentials[name]: s for name, s in self.shared.items()}
         self.max_entry_bytes = max_entry_bytes
         self.metrics = metrics
         self.clock = clock
@@ -59,33 +66,41 @@ class ResponseCache:
         self._sizes()
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, metrics: Metrics) -> ResponseCache | None:
-        """The cache that Settings describe, or None when no route uses it (the request path
-        then checks one attribute and nothing more)."""
+    def from_settings(
+        cls, settings: Settings, *, metrics: Metrics, store: Store
+    ) -> ResponseCache | None:
+        """The cache that Settings describe, sharing its entries through `store` when that
+        is Redis; None when no route uses it (the request path then checks one attribute and
+        nothing more)."""
         routes = [route.prefix for route in settings.routes if settings.caches(route)]
         if not routes:
             return None
-        credentials = {
-            name: CredentialIdentity.of(
+        credentials, shared = {}, {}
+        for name, credential in settings.credentials.items():
+            identity = CredentialIdentity.of(
                 token_url=credential.token_url,
                 client_id=credential.client_id,
                 scope=credential.scope,
                 extra_params=credential.extra_params,
                 auth_method=credential.auth_method,
-            ).digest
-            for name, credential in settings.credentials.items()
-        }
+            )
+            credentials[name] = identity.digest
+            responses = store.responses(identity, credential.client_secret.get_secret_value())
+            if responses is not None:
+                shared[name] = responses
         return cls(
             routes=routes,
             credentials=credentials,
             max_bytes=settings.cache_max_bytes,
             max_entry_bytes=settings.cache_entry_limit,
             metrics=metrics,
+            shared=shared,
         )
 
-    def look_up(self, request: web.Request, match: Match, *, request_id: str) -> Looked:
-        """The cache step: the answer from the cache, a Plan for asking upstream, or None when
-        the route does not use the cache."""
+    async def look_up(self, request: web.Request, match: Match, *, request_id: str) -> Looked:
+        """The cache step: the answer from the cache (this process's, else the replicas'
+        shared one), a Plan for asking upstream, or None when the route does not use the
+        cache."""
         route = match.route
         if route.prefix not in self.routes:
             return None
@@ -99,20 +114,33 @@ class ResponseCache:
         credential = self.credentials[route.credential]
         url = match.target
         now = self.clock()
+        # A GET's answer answers a HEAD too (RFC 9110 §9.3.2), when it is fresh.
+        primaries = _GET_ONLY if method == "GET" else _GET_THEN_HEAD
         entry = None
-        if method == "HEAD":
-            # A GET's answer answers a HEAD too (RFC 9110 §9.3.2).
-            entry = self.entries.find((credential, "GET", url), headers)
-            if entry is not None and not asked.accepts(entry, now):
-                entry = None
-        if entry is None:
-            entry = self.entries.find((credential, method, url), headers)
-        if entry is not None and asked.accepts(entry, now):
-            self.entries.touch(entry)
-            self.metrics.cache_result(route.prefix, HIT)
-            return self.answer(
-                request, entry, asked, HIT, age=entry.age(now), request_id=request_id
-            )
+        for looked_for in primaries:
+            found = self.entries.find((credential, looked_for, url), headers)
+            if found is not None and asked.accepts(found, now):
+                self.entries.touch(found)
+                return self._hit(
+                    request, found, asked, now, route=route.prefix, request_id=request_id
+                )
+            if looked_for == method:
+                entry = found
+        shared = self.shared.get(route.credential)
+        if shared is not None:
+            for looked_for in primaries:
+                primary = (credential, looked_for, url)
+                found = await self._shared_find(shared, primary, headers, now)
+                if found is None:
+                    continue
+                self.entries.put(found)
+                self._sizes()
+                if asked.accepts(found, now):
+                    return self._hit(
+                        request, found, asked, now, route=route.prefix, request_id=request_id
+                    )
+                if looked_for == method and (entry is None or found.age(now) < entry.age(now)):
+                    entry = found
         if asked.only_if_cached:
             raise NotCached(
                 "the request says only-if-cached and no fresh stored answer fits it; send it "
@@ -121,11 +149,37 @@ class ResponseCache:
         stale = entry
         if entry is not None and not entry.validated:
             # Without a validator it can never be used again: the answer will replace it.
-            self.forget(entry)
+            await self.forget(entry)
             stale = None
         return Plan(
             self, match, MISS, headers, primary=(credential, method, url), entry=stale, asked=asked
         )
+
+    def _hit(
+        self,
+        request: web.Request,
+        entry: Entry,
+        asked: Asked,
+        now: float,
+        *,
+        route: str,
+        request_id: str,
+    ) -> web.Response:
+        self.metrics.cache_result(route, HIT)
+        return self.answer(request, entry, asked, HIT, age=entry.age(now), request_id=request_id)
+
+    async def _shared_find(
+        self, shared: ResponseStore, primary: Primary, headers: CIMultiDictProxy[str], now: float
+    ) -> Entry | None:
+        """The youngest variant the replicas share of `primary` that this request selects."""
+        best = None
+        for value in await shared.variants(primary_name(primary)):
+            entry = unpack(primary, value, now=now)
+            if entry is None or (entry.key and not entry.matches(headers)):
+                continue
+            if best is None or entry.age(now) < best.age(now):
+                best = entry
+        return best
 
     def answer(
         self,
@@ -154,22 +208,37 @@ class ResponseCache:
             return response
         return web.Response(status=status, reason=entry.reason, headers=headers, body=entry.body)
 
-    def store(self, entry: Entry, *, replacing: Entry | None = None) -> None:
+    async def store(self, entry: Entry, *, replacing: Entry | None = None) -> None:
+        """Keep `entry` in memory and share it with the replicas."""
         if replacing is not None:
             self.entries.remove(replacing)
         self.entries.put(entry)
         self._sizes()
+        shared = self._shared_by_key.get(entry.primary[0])
+        if shared is not None:
+            now = self.clock()
+            ttl = shared_ttl(entry, now)
+            if ttl > 0:
+                name = primary_name(entry.primary)
+                await shared.put(name, variant_name(entry), pack(entry, now=now), ttl=ttl)
 
-    def forget(self, entry: Entry) -> None:
+    async def forget(self, entry: Entry) -> None:
         self.entries.remove(entry)
         self._sizes()
+        shared = self._shared_by_key.get(entry.primary[0])
+        if shared is not None:
+            await shared.forget(primary_name(entry.primary), variant_name(entry))
 
-    def drop(self, credential: str, url: str) -> None:
-        """Forget what is stored for `url` (an unsafe method succeeded there, RFC 9111 §4.4)."""
-        if self.entries.drop((credential, "GET", url)) + self.entries.drop(
-            (credential, "HEAD", url)
-        ):
+    async def drop(self, credential: str, url: str) -> None:
+        """Forget what is stored for `url` (an unsafe method succeeded there, RFC 9111 §4.4);
+        other replicas' memory keeps its copies until they are stale."""
+        primaries = [(credential, method, url) for method in _GET_THEN_HEAD]
+        if sum(self.entries.drop(primary) for primary in primaries):
             self._sizes()
+        shared = self._shared_by_key.get(credential)
+        if shared is not None:
+            for primary in primaries:
+                await shared.forget(primary_name(primary))
 
     def state(self) -> dict[str, Any]:
         """What /-/ready shows of the cache."""
@@ -177,6 +246,7 @@ class ResponseCache:
             "entries": len(self.entries),
             "bytes": self.entries.bytes,
             "max_bytes": self.entries.max_bytes,
+            "shared": bool(self.shared),
         }
 
     def close(self) -> None:
@@ -269,7 +339,7 @@ class Plan:
         primary = self.primary
         if primary is None:
             if self.invalidates and response.status < 400:
-                cache.drop(cache.credentials[self.match.route.credential], self.match.target)
+                await cache.drop(cache.credentials[self.match.route.credential], self.match.target)
             cache.metrics.cache_result(prefix, BYPASS)
             return await relay(request, response, request_id=request_id, extra=[_x(BYPASS)])
         response_time = cache.clock()
@@ -277,9 +347,9 @@ class Plan:
         entry = self.entry
         if entry is not None and response.status == 304:
             with contextlib.closing(response):
-                return self._refreshed(request, entry, fields, response_time, request_id)
+                return await self._refreshed(request, entry, fields, response_time, request_id)
         if entry is not None and response.status < 500:
-            cache.forget(entry)  # a full answer replaces it (RFC 9111 §4.3.3)
+            await cache.forget(entry)  # a full answer replaces it (RFC 9111 §4.3.3)
         pending = self._pending(primary, response, fields, response_time)
         label = MISS if pending is not None else BYPASS
         cache.metrics.cache_result(prefix, label)
@@ -295,7 +365,7 @@ class Plan:
             keep=None if collected is None else collected.add,
         )
         if pending is not None and collected is not None and relayed.outcome == "complete":
-            self._keep(pending, collected, response)
+            await self._keep(pending, collected)
         return relayed
 
     def _pending(
@@ -319,16 +389,16 @@ class Plan:
             response_time=response_time,
         )
 
-    def _keep(self, pending: Entry, collected: Collected, response: UpstreamResponse) -> None:
+    async def _keep(self, pending: Entry, collected: Collected) -> None:
         body = collected.body()
         if body is None:
             return
         length = policy.first(pending.headers, "content-length")
         if pending.primary[1] == "GET" and length is not None and length != str(len(body)):
             return  # not the body its headers announced: never stored
-        self.cache.store(replace(pending, body=body))
+        await self.cache.store(replace(pending, body=body))
 
-    def _refreshed(
+    async def _refreshed(
         self,
         request: web.Request,
         entry: Entry,
@@ -345,12 +415,12 @@ class Plan:
             response_time=response_time,
         )
         if fresh is None:
-            cache.forget(entry)
+            await cache.forget(entry)
             raise UpstreamError(
                 "upstream answered 304 Not Modified with validators that match no stored "
                 "answer; the entry is dropped, and the next request asks for the whole answer"
             )
-        cache.store(fresh, replacing=entry)
+        await cache.store(fresh, replacing=entry)
         cache.metrics.cache_result(self.match.route.prefix, REVALIDATED)
         out = cache.answer(request, fresh, self.asked, REVALIDATED, age=0, request_id=request_id)
         sent = 0 if out.status == 304 or request.method == "HEAD" else len(fresh.body)
@@ -374,7 +444,7 @@ class Plan:
             await out.write_eof()
             if pending is None or request.method == "HEAD":
                 if pending is not None:
-                    self.cache.store(pending)
+                    await self.cache.store(pending)
                 return Relayed(response=out, bytes_out=0, outcome="complete")
             collected = Collected(self.cache.max_entry_bytes)
             whole = response.received_body()
@@ -388,7 +458,7 @@ class Plan:
                             break
             except UpstreamError:
                 return Relayed(response=out, bytes_out=0, outcome="complete")
-            self._keep(pending, collected, response)
+            await self._keep(pending, collected)
             return Relayed(response=out, bytes_out=0, outcome="complete")
 
 

@@ -794,6 +794,7 @@ async def test_the_byte_bound_holds_and_ready_and_metrics_show_the_cache(
         "entries": len(cache.entries),
         "bytes": cache.entries.bytes,
         "max_bytes": 64 * 1024,
+        "shared": False,
     }
     async with client.get("/-/metrics") as response:
         text = await response.text()
