@@ -810,3 +810,24 @@ async def test_the_byte_bound_holds_and_ready_and_metrics_show_the_cache(
     assert samples[("token_proxy_cache_bytes", ())] == cache.entries.bytes
     assert samples[("token_proxy_cache_entries", ())] == len(cache.entries)
     assert answers.count == 301
+
+
+async def test_a_stale_entry_is_kept_through_a_5xx_and_dropped_for_an_unstorable_answer(
+    start_proxy: ProxyFactory, upstream: FakeUpstream, clock: Clock
+) -> None:
+    answers = Answers(upstream, "/item", clock)
+    answers.headers = {"Cache-Control": "max-age=10", "ETag": '"v1"'}
+    client = await cached_proxy(start_proxy, clock)
+    await get(client, "/item")
+    clock.advance(11)
+    answers.status = 503
+    answers.headers = {}
+    status, headers, _ = await get(client, "/item")
+    assert (status, headers["X-Cache"]) == (503, "BYPASS")
+    assert len(cache_of(client).entries) == 1  # upstream failed: it will be asked again
+    answers.status = 200
+    answers.headers = {"Cache-Control": "no-store"}
+    _, headers, body = await get(client, "/item")
+    assert (headers["X-Cache"], served(body)) == ("BYPASS", 3)
+    assert len(cache_of(client).entries) == 0
+    assert [r.headers.get("If-None-Match") for r in answers.seen] == [None, '"v1"', '"v1"']
