@@ -69,6 +69,7 @@ class Exchange:
     token_age: float | None = None
     client: str = "-"
     upstream_url: str | None = None  # where the route sends it, query and all
+    cache: str | None = None  # X-Cache on a route with the response cache
 
 
 class AccessLog:
@@ -113,6 +114,8 @@ class AccessLog:
             "replayed": exchange.replayed,
             "outcome": exchange.outcome,
         }
+        if exchange.cache is not None:
+            fields["cache"] = exchange.cache
         if self._debug:
             url = exchange.upstream_url
             fields["upstream_url"] = None if url is None else mask_query(url)

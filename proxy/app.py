@@ -36,6 +36,7 @@ from proxy.inbound import ANONYMOUS
 from proxy.log import bind_request, get_logger, unbind_request
 from proxy.metrics import Metrics
 from proxy.runtime import Runtime, TokenSourceFactory
+from proxy.store.base import Store
 
 METRICS = web.AppKey("metrics", Metrics)
 # The runtime requests start on: a reload replaces it with one assignment.
@@ -244,10 +245,11 @@ def _ready(runtime: Runtime, request_id: str) -> web.Response:
     sources = runtime.tokens
     states = {name: source.state() for name, source in sources.items()}
     waiting = sorted(name for name, state in states.items() if not state["ready"])
+    shown: dict[str, object] = {"config_hash": runtime.config_hash, "credentials": states}
+    if runtime.cache is not None:
+        shown["cache"] = runtime.cache.state()
     if not waiting:
-        return web.json_response(
-            {"status": "ready", "config_hash": runtime.config_hash, "credentials": states}
-        )
+        return web.json_response({"status": "ready", **shown})
     refused = [name for name in waiting if sources[name].status().rejected]
     pending = [name for name in waiting if name not in refused]
     reasons = []
@@ -267,11 +269,7 @@ def _ready(runtime: Runtime, request_id: str) -> web.Response:
     retry_after = max(1, math.ceil(max(retries))) if retries else 1
     error_class = ClientRejected if refused else TokenUnavailable
     error = error_class("; ".join(reasons), retry_after=retry_after)
-    return problem_response(
-        error,
-        request_id=request_id,
-        extra={"config_hash": runtime.config_hash, "credentials": states},
-    )
+    return problem_response(error, request_id=request_id, extra=shown)
 
 
 def runtime_of(app: web.Application) -> Runtime:
@@ -285,12 +283,13 @@ def create_app(
     metrics: Metrics | None = None,
     token_sources: TokenSourceFactory | None = None,
     config_hash: str | None = None,
+    store: Store | None = None,
 ) -> web.Application:
     """Build the proxy application; long-lived resources open and close in cleanup_ctx.
     `token_sources` replaces the TokenManager of each credential (a worker process takes its
     tokens from the supervisor); `config_hash` names the configuration for /-/ready (a
     worker's is its group's, before it took its share). A reload replaces the runtime through
-    app[RUNTIME].replace."""
+    app[RUNTIME].replace. `store`: the shared store to use instead of an in-memory one."""
     _name_the_server()
     app = web.Application(
         middlewares=[_every_request],
@@ -302,7 +301,7 @@ def create_app(
     current = app[RUNTIME] = Current(metrics=app[METRICS], token_sources=token_sources)
 
     async def runtime(app: web.Application) -> AsyncIterator[None]:
-        await current.start(settings, config_hash=config_hash)
+        await current.start(settings, config_hash=config_hash, store=store)
         try:
             yield
         finally:

@@ -4,13 +4,13 @@ streamed, within max_body_size) and the relay of upstream's answer to the client
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from proxy.errors import PayloadTooLarge, UpstreamError
-from proxy.headers import downstream_headers
+from proxy.headers import Headers, downstream_headers
 from proxy.log import get_logger
 from proxy.transport import CHUNK_SIZE, Body, UpstreamResponse
 
@@ -94,11 +94,21 @@ class Relayed:
     outcome: str
 
 
-async def relay(request: web.Request, response: UpstreamResponse, *, request_id: str) -> Relayed:
+async def relay(
+    request: web.Request,
+    response: UpstreamResponse,
+    *,
+    request_id: str,
+    extra: Headers | None = None,
+    keep: Callable[[bytes], None] | None = None,
+) -> Relayed:
     """The relay step: upstream's answer to the client, streamed, or in one write when it
-    arrived whole."""
+    arrived whole. The cache adds its `extra` headers, and is given with `keep` every piece
+    of the body once the client has it."""
     with contextlib.closing(response):
         headers = downstream_headers(response.header_items, request_id=request_id)
+        if extra is not None:
+            headers += extra
         whole = None
         if request.method != "HEAD" and response.status not in _NO_BODY_STATUS:
             whole = response.received_body()
@@ -122,7 +132,11 @@ async def relay(request: web.Request, response: UpstreamResponse, *, request_id:
                 async for chunk in response.chunks():
                     sent += len(chunk)
                     await out.write(chunk)
+                    if keep is not None:
+                        keep(chunk)
             await out.write_eof()
+            if whole is not None and keep is not None:
+                keep(whole)
         except UpstreamError as exc:
             # Headers are sent: closing the connection is the only honest way to say the
             # body is incomplete; ending it normally would pass a truncated body as whole.

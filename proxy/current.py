@@ -8,6 +8,7 @@ import asyncio
 from proxy.config import Settings
 from proxy.metrics import Metrics
 from proxy.runtime import Runtime, TokenSourceFactory
+from proxy.store.base import Store
 
 
 class Current:
@@ -24,13 +25,16 @@ class Current:
         self._metrics = metrics if metrics is not None else Metrics()
         self._token_sources = token_sources
 
-    async def start(self, settings: Settings, *, config_hash: str | None = None) -> None:
-        """Build the first runtime."""
+    async def start(
+        self, settings: Settings, *, config_hash: str | None = None, store: Store | None = None
+    ) -> None:
+        """Build the first runtime (on `store`, else an in-memory one); later ones share it."""
         self._runtime = await Runtime.open(
             settings,
             metrics=self._metrics,
             token_sources=self._token_sources,
             config_hash=config_hash,
+            store=store,
         )
 
     async def replace(self, settings: Settings, *, config_hash: str | None = None) -> None:

@@ -11,6 +11,7 @@ ProxyError                 answered as problem+json: status, title, detail, its 
 ├── TokenUnavailable       503 no usable token within the wait (Retry-After)
 │   └── ClientRejected     503 the token endpoint rejected the client credentials
 ├── UpstreamBusy           503 every connection the route may use stayed busy (Retry-After)
+├── NotCached              504 `Cache-Control: only-if-cached` and no stored answer fits
 ├── TokenEndpointError     a token request failed (logged, retried; never served directly)
 └── UpstreamError          502 upstream unreachable or broken
     ├── EgressProxyError   502 the egress proxy is unreachable or refused the request
@@ -137,6 +138,15 @@ class UpstreamBusy(ProxyError):
     title = "Upstream connections busy"
     type_slug = "upstream-busy"
     retry_after = 1
+
+
+class NotCached(ProxyError):
+    """The client asked for a stored answer only (only-if-cached) and none fits (RFC 9111
+    §5.2.1.7)."""
+
+    status = 504
+    title = "Not in the cache"
+    type_slug = "not-cached"
 
 
 class TokenEndpointError(ProxyError):

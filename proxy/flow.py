@@ -1,11 +1,13 @@
-"""The request path as named steps, each taking and returning values: key check, route, body,
-rate limit, token, send, replay once on 401, relay. The access line's record of a forwarded
+"""The request path as named steps, each taking and returning values: key check, route, cache,
+body, rate limit, token, send, replay once on 401, relay. The access line's record of a forwarded
 request is filled here and nowhere else (the server only notes a request cut short)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -18,6 +20,9 @@ from proxy.log import bind_request_more, get_logger
 from proxy.routing import Match
 from proxy.runtime import Runtime
 from proxy.transport import UpstreamResponse
+
+if TYPE_CHECKING:
+    from proxy.cache import Plan
 
 log = get_logger("proxy.flow")
 
@@ -43,6 +48,16 @@ async def forward(
     match = runtime.routes.match(raw)
     record.route = match.route.prefix
     record.upstream_url = match.target
+    plan: Plan | None = None
+    cache = runtime.cache
+    if cache is not None:
+        looked = await cache.look_up(request, match, request_id=request_id)
+        if isinstance(looked, web.Response):
+            # A fresh hit: no rate-limit budget, no token, no trip upstream.
+            record.cache = looked.headers["X-Cache"]
+            record.bytes_out = looked.content_length or 0
+            return looked
+        plan = looked
     body = await request_body(request, limit=runtime.settings.max_body_size)
     try:
         sent = await send_replaying_once(
@@ -53,9 +68,14 @@ async def forward(
             body=body,
             request_id=request_id,
             record=record,
+            incoming=None if plan is None else plan.upstream_items(),
         )
         await upstream_said(runtime, match, sent.response)
-        relayed = await relay(request, sent.response, request_id=request_id)
+        if plan is None:
+            relayed = await relay(request, sent.response, request_id=request_id)
+        else:
+            relayed = await plan.relay(request, sent.response, request_id=request_id)
+            record.cache = relayed.response.headers.get("X-Cache")
     finally:
         record.bytes_in = body.bytes_in
     record.bytes_out = relayed.bytes_out
@@ -72,12 +92,20 @@ async def send_replaying_once(
     body: RequestBody,
     request_id: str,
     record: Exchange,
+    incoming: Collection[tuple[str, str]] | None = None,
 ) -> Sent:
     """Send, and when upstream answers 401 to the current token, replay once with a new one
     (SPEC §3: the token source decides whether a new token can help at that path)."""
     tokens = runtime.tokens[match.route.credential]
     sent = await send_once(
-        request, runtime, match, client=client, body=body, request_id=request_id, record=record
+        request,
+        runtime,
+        match,
+        client=client,
+        body=body,
+        request_id=request_id,
+        record=record,
+        incoming=incoming,
     )
     if sent.response.status != 401:
         return sent
@@ -91,7 +119,14 @@ async def send_replaying_once(
     record.replayed = True
     log.info("upstream answered 401; replaying once with a new token")
     sent = await send_once(
-        request, runtime, match, client=client, body=body, request_id=request_id, record=record
+        request,
+        runtime,
+        match,
+        client=client,
+        body=body,
+        request_id=request_id,
+        record=record,
+        incoming=incoming,
     )
     # Its answer shows whether a new token helps at that path.
     tokens.replayed(path, rejected=sent.response.status == 401)
@@ -107,8 +142,10 @@ async def send_once(
     body: RequestBody,
     request_id: str,
     record: Exchange,
+    incoming: Collection[tuple[str, str]] | None = None,
 ) -> Sent:
-    """One trip upstream: a rate-limit slot, the current token, then the request."""
+    """One trip upstream: a rate-limit slot, the current token, then the request with the
+    client's headers (or those the cache step gave: `incoming`)."""
     route = match.route
     credential = route.credential
     limits = runtime.limits
@@ -123,7 +160,9 @@ async def send_once(
         tokens = runtime.tokens[credential]
         token = current_token(tokens) or await tokens.token()
         headers = upstream_headers(
-            request.headers.items(), token=token.value, request_id=request_id
+            request.headers.items() if incoming is None else incoming,
+            token=token.value,
+            request_id=request_id,
         )
         record.token_age = tokens.age(token)
         started = time.perf_counter()

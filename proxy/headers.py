@@ -62,3 +62,9 @@ def downstream_headers(incoming: Iterable[tuple[str, str]], *, request_id: str) 
     out = _end_to_end(incoming, _RESPONSE_DROP)
     out.append(("X-Request-ID", request_id))
     return out
+
+
+def response_fields(incoming: Iterable[tuple[str, str]]) -> Headers:
+    """Upstream's end-to-end response headers, as the cache stores them (without the
+    X-Request-ID of the request that fetched them)."""
+    return _end_to_end(incoming, _RESPONSE_DROP)

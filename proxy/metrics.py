@@ -96,6 +96,32 @@ class Metrics:
             registry=r,
         )
 
+        self._cache_results = Counter(
+            "token_proxy_cache_requests",
+            "Requests on routes with the response cache, by route prefix and what the cache "
+            "did (its X-Cache): HIT, REVALIDATED, MISS or BYPASS.",
+            ["route", "result"],
+            registry=r,
+        )
+        self._cache_children: dict[tuple[str, str], Inc] = {}
+        self._cache_evictions = Counter(
+            "token_proxy_cache_evictions",
+            "Stored answers evicted to keep the response cache within cache_max_bytes.",
+            registry=r,
+        )
+        self._cache_bytes = Gauge(
+            "token_proxy_cache_bytes",
+            "Bytes the response cache holds (bodies, header fields and keys).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self._cache_entries = Gauge(
+            "token_proxy_cache_entries",
+            "Answers the response cache holds.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+
         # With workers, the exposition adds up every worker's files instead.
         self._exposed = r
         if multiprocess_dir is not None:
@@ -121,6 +147,20 @@ class Metrics:
         if child is None:
             child = self._upstream_children[route] = self._series.upstream(route)
         child.observe(seconds)
+
+    def cache_result(self, route: str, result: str) -> None:
+        key = (route, result)
+        child = self._cache_children.get(key)
+        if child is None:
+            child = self._cache_children[key] = self._cache_results.labels(route, result)
+        child.inc()
+
+    def cache_evicted(self, count: int) -> None:
+        self._cache_evictions.inc(count)
+
+    def cache_size(self, *, entries: int, held: int) -> None:
+        self._cache_entries.set(entries)
+        self._cache_bytes.set(held)
 
     def include(self, collector: Collector) -> None:
         """Export metrics kept elsewhere too (a worker: the supervisor's token metrics)."""

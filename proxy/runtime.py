@@ -1,14 +1,14 @@
 """The Runtime: every long-lived thing that Settings decides (route table, team keys, rate
-limits, token sources, upstream transports, access line, shared store), built in one place and
-closed in order. A request takes the current one at entry and keeps it to its end; a reload
-builds the next one from the previous, which hands on what did not change."""
+limits, token sources, upstream transports, response cache, access line, shared store), built
+in one place and closed in order. A request takes the current one at entry and keeps it to
+its end; a reload builds the next one from the previous, which hands on what did not change."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import aiohttp
 
@@ -25,6 +25,9 @@ from proxy.routing import RouteTable
 from proxy.store.base import Store
 from proxy.store.memory import MemoryStore
 from proxy.transport import Transports
+
+if TYPE_CHECKING:
+    from proxy.cache import ResponseCache
 
 # Builds the token source of one credential; None: a TokenManager fetching tokens itself.
 TokenSourceFactory = Callable[[str, Credential], TokenSource]
@@ -73,8 +76,8 @@ def _transport_options(settings: Settings) -> tuple[object, ...]:
 
 class Runtime:
     """What serves requests for one configuration; `open` builds and starts it, `close`
-    releases it: token sources, their session, the transport, the store, each closed by the
-    last runtime that uses it."""
+    releases it: token sources, their session, the transport, the cache, the store, each
+    closed by the last runtime that uses it."""
 
     def __init__(
         self,
@@ -87,6 +90,7 @@ class Runtime:
         transports: _Shared[Transports],
         config_hash: str,
         previous: Runtime | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -117,6 +121,8 @@ class Runtime:
         )
         self._store = store
         self._sources = sources
+        # None unless a route uses it: the request path's one check of a cache that is off.
+        self.cache = cache
         self._token_session = token_session
         self._transports = transports
         self.transports = transports.value
@@ -229,6 +235,12 @@ class Runtime:
                 sources[name] = _Shared(source, source.close)
                 new.append(source)
             taken.append(sources[name])
+        cache = None
+        if any(settings.caches(route) for route in settings.routes):
+            # Imported only when used: hishel's import costs a cache that is off nothing.
+            from proxy.cache import ResponseCache  # noqa: PLC0415
+
+            cache = ResponseCache.from_settings(settings, metrics=metrics, store=shared_store.value)
         runtime = cls(
             settings=settings,
             metrics=metrics,
@@ -238,6 +250,7 @@ class Runtime:
             transports=shared_transports,
             config_hash=config_hash,
             previous=previous,
+            cache=cache,
         )
         runtime._fresh = new
         # Only now that nothing can fail: the running runtime shares these sources.
@@ -296,6 +309,8 @@ class Runtime:
         if self._token_session is not None:
             await self._token_session.release()
         await self._transports.release()
+        if self.cache is not None:
+            self.cache.close()
         await self._store.release()
 
 

@@ -30,6 +30,9 @@ from proxy.config.values import is_loopback_host, split_rate_limits
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
 MAX_WORKERS = 64
+MIB = 1024 * 1024
+CACHE_MAX_BYTES = 64 * MIB
+CACHE_MAX_ENTRY_BYTES = 8 * MIB
 
 _expanding: ContextVar[bool] = ContextVar("_expanding", default=False)
 
@@ -128,6 +131,23 @@ class Settings(BaseSettings):
         ge=0,
         description="largest request body in bytes, 413 beyond; unset: no limit, bodies of "
         "any size stream through",
+    )
+    cache: bool = Field(
+        default=False,
+        description="the RFC 9111 response cache (GET and HEAD, per credential) for every "
+        "route; a route's own `cache` overrides it",
+    )
+    cache_max_bytes: int = Field(
+        default=CACHE_MAX_BYTES,
+        ge=1,
+        description="bytes the response cache holds at most; the least recently used "
+        "answers are evicted beyond",
+    )
+    cache_max_entry_bytes: int = Field(
+        default=CACHE_MAX_ENTRY_BYTES,
+        ge=1,
+        description="largest answer body the cache keeps, in bytes; larger ones stream "
+        "through uncached",
     )
     log_level: LogLevel = Field(default="info", description="`debug`, `info`, `warning`, `error`")
     log_format: LogFormat = Field(
@@ -230,6 +250,17 @@ class Settings(BaseSettings):
         if self.workers > 1:
             problems += self._split_limit_problems()
         problems += self._egress_problems()
+        entry_bound_set = "cache_max_entry_bytes" in self.model_fields_set
+        if entry_bound_set and self.cache_max_entry_bytes > self.cache_max_bytes:
+            problems.append(
+                Problem(
+                    ("cache_max_entry_bytes",),
+                    f"{self.cache_max_entry_bytes} is more than {{cache_max_bytes}} "
+                    f"({self.cache_max_bytes}), which must hold an answer of that size; lower "
+                    "it, or raise {cache_max_bytes}",
+                    template=True,
+                )
+            )
         if problems:
             raise Problems(problems)
         return self
@@ -316,6 +347,17 @@ class Settings(BaseSettings):
     def exposed_anonymously(self) -> bool:
         """Listening beyond loopback with no team keys to keep strangers out."""
         return not is_loopback_host(self.host) and not self.clients
+
+    @property
+    def cache_entry_limit(self) -> int:
+        """The largest body the cache keeps: cache_max_entry_bytes, within cache_max_bytes
+        when only that one was set."""
+        return min(self.cache_max_entry_bytes, self.cache_max_bytes)
+
+    def caches(self, route: Route) -> bool:
+        """Whether answers on `route` go through the response cache (its own `cache` key,
+        else the top-level one)."""
+        return self.cache if route.cache is None else route.cache
 
     @property
     def routes_by_length(self) -> tuple[Route, ...]:

@@ -214,6 +214,13 @@ class Route(_Model):
     def _outbound_proxy(cls, value: SecretStr | None) -> SecretStr | None:
         return _proxy_url(value)
 
+    cache: bool | None = Field(
+        default=None,
+        description="`true` or `false`: the response cache on this route, whatever the "
+        "top-level `cache` says",
+        json_schema_extra={"shown_default": "the top-level `cache`"},
+    )
+
     @field_validator("ca_bundle")
     @classmethod
     def _ca_bundle(cls, value: Path | None) -> Path | None:

@@ -231,6 +231,23 @@ class Counters(LimitStore, PauseStore, Protocol):
     """The limits and the pauses of one store, which share their keys."""
 
 
+class ResponseStore(Protocol):
+    """One credential's response-cache entries shared by the replicas: values by the name of
+    their primary key (method and URL) and of their variant; each expires after its TTL."""
+
+    async def variants(self, primary: bytes) -> list[bytes]:
+        """Every stored variant of `primary` (none when the store cannot answer)."""
+        ...
+
+    async def put(self, primary: bytes, variant: bytes, value: bytes, *, ttl: float) -> None:
+        """Store one variant for `ttl` seconds, in place of the one of that name."""
+        ...
+
+    async def forget(self, primary: bytes, variant: bytes | None = None) -> None:
+        """Drop one variant, or every variant of `primary`."""
+        ...
+
+
 class Store(Protocol):
     """Where shared state lives: in this process, or in Redis behind a fallback."""
 
@@ -250,6 +267,11 @@ class Store(Protocol):
 
     @property
     def counters(self) -> Counters: ...
+
+    def responses(self, identity: CredentialIdentity, secret: str) -> ResponseStore | None:
+        """The shared response-cache entries of one credential; None when the store is this
+        process's own (the cache keeps its entries in memory itself)."""
+        ...
 
     def state(self) -> dict[str, Any]:
         """What /-/ready shows of the store: never a URL, a password or a stored value."""

@@ -40,6 +40,7 @@ from proxy.store.redis import RedisStore, RedisTokens
 from proxy.store.redis_calls import stop_task
 from proxy.store.redis_limits import ORIGIN as REDIS_ORIGIN
 from proxy.store.redis_limits import RedisCounters
+from proxy.store.redis_responses import FallbackResponses
 
 log = get_logger("proxy.store")
 T = TypeVar("T")
@@ -245,6 +246,9 @@ class FallbackStore:
     @property
     def counters(self) -> FallbackCounters:
         return self._counters
+
+    def responses(self, identity: CredentialIdentity, secret: str) -> FallbackResponses:
+        return FallbackResponses(self, self.shared_store.responses(identity, secret))
 
 
 class FallbackTokens:

@@ -296,5 +296,9 @@ class MemoryStore:
     def counters(self) -> MemoryCounters:
         return self._counters
 
+    def responses(self, identity: CredentialIdentity, secret: str) -> None:
+        # The cache keeps its entries in this process's memory itself.
+        return None
+
     def state(self) -> dict[str, Any]:
         return {"backend": self.backend}

@@ -29,6 +29,7 @@ from proxy.store.memory import FAILURE_MEMORY
 from proxy.store.redis_calls import bounded
 from proxy.store.redis_events import Events
 from proxy.store.redis_limits import RedisCounters
+from proxy.store.redis_responses import RedisResponses
 from proxy.store.redis_url import RedisTarget
 
 log = get_logger("proxy.store")
@@ -318,6 +319,7 @@ class RedisStore:
         self.client = aioredis.Redis(**target.client_kwargs(timeout=timeout))
         self.events = Events(self.client, prefix + "events", timeout=timeout)
         self._tokens: dict[tuple[str, str], RedisTokens] = {}
+        self._responses: dict[tuple[str, str], RedisResponses] = {}
         self._counters = RedisCounters(
             client=self.client, events=self.events, prefix=prefix, timeout=timeout
         )
@@ -352,6 +354,19 @@ class RedisStore:
     @property
     def counters(self) -> RedisCounters:
         return self._counters
+
+    def responses(self, identity: CredentialIdentity, secret: str) -> RedisResponses:
+        slot = (identity.digest, hashlib.sha256(secret.encode()).hexdigest())
+        responses = self._responses.get(slot)
+        if responses is None:
+            responses = self._responses[slot] = RedisResponses(
+                client=self.client,
+                prefix=self.prefix,
+                identity=identity,
+                secret=secret,
+                timeout=self.timeout,
+            )
+        return responses
 
     def state(self) -> dict[str, Any]:
         return {"backend": self.backend}

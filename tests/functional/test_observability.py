@@ -868,7 +868,7 @@ def test_grafana_dashboard_charts_every_metric() -> None:
             exported.append(family.name + "_bucket")
         else:
             exported.append(family.name)
-    assert len(exported) == 13
+    assert len(exported) == 17
     missing = [
         name for name in exported if not re.search(rf"(?<![A-Za-z0-9_]){name}\b", everything)
     ]
