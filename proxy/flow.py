@@ -15,7 +15,7 @@ from proxy.access import Exchange
 from proxy.bodies import RequestBody, relay, request_body
 from proxy.credentials import Token, TokenSource
 from proxy.errors import RateLimited, UpstreamError
-from proxy.headers import upstream_headers
+from proxy.headers import client_headers, upstream_headers
 from proxy.log import bind_request_more, get_logger
 from proxy.routing import Match
 from proxy.runtime import Runtime
@@ -160,7 +160,7 @@ async def send_once(
         tokens = runtime.tokens[credential]
         token = current_token(tokens) or await tokens.token()
         headers = upstream_headers(
-            request.headers.items() if incoming is None else incoming,
+            client_headers(request.raw_headers) if incoming is None else incoming,
             token=token.value,
             request_id=request_id,
         )

@@ -68,3 +68,12 @@ def response_fields(incoming: Iterable[tuple[str, str]]) -> Headers:
     """Upstream's end-to-end response headers, as the cache stores them (without the
     X-Request-ID of the request that fetched them)."""
     return _end_to_end(incoming, _RESPONSE_DROP)
+
+
+def client_headers(raw: Iterable[tuple[bytes, bytes]]) -> Headers:
+    """The client's headers as it wrote them (aiohttp's parsed ones name the headers it knows
+    its own way), decoded as aiohttp decodes them."""
+    return [
+        (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+        for name, value in raw
+    ]
