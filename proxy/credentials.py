@@ -20,7 +20,7 @@ from proxy.config import Credential
 from proxy.errors import ClientRejected, TokenEndpointError, TokenUnavailable
 from proxy.log import get_logger, redactor
 from proxy.metrics import Metrics
-from proxy.oauth import basic_credentials, oauth_error, parse_token_response
+from proxy.oauth import basic_credentials, oauth_error, request_token
 from proxy.refusals import REMEMBER_FOR, Evidence, Refusal, RefusingPaths
 
 log = get_logger("proxy.credentials")
@@ -30,7 +30,6 @@ SAFETY_MARGIN_CAP = 30.0
 SAFETY_MARGIN_FRACTION = 0.1
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 60.0
-MAX_TOKEN_RESPONSE = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,7 +224,7 @@ class TokenManager(_TokenHolder):
         self._credential = credential
         self._session = session
         self._metrics = metrics
-        self._request_timeout = aiohttp.ClientTimeout(total=request_timeout)
+        self._request_timeout = request_timeout
         self._wait_timeout = wait_timeout
         self._clock = clock
         self._rng = rng
@@ -335,46 +334,14 @@ class TokenManager(_TokenHolder):
 
     async def fetch(self) -> Token:
         """One token request, as RFC 6749 4.4 describes it; raises TokenEndpointError."""
-        credential = self._credential
-        form = {"grant_type": "client_credentials"}
-        if credential.scope:
-            form["scope"] = credential.scope
-        form.update(credential.extra_params)
-        headers = {"Accept": "application/json"}
-        secret = credential.client_secret.get_secret_value()
-        if credential.auth_method == "client_secret_basic":
-            headers["Authorization"] = "Basic " + basic_credentials(credential.client_id, secret)
-        else:
-            form["client_id"] = credential.client_id
-            form["client_secret"] = secret
         started = self._clock()
-        try:
-            async with self._session.post(
-                credential.token_url,
-                data=form,
-                headers=headers,
-                timeout=self._request_timeout,
-                allow_redirects=False,
-            ) as response:
-                body = await response.content.read(MAX_TOKEN_RESPONSE + 1)
-                status, content_type = response.status, response.content_type
-        except TimeoutError:
-            raise TokenEndpointError(
-                f"token endpoint gave no answer within {self._request_timeout.total:g} s",
-                error="timeout",
-            ) from None
-        except aiohttp.ClientError as exc:
-            raise TokenEndpointError(
-                f"cannot reach the token endpoint: {type(exc).__name__}: {exc}",
-                error="connection_error",
-            ) from None
-        if len(body) > MAX_TOKEN_RESPONSE:
-            raise TokenEndpointError(
-                "token endpoint answered more than 1 MiB", error="invalid_response"
-            )
-        value, expires_in, scope = parse_token_response(status, content_type, body)
-        redactor.add_token(value)
-        return Token(value=value, obtained_at=started, lifetime=expires_in, scope=scope)
+        issued = await request_token(
+            self._session, self._credential, request_timeout=self._request_timeout
+        )
+        redactor.add_token(issued.value)
+        return Token(
+            value=issued.value, obtained_at=started, lifetime=issued.expires_in, scope=issued.scope
+        )
 
     async def _run(self) -> None:
         while True:

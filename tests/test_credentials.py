@@ -9,7 +9,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import pytest
@@ -18,11 +18,18 @@ from aiohttp import web
 from proxy.config import Credential
 from proxy.credentials import Token, TokenManager, backoff_delay
 from proxy.errors import ClientRejected, TokenEndpointError, TokenUnavailable
-from proxy.log import REDACTED, redactor
+from proxy.log import REDACTED, get_logger, redactor
 from proxy.metrics import Metrics
-from proxy.oauth import parse_token_response
+from proxy.oauth import parse_token_response, request_token
 from proxy.refusals import REMEMBER_FOR, Evidence, Refusal, RefusingPaths
-from tests.conftest import TEST_CLIENT_ID, TEST_SECRET, FakeTokenServer, free_port, wait_for
+from tests.conftest import (
+    TEST_CLIENT_ID,
+    TEST_SECRET,
+    CapturedLog,
+    FakeTokenServer,
+    free_port,
+    wait_for,
+)
 
 # An id and a secret with every character RFC 6749 2.3.1 form-urlencoding changes.
 ODD_ID = "my:id+x y%z"
@@ -380,6 +387,47 @@ async def test_fetch_unreachable_endpoint_is_a_token_endpoint_error() -> None:
     assert caught.value.error == "connection_error"
     assert not caught.value.rejects_client
     assert TEST_SECRET not in str(caught.value)
+
+
+class _FailingSession:
+    """Stands in for the ClientSession: every post fails with `error`."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def post(self, *args: Any, **kwargs: Any) -> Any:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (aiohttp.ClientConnectionError(f"refused while sending {TEST_SECRET}"), "connection_error"),
+        (aiohttp.ServerTimeoutError(f"timed out sending {TEST_SECRET}"), "timeout"),
+        (aiohttp.InvalidURL(f"https://id:{TEST_SECRET}@bad host/token"), "connection_error"),
+    ],
+)
+async def test_fetch_error_keeps_its_cause_and_no_secret_reaches_a_message_or_log(
+    token_server: FakeTokenServer, proxy_log: CapturedLog, error: Exception, code: str
+) -> None:
+    """aiohttp's error of a token request becomes a TokenEndpointError through one table: named
+    by kind, its cause kept for the traceback, and neither its detail nor the logged traceback
+    holds the secret its text quoted."""
+    credential = make_credential(token_server)
+    redactor.add_secret(TEST_SECRET)
+    session = cast(aiohttp.ClientSession, _FailingSession(error))
+    with pytest.raises(TokenEndpointError) as caught:
+        await request_token(session, credential, request_timeout=1.0)
+    assert caught.value.error == code
+    assert caught.value.__cause__ is error
+    assert TEST_SECRET not in f"{caught.value} {caught.value!r} {caught.value.detail}"
+    try:
+        raise caught.value
+    except TokenEndpointError:
+        get_logger("proxy.credentials").exception("token request failed")
+    logged = proxy_log.text()
+    assert type(error).__name__ in logged  # the cause is in the traceback ...
+    assert TEST_SECRET not in logged  # ... with the secret it quoted redacted
 
 
 async def test_fetch_times_out_as_token_endpoint_error(token_server: FakeTokenServer) -> None:
