@@ -21,8 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy import __version__
 from proxy.access import AccessLog
-from proxy.config import Credential, Settings
-from proxy.credentials import TokenManager, TokenSource
+from proxy.config import Settings
 from proxy.errors import (
     BadRequest,
     ClientRejected,
@@ -44,15 +43,18 @@ from proxy.log import (
 from proxy.metrics import Metrics
 from proxy.ratelimit import RateLimits
 from proxy.routing import RouteTable
+from proxy.store import MemoryStore
+from proxy.token_sources import TokenSources, build_token_sources
+from proxy.tokens import TokenSource
 from proxy.upstream import make_transport
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 ROUTES = web.AppKey("routes", RouteTable)
 TOKENS = web.AppKey("tokens", dict[str, TokenSource])
-# Builds the token source of one credential; None: a TokenManager fetching tokens itself.
-TokenSourceFactory = Callable[[str, Credential], TokenSource]
-TOKEN_SOURCES: web.AppKey[TokenSourceFactory] = web.AppKey("token_sources")
+# Builds every credential's token source; None: on a store of this process's own.
+TokenSourcesFactory = Callable[[Settings], TokenSources]
+TOKEN_SOURCES: web.AppKey[TokenSourcesFactory] = web.AppKey("token_sources")
 FORWARDER = web.AppKey("forwarder", Forwarder)
 GATE = web.AppKey("gate", Gate)
 LIMITS = web.AppKey("limits", RateLimits)
@@ -333,27 +335,14 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         max_connections=settings.max_connections,
     )
     await transport.start()
-    # Token traffic has a session of its own so it never queues behind upstream connections.
-    token_session = aiohttp.ClientSession(
-        cookie_jar=aiohttp.DummyCookieJar(), trust_env=False, raise_for_status=False
-    )
     factory = app.get(TOKEN_SOURCES)
-    managers: dict[str, TokenSource] = {
-        name: (
-            factory(name, credential)
-            if factory is not None
-            else TokenManager(
-                name=name,
-                credential=credential,
-                session=token_session,
-                metrics=app[METRICS],
-                request_timeout=settings.token_timeout,
-                wait_timeout=settings.token_wait_timeout,
-            )
-        )
-        for name, credential in settings.credentials.items()
-    }
-    app[TOKENS] = managers
+    sources = (
+        factory(settings)
+        if factory is not None
+        else build_token_sources(settings, store=MemoryStore(), metrics=app[METRICS])
+    )
+    tokens: dict[str, TokenSource] = dict(sources)
+    app[TOKENS] = tokens
     app[FORWARDER] = Forwarder(
         transport=transport,
         metrics=app[METRICS],
@@ -362,14 +351,11 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         max_body_size=settings.max_body_size,
         slot_wait=settings.connect_timeout,
     )
-    for manager in managers.values():
-        manager.start()
+    sources.start()
     try:
         yield
     finally:
-        for manager in managers.values():
-            await manager.close()
-        await token_session.close()
+        await sources.close()
         await transport.close()
 
 
@@ -377,11 +363,11 @@ def create_app(
     settings: Settings,
     *,
     metrics: Metrics | None = None,
-    token_sources: TokenSourceFactory | None = None,
+    token_sources: TokenSourcesFactory | None = None,
 ) -> web.Application:
     """Build the proxy application; long-lived resources open and close in cleanup_ctx.
-    `token_sources` replaces the TokenManager of each credential (a worker process takes its
-    tokens from the supervisor)."""
+    `token_sources` builds the token sources instead (a worker's keep their tokens through its
+    supervisor)."""
     _name_the_server()
     app = web.Application(
         middlewares=[_every_request],

@@ -260,7 +260,8 @@ def _work(settings: Settings, spec: WorkerSpec) -> int:
     """One worker of a supervisor: the whole app on the supervisor's port, its tokens."""
     from proxy.log import bind_process  # noqa: PLC0415
     from proxy.serve import serve  # noqa: PLC0415
-    from proxy.workers import WorkerLink, worker_settings  # noqa: PLC0415
+    from proxy.worker import WorkerLink  # noqa: PLC0415
+    from proxy.workers import worker_settings  # noqa: PLC0415
 
     bind_process(worker=spec.index)
     mine = worker_settings(settings, spec)
@@ -309,26 +310,18 @@ def _health(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _check(settings: Settings) -> int:
-    import aiohttp  # noqa: PLC0415  (see the module docstring)
-
-    from proxy.credentials import TokenManager  # noqa: PLC0415
-    from proxy.log import redactor  # noqa: PLC0415
+    from proxy.log import redactor  # noqa: PLC0415  (see the module docstring)
     from proxy.metrics import Metrics  # noqa: PLC0415
+    from proxy.store import MemoryStore  # noqa: PLC0415
+    from proxy.token_sources import build_token_sources  # noqa: PLC0415
 
     rows: list[tuple[str, ...]] = []
     failed = False
-    metrics = Metrics()
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
+    sources = build_token_sources(settings, store=MemoryStore(), metrics=Metrics())
+    try:
         for name, credential in settings.credentials.items():
-            manager = TokenManager(
-                name=name,
-                credential=credential,
-                session=session,
-                metrics=metrics,
-                request_timeout=settings.token_timeout,
-            )
             try:
-                token = await manager.fetch()
+                token = await sources[name].fetch()
             except TokenEndpointError as exc:
                 failed = True
                 result = f"FAILED: {redactor.scrub(exc.detail)}"
@@ -339,6 +332,8 @@ async def _check(settings: Settings) -> int:
             rows.append(
                 (name, credential.token_url, credential.auth_method, scope, expires, result)
             )
+    finally:
+        await sources.close()
     header = ("credential", "token_url", "auth_method", "scope", "expires_in", "result")
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header) - 1)]
     for row in (header, *rows):

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from proxy.config import Route
-from proxy.credentials import Token, TokenSource
 from proxy.errors import PayloadTooLarge, UpstreamBusy, UpstreamError
 from proxy.log import get_logger
 from proxy.metrics import Metrics
 from proxy.ratelimit import RateLimits
+from proxy.tokens import Token, TokenSource
 from proxy.upstream import CHUNK_SIZE, Body, Transport, UpstreamResponse
 
 log = get_logger("proxy.forward")

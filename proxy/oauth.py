@@ -173,6 +173,12 @@ def _expires_in(raw: Any, status: int) -> float:
     return min(value, MAX_EXPIRES_IN)
 
 
+def secret_forms(credential: Credential) -> tuple[str, ...]:
+    """The secret in every form a request shows it: plain, form-encoded, in the Basic header."""
+    secret = credential.client_secret.get_secret_value()
+    return secret, quote_plus(secret), basic_credentials(credential.client_id, secret)
+
+
 def basic_credentials(client_id: str, secret: str) -> str:
     """RFC 6749 2.3.1: id and secret are form-urlencoded, then joined and Base64-encoded."""
     pair = f"{quote_plus(client_id)}:{quote_plus(secret)}"

@@ -12,7 +12,7 @@ from proxy import __version__
 from proxy.app import CUT_OFF, METRICS, create_app, create_metrics_app, runner_options
 from proxy.config import Settings
 from proxy.log import get_logger
-from proxy.workers import WorkerLink
+from proxy.worker import WorkerLink
 
 # The start and stop lines keep the logger name they had when cli.py wrote them.
 log = get_logger("proxy.cli")
@@ -25,7 +25,7 @@ async def serve(settings: Settings, worker: WorkerLink | None = None) -> None:
         reuse_port = None
     else:
         await worker.connect()
-        app = create_app(settings, metrics=worker.metrics, token_sources=worker.token_source)
+        app = create_app(settings, metrics=worker.metrics, token_sources=worker.token_sources)
         reuse_port = True
     runner = web.AppRunner(app, handle_signals=False, **runner_options(settings))
     runners = [runner]

@@ -1,13 +1,10 @@
 """Several worker processes on one port (`workers` > 1). The supervisor, the process the user
-started, holds the port, runs the TokenManager of every credential, so that each token is
-fetched once for the whole group, and starts the workers. Each worker serves the whole app on
-the same port through SO_REUSEPORT, the kernel spreading connections between them, and keeps
-a TokenReplica per credential that the supervisor updates over a socketpair (newline-framed
-JSON), with the token and with the 401 rule's memory of paths that refuse every token, so that
-the group learns each such path once. Written by hand: process managers such as gunicorn's
-arbiter share no state with their workers, and the shared token is the point here.
-
-The messages carry tokens, so they are never logged; tokens go to the redactor on both ends."""
+started, holds the port and starts the workers; each serves the whole app on the same port
+through SO_REUSEPORT, the kernel spreading connections between them. The group's token store
+is the supervisor's: each worker's TokenManagers keep their tokens through the relay
+(proxy.store.relay), so that each token is fetched once for the whole group and the 401 rule's
+memory of paths is the group's. Written by hand: process managers such as gunicorn's arbiter
+share no state with their workers, and the shared token is the point here."""
 
 from __future__ import annotations
 
@@ -21,19 +18,16 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
-import aiohttp
 from prometheus_client.multiprocess import mark_process_dead
 
-from proxy.config import Credential, Settings
-from proxy.credentials import Token, TokenManager, TokenReplica, TokenStatus
-from proxy.errors import ProxyError
+from proxy.config import Settings
 from proxy.log import get_logger
-from proxy.metrics import Metrics, TokenFigures, TokenMetricsCopy
-from proxy.refusals import Evidence, Refusal, RefusingPaths
+from proxy.store import MemoryStore
+from proxy.store import relay_wire as wire
+from proxy.store.relay_server import RelayServer
+from proxy.token_sources import identity_of
 
 log = get_logger("proxy.workers")
 
@@ -51,7 +45,6 @@ STEADY_AFTER = 30.0
 # Workers get shutdown_timeout to drain, and this much more to close down (they cut off what
 # is still running at the deadline, which takes them well under a second) before being killed.
 EXIT_MARGIN = 1.0
-_LINE_LIMIT = 2 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,185 +94,6 @@ def worker_settings(settings: Settings, spec: WorkerSpec) -> Settings:
     )
 
 
-def _line(message: Mapping[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
-
-
-def _status_message(name: str, status: TokenStatus, figures: TokenFigures) -> dict[str, Any]:
-    token = status.token
-    return {
-        "tell": "status",
-        "credential": name,
-        "token": None
-        if token is None
-        else {
-            "value": token.value,
-            "obtained_at": token.obtained_at,
-            "lifetime": token.lifetime,
-            "scope": token.scope,
-        },
-        "failures": status.failures,
-        "last_error": status.last_error,
-        "last_error_description": status.last_error_description,
-        "rejected": status.rejected,
-        "retry_at": status.retry_at,
-        "fetches": dict(figures.fetches),
-        "expiry": figures.expiry,
-        "refresh_failures": figures.failures,
-    }
-
-
-def _read_status(message: Mapping[str, Any]) -> tuple[TokenStatus, TokenFigures]:
-    raw = message["token"]
-    token = (
-        None
-        if raw is None
-        else Token(
-            value=str(raw["value"]),
-            obtained_at=float(raw["obtained_at"]),
-            lifetime=float(raw["lifetime"]),
-            scope=raw["scope"],
-        )
-    )
-    status = TokenStatus(
-        token=token,
-        failures=int(message["failures"]),
-        last_error=message["last_error"],
-        last_error_description=message["last_error_description"],
-        rejected=bool(message["rejected"]),
-        retry_at=message["retry_at"],
-    )
-    figures = TokenFigures(
-        fetches={str(k): float(v) for k, v in message["fetches"].items()},
-        expiry=float(message["expiry"]),
-        failures=float(message["refresh_failures"]),
-    )
-    return status, figures
-
-
-def _path_message(name: str, path: str, refusal: Refusal) -> dict[str, Any]:
-    return {
-        "tell": "path",
-        "credential": name,
-        "path": path,
-        "evidence": refusal.evidence.value,
-        "until": refusal.until,
-        "dropped": refusal.dropped,
-    }
-
-
-# --- The worker's side -------------------------------------------------------------------------
-
-
-class WorkerLink:
-    """A worker's end of the socketpair: the supervisor's tokens come in, requests for a new
-    token (or to drop one upstream rejected) go out. Its metrics add up every worker's."""
-
-    def __init__(self, spec: WorkerSpec, settings: Settings) -> None:
-        directory = os.environ.get(MULTIPROC_ENV)
-        if not directory or not os.path.isdir(directory):
-            raise RuntimeError(f"a worker needs {MULTIPROC_ENV}, which its supervisor sets")
-        self.spec = spec
-        self._settings = settings
-        self._statuses: dict[str, tuple[TokenStatus, TokenFigures]] = {}
-        self._replicas: dict[str, TokenReplica] = {}
-        self._paths: dict[str, RefusingPaths] = {}
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task[None] | None = None
-        self._closing = False
-        self.lost = asyncio.Event()
-        self.metrics = Metrics(multiprocess_dir=directory)
-        self.metrics.include(TokenMetricsCopy(self._figures))
-
-    async def connect(self) -> None:
-        sock = socket.socket(fileno=self.spec.fd)
-        reader, self._writer = await asyncio.open_unix_connection(sock=sock, limit=_LINE_LIMIT)
-        self._reader_task = asyncio.create_task(self._read(reader), name="supervisor-link")
-
-    def token_source(self, name: str, credential: Credential) -> TokenReplica:
-        """The TokenSource of one credential (create_app's token_sources hook)."""
-        replica = TokenReplica(
-            name=name,
-            credential=credential,
-            ask=self._send,
-            paths=self._paths_of(name),
-            wait_timeout=self._settings.token_wait_timeout,
-        )
-        self._replicas[name] = replica
-        known = self._statuses.get(name)
-        if known is not None:
-            replica.apply(known[0])
-        return replica
-
-    def listening(self) -> None:
-        """Tell the supervisor this worker has bound its port and serves."""
-        self._send({"ask": "ready"})
-
-    async def close(self) -> None:
-        self._closing = True
-        task, self._reader_task = self._reader_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self._writer is not None:
-            self._writer.close()
-            with contextlib.suppress(ConnectionError):
-                await self._writer.wait_closed()
-
-    def _send(self, message: Mapping[str, Any]) -> None:
-        writer = self._writer
-        if writer is not None and not writer.is_closing():
-            writer.write(_line(message))
-
-    async def _read(self, reader: asyncio.StreamReader) -> None:
-        try:
-            while line := await reader.readline():
-                message = json.loads(line)
-                tell = message.get("tell")
-                if tell == "status":
-                    self._apply(str(message["credential"]), *_read_status(message))
-                elif tell == "path":
-                    refusal = Refusal(
-                        until=float(message["until"]),
-                        evidence=Evidence(message["evidence"]),
-                        dropped=float(message["dropped"]),
-                    )
-                    self._paths_of(str(message["credential"])).learn(str(message["path"]), refusal)
-        except (ConnectionError, ValueError, KeyError, TypeError) as exc:
-            # The text of the exception could hold part of a message, a token: only its type.
-            log.error("the link to the supervisor broke", error=type(exc).__name__)
-        finally:
-            if not self._closing:
-                log.warning("the supervisor is gone; this worker shuts down")
-                self.lost.set()
-
-    def _apply(self, name: str, status: TokenStatus, figures: TokenFigures) -> None:
-        self._statuses[name] = (status, figures)
-        replica = self._replicas.get(name)
-        if replica is not None:
-            replica.apply(status)
-
-    def _paths_of(self, name: str) -> RefusingPaths:
-        """The 401 rule's memory of one credential: it may arrive before the replica exists."""
-        paths = self._paths.get(name)
-        if paths is None:
-            paths = self._paths[name] = RefusingPaths()
-        return paths
-
-    def _figures(self) -> dict[str, tuple[TokenFigures, float]]:
-        now = time.monotonic()
-        result = {}
-        for name, (status, figures) in self._statuses.items():
-            replica = self._replicas.get(name)
-            token = replica.status().token if replica is not None else status.token
-            result[name] = (figures, max(0.0, token.expires_at - now) if token else 0.0)
-        return result
-
-
-# --- The supervisor ------------------------------------------------------------------------------
-
-
 @dataclass
 class _Worker:
     """One worker process as the supervisor sees it."""
@@ -293,9 +107,9 @@ class _Worker:
 
 
 class Supervisor:
-    """Holds the port, fetches every credential's token once for the group, and keeps
-    `workers` worker processes serving: a worker that dies is restarted after a short,
-    growing pause; one that cannot start at all ends the supervisor with a message."""
+    """Holds the port and the group's token store, and keeps `workers` worker processes
+    serving: a worker that dies is restarted after a short, growing pause; one that cannot
+    start at all ends the supervisor with a message."""
 
     def __init__(self, settings: Settings, *, command: list[str]) -> None:
         self._settings = settings
@@ -306,9 +120,13 @@ class Supervisor:
         self.failure: str | None = None
         self._held: list[socket.socket] = []
         self._workers: dict[int, _Worker] = {}
-        self._managers: dict[str, TokenManager] = {}
-        self._metrics = Metrics()
-        self._fetching: dict[str, asyncio.Task[None]] = {}
+        self._relay = RelayServer(
+            MemoryStore(),
+            [
+                (identity_of(credential), credential.client_secret.get_secret_value())
+                for credential in settings.credentials.values()
+            ],
+        )
         self._directory = ""
         self._stopping = False
         self._done = asyncio.Event()
@@ -367,26 +185,7 @@ class Supervisor:
             loop.add_signal_handler(signum, self._done.set)
         if not self._directory:
             self.make_metrics_directory()
-        session = aiohttp.ClientSession(
-            cookie_jar=aiohttp.DummyCookieJar(), trust_env=False, raise_for_status=False
-        )
-        self._managers = {
-            name: TokenManager(
-                name=name,
-                credential=credential,
-                session=session,
-                metrics=self._metrics,
-                request_timeout=settings.token_timeout,
-                wait_timeout=settings.token_wait_timeout,
-            )
-            for name, credential in settings.credentials.items()
-        }
-        for manager in self._managers.values():
-            manager.start()
-        watchers = [
-            asyncio.create_task(self._watch(name), name=f"token-watch:{name}")
-            for name in self._managers
-        ]
+        self._relay.start()
         self._log_split()
         keepers = [
             asyncio.create_task(self._keep(index), name=f"worker:{index}")
@@ -401,16 +200,11 @@ class Supervisor:
             )
         finally:
             self._stopping = True
-            for task in [*keepers, *self._fetching.values()]:
+            for task in keepers:
                 task.cancel()
-            await asyncio.gather(*keepers, *self._fetching.values(), return_exceptions=True)
+            await asyncio.gather(*keepers, return_exceptions=True)
             await self._stop_workers()
-            for task in watchers:
-                task.cancel()
-            await asyncio.gather(*watchers, return_exceptions=True)
-            for manager in self._managers.values():
-                await manager.close()
-            await session.close()
+            await self._relay.close()
             shutil.rmtree(self._directory, ignore_errors=True)
             self.release_ports()
         log.info("stopped")
@@ -494,7 +288,7 @@ class Supervisor:
         settings = self._settings
         mine, theirs = socket.socketpair()
         try:
-            reader, writer = await asyncio.open_unix_connection(sock=mine, limit=_LINE_LIMIT)
+            reader, writer = await asyncio.open_unix_connection(sock=mine, limit=wire.LINE_LIMIT)
             spec = WorkerSpec(
                 index=index,
                 workers=settings.workers,
@@ -515,11 +309,10 @@ class Supervisor:
             theirs.close()
         worker = _Worker(index=index, process=process, writer=writer, started_at=time.monotonic())
         self._workers[index] = worker
-        for name, manager in self._managers.items():
-            writer.write(self._status_line(name))
-            for path, refusal in manager.refusals():
-                writer.write(_line(_path_message(name, path, refusal)))
-        worker.reader_task = asyncio.create_task(self._listen(worker, reader))
+        await self._relay.attach(index, writer)
+        worker.reader_task = asyncio.create_task(
+            self._relay.serve(index, reader, on_ready=worker.ready.set)
+        )
         log.info("worker started", worker=index, pid=process.pid)
         return worker
 
@@ -599,77 +392,3 @@ class Supervisor:
                     exit_status=worker.process.returncode,
                 )
             self._forget(worker)
-
-    # Tokens ----------------------------------------------------------------------------------
-
-    def _status_line(self, name: str) -> bytes:
-        manager = self._managers[name]
-        return _line(_status_message(name, manager.status(), self._metrics.token_figures(name)))
-
-    def _broadcast(self, name: str) -> None:
-        line = self._status_line(name)
-        for worker in self._workers.values():
-            if not worker.writer.is_closing():
-                worker.writer.write(line)
-
-    def _broadcast_path(self, name: str, path: str) -> None:
-        refusal = self._managers[name].remembered(path)
-        if refusal is None:
-            return
-        line = _line(_path_message(name, path, refusal))
-        for worker in self._workers.values():
-            if not worker.writer.is_closing():
-                worker.writer.write(line)
-
-    async def _watch(self, name: str) -> None:
-        manager = self._managers[name]
-        while True:
-            await manager.wait_changed()
-            self._broadcast(name)
-
-    async def _listen(self, worker: _Worker, reader: asyncio.StreamReader) -> None:
-        with contextlib.suppress(ConnectionError):
-            while line := await reader.readline():
-                try:
-                    message = json.loads(line)
-                    self._answer(worker, message)
-                except (ValueError, KeyError, TypeError) as exc:
-                    log.error(
-                        "worker sent a message not understood",
-                        worker=worker.index,
-                        error=type(exc).__name__,
-                    )
-
-    def _answer(self, worker: _Worker, message: Mapping[str, Any]) -> None:
-        ask = message["ask"]
-        if ask == "ready":
-            worker.ready.set()
-            return
-        name = str(message["credential"])
-        manager = self._managers.get(name)
-        if manager is None:
-            return
-        if ask == "invalidate":
-            # Whatever the worker guessed, the supervisor decides for the group: a path that
-            # some worker found refusing keeps the token, which goes back to the asking worker.
-            path = str(message["path"])
-            manager.relayed_401(
-                float(message["obtained_at"]), path=path, replayable=bool(message["replayable"])
-            )
-            self._broadcast(name)
-            self._broadcast_path(name, path)
-        elif ask == "replayed":
-            path = str(message["path"])
-            manager.replayed(path, rejected=bool(message["rejected"]))
-            self._broadcast_path(name, path)
-        elif ask == "token" and name not in self._fetching:
-            task = asyncio.create_task(self._fetch_now(name, manager))
-            self._fetching[name] = task
-
-    async def _fetch_now(self, name: str, manager: TokenManager) -> None:
-        """A worker found no usable token: wake the manager, as a request of its own would."""
-        try:
-            with contextlib.suppress(ProxyError):
-                await manager.token()
-        finally:
-            self._fetching.pop(name, None)

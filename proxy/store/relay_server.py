@@ -1,0 +1,189 @@
+"""The workers' relay, the supervisor's side: runs the group's real token store on behalf of
+every worker (relay.py), tells each the state of every credential and what the others learnt of
+paths, frees the fetch lock of a worker that died, and counts the group's token metrics (the
+workers' own prometheus-client files would give each its own gauge)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from proxy.log import get_logger, redactor
+from proxy.metrics import TokenFigures
+from proxy.store import relay_wire as wire
+from proxy.store.base import CredentialIdentity, Store, TokenStore
+
+log = get_logger("proxy.workers")
+
+
+@dataclass
+class _Figures:
+    """The group's token metrics of one credential."""
+
+    fetches: Counter[str] = field(default_factory=Counter)
+    expiry: float = 0.0
+    failures: float = 0.0
+
+    def told(self) -> TokenFigures:
+        return TokenFigures(fetches=dict(self.fetches), expiry=self.expiry, failures=self.failures)
+
+
+@dataclass
+class _Worker:
+    writer: asyncio.StreamWriter
+    # The fetch locks it holds: (credential, owner).
+    owners: set[tuple[str, str]] = field(default_factory=set)
+
+
+class RelayServer:
+    """The group's token store of every credential (identity and secret), served to the
+    workers over their socketpairs."""
+
+    def __init__(self, store: Store, credentials: Iterable[tuple[CredentialIdentity, str]]) -> None:
+        self._tokens: dict[str, TokenStore] = {
+            identity.digest: store.tokens(identity, secret) for identity, secret in credentials
+        }
+        self._figures = {digest: _Figures() for digest in self._tokens}
+        self._workers: dict[int, _Worker] = {}
+        self._watchers: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        """Watch every credential's state, for changes that did not come through a worker."""
+        self._watchers = [
+            asyncio.create_task(self._watch(digest), name=f"relay-watch:{digest[:8]}")
+            for digest in self._tokens
+        ]
+
+    async def close(self) -> None:
+        watchers, self._watchers = self._watchers, []
+        for task in watchers:
+            task.cancel()
+        await asyncio.gather(*watchers, return_exceptions=True)
+
+    async def attach(self, index: int, writer: asyncio.StreamWriter) -> None:
+        """Worker `index` is connected on `writer`: tell it everything it needs to start."""
+        self._workers[index] = _Worker(writer)
+        for digest, tokens in self._tokens.items():
+            writer.write(wire.encode(wire.state(digest, await tokens.load())))
+            for path, refusal in tokens.paths.items():
+                writer.write(wire.encode(wire.path_known(digest, path, refusal)))
+            writer.write(wire.encode(wire.figures(digest, self._figures[digest].told())))
+
+    async def serve(
+        self, index: int, reader: asyncio.StreamReader, *, on_ready: Callable[[], None]
+    ) -> None:
+        """Answer worker `index` until its end closes; then free the locks it held."""
+        try:
+            with contextlib.suppress(ConnectionError):
+                while line := await reader.readline():
+                    try:
+                        message = wire.decode(line)
+                        if message.get("ask") == "ready":
+                            on_ready()
+                        else:
+                            await self._answer(index, message)
+                    except (ValueError, KeyError, TypeError) as exc:
+                        log.error(
+                            "worker sent a message not understood",
+                            worker=index,
+                            error=type(exc).__name__,
+                        )
+        finally:
+            worker = self._workers.pop(index, None)
+            if worker is not None:
+                for digest, owner in worker.owners:
+                    if await self._tokens[digest].unlock(owner):
+                        await self._broadcast(digest)
+
+    async def _answer(self, index: int, message: wire.Message) -> None:
+        ask, digest = message["ask"], str(message["credential"])
+        tokens, worker = self._tokens.get(digest), self._workers.get(index)
+        if tokens is None or worker is None:
+            return
+        if ask == "path":
+            await self._path(index, digest, tokens, message)
+            return
+        value: object = None
+        if ask == "lock":
+            value = await tokens.lock(float(message["ttl"]))
+            if value is not None:
+                worker.owners.add((digest, str(value)))
+        elif ask == "unlock":
+            owner = str(message["owner"])
+            worker.owners.discard((digest, owner))
+            value = await tokens.unlock(owner)
+        elif ask == "publish":
+            sent = wire.read_token(message["token"])
+            if sent is None:
+                raise TypeError("a publish without a token")
+            redactor.add_token(sent.value)
+            published = await tokens.publish(
+                value=sent.value,
+                obtained_at=sent.obtained_at,
+                expires_at=sent.expires_at,
+                scope=sent.scope,
+            )
+            value = wire.token_value(published)
+            self._count(digest, "success", expiry=published.expires_at, failures=0)
+        elif ask == "drop":
+            value = await tokens.drop(str(message["version"]))
+        elif ask == "fail":
+            failure = wire.read_failure(message["failure"])
+            if failure is None:
+                raise TypeError("a failure report without a failure")
+            await tokens.record_failure(failure)
+            outcome = "rejected" if failure.rejected else "error"
+            self._count(digest, outcome, failures=failure.failures)
+        else:
+            raise KeyError(ask)
+        # The new state goes out before the reply, so the asking worker reads it back.
+        await self._broadcast(digest)
+        worker.writer.write(wire.encode(wire.reply(int(message["id"]), value)))
+
+    async def _path(
+        self, index: int, digest: str, tokens: TokenStore, message: wire.Message
+    ) -> None:
+        """What worker `index` learnt of a path: the group's memory takes it in, and every
+        other worker hears of it."""
+        path, refusal = str(message["path"]), wire.read_refusal(message["refusal"])
+        if refusal is None:
+            tokens.paths.forget(path)
+        else:
+            tokens.paths.learn(path, refusal)
+            if tokens.paths.refuses(path):
+                await tokens.remember_refusing(path, refusal.until - time.time())
+        line = wire.encode(wire.path_known(digest, path, refusal))
+        for other, worker in self._workers.items():
+            if other != index and not worker.writer.is_closing():
+                worker.writer.write(line)
+
+    def _count(
+        self, digest: str, outcome: str, *, failures: int, expiry: float | None = None
+    ) -> None:
+        figures = self._figures[digest]
+        figures.fetches[outcome] += 1
+        figures.failures = failures
+        if expiry is not None:
+            figures.expiry = expiry
+        line = wire.encode(wire.figures(digest, figures.told()))
+        for worker in self._workers.values():
+            if not worker.writer.is_closing():
+                worker.writer.write(line)
+
+    async def _broadcast(self, digest: str) -> int:
+        """Tell every worker the state of `digest` now; returns its generation."""
+        snapshot = await self._tokens[digest].load()
+        line = wire.encode(wire.state(digest, snapshot))
+        for worker in self._workers.values():
+            if not worker.writer.is_closing():
+                worker.writer.write(line)
+        return snapshot.generation
+
+    async def _watch(self, digest: str) -> None:
+        while True:
+            generation = await self._broadcast(digest)
+            await self._tokens[digest].wait_changed(generation)
