@@ -73,7 +73,8 @@ class Relay:
 
     async def ask(self, message: wire.Message) -> Any:
         """Send `message` and return the supervisor's reply to it."""
-        if self.lost.is_set() or self._writer is None:
+        writer = self._writer
+        if self.lost.is_set() or writer is None or writer.is_closing():
             raise StoreUnavailable("the supervisor is gone", kind="connection")
         ask_id = next(self._ids)
         reply = self._pending[ask_id] = asyncio.get_running_loop().create_future()
@@ -120,7 +121,10 @@ class Relay:
         if tell == "reply":
             reply = self._pending.get(int(message["id"]))
             if reply is not None and not reply.done():
-                reply.set_result(message["value"])
+                try:
+                    reply.set_result(wire.read_reply(message))
+                except StoreUnavailable as exc:
+                    reply.set_exception(exc)
         elif tell == "state":
             self.tokens(str(message["credential"])).apply(wire.read_state(message))
         elif tell == "path":

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from proxy.log import get_logger, redactor
 from proxy.metrics import TokenFigures
 from proxy.store import relay_wire as wire
-from proxy.store.base import CredentialIdentity, Store, TokenStore
+from proxy.store.base import CredentialIdentity, Store, StoreUnavailable, TokenStore
 
 log = get_logger("proxy.workers")
 
@@ -94,19 +94,33 @@ class RelayServer:
                         )
         finally:
             worker = self._workers.pop(index, None)
-            if worker is not None:
-                for digest, owner in worker.owners:
+            for digest, owner in worker.owners if worker is not None else ():
+                with contextlib.suppress(StoreUnavailable):
                     if await self._tokens[digest].unlock(owner):
                         await self._broadcast(digest)
 
     async def _answer(self, index: int, message: wire.Message) -> None:
         ask, digest = message["ask"], str(message["credential"])
         tokens, worker = self._tokens.get(digest), self._workers.get(index)
-        if tokens is None or worker is None:
+        if worker is None:
             return
-        if ask == "path":
-            await self._path(index, digest, tokens, message)
-            return
+        try:
+            if tokens is None:
+                raise StoreUnavailable("no such credential in the group", kind="response")
+            if ask == "path":
+                await self._path(index, digest, tokens, message)
+            else:
+                await self._change(worker, digest, tokens, message)
+        except StoreUnavailable as exc:
+            if "id" in message:
+                worker.writer.write(wire.encode(wire.unavailable(int(message["id"]), exc)))
+
+    async def _change(
+        self, worker: _Worker, digest: str, tokens: TokenStore, message: wire.Message
+    ) -> None:
+        """An ask that may change the credential's state, answered once every worker has
+        been told the new state."""
+        ask = message["ask"]
         value: object = None
         if ask == "lock":
             value = await tokens.lock(float(message["ttl"]))
@@ -150,16 +164,16 @@ class RelayServer:
         """What worker `index` learnt of a path: the group's memory takes it in, and every
         other worker hears of it."""
         path, refusal = str(message["path"]), wire.read_refusal(message["refusal"])
-        if refusal is None:
-            tokens.paths.forget(path)
-        else:
-            tokens.paths.learn(path, refusal)
-            if tokens.paths.refuses(path):
-                await tokens.remember_refusing(path, refusal.until - time.time())
         line = wire.encode(wire.path_known(digest, path, refusal))
         for other, worker in self._workers.items():
             if other != index and not worker.writer.is_closing():
                 worker.writer.write(line)
+        if refusal is None:
+            tokens.paths.forget(path)
+            return
+        tokens.paths.learn(path, refusal)
+        if tokens.paths.refuses(path):
+            await tokens.remember_refusing(path, refusal.until - time.time())
 
     def _count(
         self, digest: str, outcome: str, *, failures: int, expiry: float | None = None

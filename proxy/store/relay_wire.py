@@ -11,7 +11,7 @@ from typing import Any
 
 from proxy.metrics import TokenFigures
 from proxy.refusals import Evidence, Refusal
-from proxy.store.base import FetchFailure, SharedToken, TokenSnapshot
+from proxy.store.base import FetchFailure, SharedToken, StoreUnavailable, TokenSnapshot
 
 LINE_LIMIT = 2 * 1024 * 1024
 
@@ -180,3 +180,15 @@ def read_figures(message: Mapping[str, Any]) -> TokenFigures:
 
 def reply(ask_id: int, value: Any) -> Message:
     return {"tell": "reply", "id": ask_id, "value": value}
+
+
+def unavailable(ask_id: int, exc: StoreUnavailable) -> Message:
+    """The supervisor's store did not answer this ask (or knows no such credential)."""
+    return {"tell": "reply", "id": ask_id, "unavailable": exc.detail, "kind": exc.kind}
+
+
+def read_reply(message: Mapping[str, Any]) -> Any:
+    """The value a reply carries; StoreUnavailable when it says the store did not answer."""
+    if "unavailable" in message:
+        raise StoreUnavailable(str(message["unavailable"]), kind=str(message["kind"]))
+    return message["value"]

@@ -12,8 +12,10 @@ import socket
 import time
 from collections.abc import AsyncIterator
 
+import pytest
+
 from proxy.refusals import Evidence
-from proxy.store import CredentialIdentity, FetchFailure, MemoryStore
+from proxy.store import CredentialIdentity, FetchFailure, MemoryStore, StoreUnavailable
 from proxy.store import relay_wire as wire
 from proxy.store.relay import Relay, RelayTokens
 from proxy.store.relay_server import RelayServer
@@ -52,6 +54,11 @@ class Group:
         """Worker `index` dies: its end of the socketpair closes."""
         await self.relays.pop(index).close()
         await self._serving.pop(index)
+
+    def supervisor_gone(self) -> None:
+        """The supervisor's ends of the socketpairs close."""
+        for writer in self._writers:
+            writer.close()
 
     async def close(self) -> None:
         for relay in self.relays.values():
@@ -167,3 +174,18 @@ async def test_the_groups_token_metrics_are_counted_once_and_told_to_every_worke
 def _told(relay: Relay, fetches: dict[str, int]) -> bool:
     figures = relay.figures(DIGEST)
     return figures is not None and dict(figures.fetches) == fetches
+
+
+async def test_an_ask_the_supervisor_cannot_answer_fails_at_once_as_store_unavailable() -> None:
+    async with group() as workers:
+        await workers.add(1)
+        stranger = workers.relays[1].tokens("0" * 32)  # a credential the group does not have
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable) as caught:
+            await stranger.lock(30)
+        assert time.monotonic() - started < 1
+        assert caught.value.kind == "response"
+        workers.supervisor_gone()
+        await asyncio.wait_for(workers.relays[1].lost.wait(), timeout=5)
+        with pytest.raises(StoreUnavailable):
+            await workers.relays[1].tokens(DIGEST).lock(30)
