@@ -1,7 +1,7 @@
 """The ceiling for bench/run (case f): token-proxy's own parts with none of its features.
 
 aiohttp's server on uvloop (when installed) and token-proxy's lean upstream client
-(proxy.http1.LeanClient), forwarding method, path and query, headers and body with a static
+(proxy.transport.lean.LeanClient), forwarding method, path and query, headers and body with a static
 `Authorization: Bearer static`, and the answer streamed back. No token, routes, rate limits,
 request ids, logs or metrics: what every feature of token-proxy is measured against.
 
@@ -15,7 +15,8 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from proxy.http1 import LeanClient
+from proxy.transport.lean import LeanClient
+from proxy.transport.slots import ConnectionSlots
 
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host"}
 CLIENT = web.AppKey("client", LeanClient)
@@ -31,7 +32,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
     async with upstream:
         out = [(k, v) for k, v in upstream.header_items if k.lower() not in HOP_BY_HOP]
         # As token-proxy does: an answer that came in whole leaves in one write.
-        whole = upstream.complete_body() if request.method != "HEAD" else None
+        whole = upstream.received_body() if request.method != "HEAD" else None
         if whole is not None:
             return web.Response(
                 status=upstream.status, reason=upstream.reason, headers=out, body=whole
@@ -45,7 +46,9 @@ async def forward(request: web.Request) -> web.StreamResponse:
 
 
 async def client(app: web.Application) -> AsyncIterator[None]:
-    app[CLIENT] = LeanClient(connect_timeout=10, read_timeout=60, max_connections=1000)
+    app[CLIENT] = LeanClient(
+        connect_timeout=10, read_timeout=60, slots=ConnectionSlots.for_pool(1000, wait=10)
+    )
     await app[CLIENT].start()
     yield
     await app[CLIENT].close()

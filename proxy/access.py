@@ -1,17 +1,19 @@
-"""The access line: one log line per forwarded request, with the request path and (at debug
-level) the upstream URL shown with the values of query parameters that can carry a credential
-(`access_token`, `client_secret`, `code`, `api_key`, ...) masked, all else as sent."""
+"""The access line: one log line per forwarded request, with credentials in its targets masked.
+
+The request path and (at debug level) the upstream URL are shown with the values of query
+parameters that can carry a credential (`access_token`, `client_secret`, `code`, `api_key`,
+...) masked, all else as sent."""
 
 from __future__ import annotations
 
 import random
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from urllib.parse import unquote
 
 from aiohttp import web
 
-from proxy.forward import Exchange
 from proxy.log import REDACTED, log_info_fast
 
 # Names, case-insensitive, whose values can be credentials: OAuth's tokens, secrets and
@@ -51,6 +53,22 @@ def _sensitive(name: str) -> bool:
         if len(_verdicts) < _MAX_REMEMBERED:
             _verdicts[name] = verdict
     return verdict
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What the access line reports of one forwarded request: filled by the request path
+    (proxy.flow), and by the server only for a request cut short."""
+
+    route: str = "none"
+    upstream_seconds: float = 0.0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    replayed: bool = False
+    outcome: str = "complete"
+    token_age: float | None = None
+    client: str = "-"
+    upstream_url: str | None = None  # where the route sends it, query and all
 
 
 class AccessLog:

@@ -9,7 +9,7 @@ import math
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -20,44 +20,27 @@ from multidict import CIMultiDictProxy
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy import __version__
-from proxy.access import AccessLog
+from proxy.access import Exchange
 from proxy.config import Settings
+from proxy.current import Current
 from proxy.errors import (
     BadRequest,
     ClientRejected,
     MethodNotAllowed,
     NoRoute,
     ProxyError,
-    RateLimited,
     TokenUnavailable,
 )
-from proxy.forward import Exchange, Forwarder
-from proxy.inbound import ANONYMOUS, Gate
-from proxy.log import (
-    bind_request,
-    bind_request_more,
-    get_logger,
-    redactor,
-    unbind_request,
-)
+from proxy.flow import forward
+from proxy.inbound import ANONYMOUS
+from proxy.log import bind_request, get_logger, unbind_request
 from proxy.metrics import Metrics
-from proxy.ratelimit import RateLimits
-from proxy.routing import RouteTable
-from proxy.store import MemoryStore
-from proxy.token_sources import TokenSources, build_token_sources
-from proxy.tokens import TokenSource
-from proxy.upstream import make_transport
+from proxy.runtime import Runtime
+from proxy.store import Store
 
-SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
-ROUTES = web.AppKey("routes", RouteTable)
-TOKENS = web.AppKey("tokens", dict[str, TokenSource])
-# Builds every credential's token source; None: on a store of this process's own.
-TokenSourcesFactory = Callable[[Settings], TokenSources]
-TOKEN_SOURCES: web.AppKey[TokenSourcesFactory] = web.AppKey("token_sources")
-FORWARDER = web.AppKey("forwarder", Forwarder)
-GATE = web.AppKey("gate", Gate)
-LIMITS = web.AppKey("limits", RateLimits)
+# The runtime requests start on: a reload replaces it with one assignment.
+RUNTIME = web.AppKey("runtime", Current)
 # Set when shutdown_timeout has run out and the server closes the connections still busy.
 CUT_OFF = web.AppKey("cut_off", asyncio.Event)
 
@@ -111,6 +94,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     """Every request enters here: reserved paths, or routing and forwarding."""
     app = request.app
     metrics = app[METRICS]
+    runtime = app[RUNTIME].runtime  # kept to the end of this request, whatever replaces it
     started = time.perf_counter()
     request_id = request_id_of(request)
     raw = request.raw_path
@@ -119,11 +103,13 @@ async def handle(request: web.Request) -> web.StreamResponse:
     status = CLIENT_CLOSED_REQUEST
     metrics.request_started()
     bound = bind_request(request_id=request_id, client=ANONYMOUS)
+    runtime.begin()  # a replaced runtime closes once every request it began has ended
     try:
         if reserved:
-            response = await _reserved(request, raw, request_id)
+            response = await _reserved(request, runtime, raw, request_id)
         else:
-            response = await _proxy(request, raw, request_id, exchange)
+            _check_framing(request)
+            response = await forward(request, runtime, raw, request_id=request_id, record=exchange)
     except ProxyError as exc:
         response = problem_response(exc, request_id=request_id)
         exchange.bytes_out = response.content_length or 0
@@ -143,6 +129,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         exchange.bytes_out = response.content_length or 0
     finally:
         metrics.request_finished()
+        runtime.end()  # its close, once replaced, waits for the loop: the line below still runs
         if exchange.outcome != "client_aborted":
             status = response.status
         elif app[CUT_OFF].is_set():
@@ -158,51 +145,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
             seconds=duration,
         )
         if not reserved:
-            app[ACCESS_LOG].record(request, status, duration, exchange)
+            runtime.access.record(request, status, duration, exchange)
         unbind_request(bound)
-    return response
-
-
-async def _proxy(
-    request: web.Request, raw: str, request_id: str, exchange: Exchange
-) -> web.StreamResponse:
-    """The one-way flow: framing, team key, routing, then the forwarder (rate limit, token,
-    upstream exchange)."""
-    app = request.app
-    metrics = app[METRICS]
-    _check_framing(request)
-    # The key before the route: without one, every path gets the same 401, so nobody can
-    # probe which prefixes exist.
-    exchange.client = app[GATE].identify(request.headers)
-    if exchange.client != ANONYMOUS:  # bound already by handle
-        bind_request_more(client=exchange.client)
-    match = app[ROUTES].match(raw)
-    exchange.route = match.route.prefix
-    exchange.upstream_url = match.target
-    credential = match.route.credential
-    try:
-        response = await app[FORWARDER].forward(
-            request,
-            route=match.route,
-            url=match.target,
-            tokens=app[TOKENS][credential],
-            request_id=request_id,
-            exchange=exchange,
-        )
-    except RateLimited as exc:
-        metrics.rate_limited.labels(credential, exc.limit).inc()
-        raise
-    if response.status == 429:
-        metrics.rate_limited.labels(credential, "upstream").inc()
-        paused = app[LIMITS].upstream_said_slow_down(
-            credential, response.headers.get("Retry-After")
-        )
-        if paused is not None:
-            log.warning(
-                "upstream answered 429; holding the credential's requests back",
-                credential=credential,
-                seconds=round(paused, 1),
-            )
     return response
 
 
@@ -232,9 +176,6 @@ def _check_body_framing(headers: CIMultiDictProxy[str]) -> None:
             )
 
 
-ACCESS_LOG = web.AppKey("access_log", AccessLog)
-
-
 @web.middleware
 async def _every_request(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Send every request to `handle`, whatever the router thinks of its target (CONNECT,
@@ -252,7 +193,9 @@ def runner_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-async def _reserved(request: web.Request, raw: str, request_id: str) -> web.StreamResponse:
+async def _reserved(
+    request: web.Request, runtime: Runtime, raw: str, request_id: str
+) -> web.StreamResponse:
     path = raw.partition("?")[0]
     if request.method not in {"GET", "HEAD"}:
         raise MethodNotAllowed(f"{path} answers GET and HEAD only", allow="GET, HEAD")
@@ -260,8 +203,8 @@ async def _reserved(request: web.Request, raw: str, request_id: str) -> web.Stre
     if path == "/-/healthy":
         response = web.json_response({"status": "ok", "version": __version__})
     elif path == "/-/ready":
-        response = _ready(request.app, request_id)
-    elif path == "/-/metrics" and request.app[SETTINGS].metrics_port is None:
+        response = _ready(runtime, request_id)
+    elif path == "/-/metrics" and runtime.settings.metrics_port is None:
         response = metrics_response(request.app[METRICS])
     else:
         raise NoRoute(
@@ -295,15 +238,17 @@ def create_metrics_app(metrics: Metrics) -> web.Application:
     return app
 
 
-def _ready(app: web.Application, request_id: str) -> web.Response:
+def _ready(runtime: Runtime, request_id: str) -> web.Response:
     """200 when every credential holds a usable token; else a 503 whose title says what is
     wrong, whose detail names each credential, and whose Retry-After is the wait until the
     last of them is retried (their next_retry_in)."""
-    sources = app[TOKENS]
+    sources = runtime.tokens
     states = {name: source.state() for name, source in sources.items()}
     waiting = sorted(name for name, state in states.items() if not state["ready"])
     if not waiting:
-        return web.json_response({"status": "ready", "credentials": states})
+        return web.json_response(
+            {"status": "ready", "config_hash": runtime.config_hash, "credentials": states}
+        )
     refused = [name for name in waiting if sources[name].status().rejected]
     pending = [name for name in waiting if name not in refused]
     reasons = []
@@ -323,83 +268,49 @@ def _ready(app: web.Application, request_id: str) -> web.Response:
     retry_after = max(1, math.ceil(max(retries))) if retries else 1
     error_class = ClientRejected if refused else TokenUnavailable
     error = error_class("; ".join(reasons), retry_after=retry_after)
-    return problem_response(error, request_id=request_id, extra={"credentials": states})
+    return problem_response(
+        error,
+        request_id=request_id,
+        extra={"config_hash": runtime.config_hash, "credentials": states},
+    )
 
 
-async def _resources(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    transport = make_transport(
-        settings.upstream_client,
-        connect_timeout=settings.connect_timeout,
-        read_timeout=settings.read_timeout,
-        max_connections=settings.max_connections,
-    )
-    await transport.start()
-    factory = app.get(TOKEN_SOURCES)
-    sources = (
-        factory(settings)
-        if factory is not None
-        else build_token_sources(settings, store=MemoryStore(), metrics=app[METRICS])
-    )
-    tokens: dict[str, TokenSource] = dict(sources)
-    app[TOKENS] = tokens
-    app[FORWARDER] = Forwarder(
-        transport=transport,
-        metrics=app[METRICS],
-        limits=app[LIMITS],
-        routes=settings.routes,
-        max_body_size=settings.max_body_size,
-        slot_wait=settings.connect_timeout,
-    )
-    sources.start()
-    try:
-        yield
-    finally:
-        await sources.close()
-        await transport.close()
+def runtime_of(app: web.Application) -> Runtime:
+    """The runtime requests to `app` start on now."""
+    return app[RUNTIME].runtime
 
 
 def create_app(
     settings: Settings,
     *,
     metrics: Metrics | None = None,
-    token_sources: TokenSourcesFactory | None = None,
+    store: Store | None = None,
+    token_metrics: bool = True,
+    config_hash: str | None = None,
 ) -> web.Application:
     """Build the proxy application; long-lived resources open and close in cleanup_ctx.
-    `token_sources` builds the token sources instead (a worker's keep their tokens through its
-    supervisor)."""
+    `store` keeps the tokens (None: a MemoryStore of this process; a worker's is the relay to
+    its supervisor, which counts the token metrics: `token_metrics` False); `config_hash`
+    names the configuration for /-/ready (a worker's is its group's, before it took its
+    share). A reload replaces the runtime through app[RUNTIME].replace."""
     _name_the_server()
     app = web.Application(
         middlewares=[_every_request],
         # Request bodies are forwarded as they came: never decompressed on the way in.
         handler_args={"max_field_size": 8190, "max_line_size": 8190, "auto_decompress": False},
     )
-    app[SETTINGS] = settings
     app[METRICS] = metrics if metrics is not None else Metrics()
     app[CUT_OFF] = asyncio.Event()
-    if token_sources is not None:
-        app[TOKEN_SOURCES] = token_sources
-    app[ROUTES] = RouteTable(settings.routes)
-    app[GATE] = Gate(settings.clients)
-    app[LIMITS] = RateLimits(
-        credentials={
-            name: (credential.rate_limits, credential.rate_limit_max_wait)
-            for name, credential in settings.credentials.items()
-        },
-        clients={
-            client.name: (client.rate_limit, client.rate_limit_max_wait)
-            for client in settings.clients
-        },
-    )
-    for client in settings.clients:
-        if client.key is not None:
-            redactor.add_secret(client.key.get_secret_value())
-    app[ACCESS_LOG] = AccessLog(
-        enabled=settings.access_log,
-        sample=settings.access_log_sample,
-        debug=settings.log_level == "debug",
-    )
-    app.cleanup_ctx.append(_resources)
+    current = app[RUNTIME] = Current(metrics=app[METRICS], store=store, token_metrics=token_metrics)
+
+    async def runtime(app: web.Application) -> AsyncIterator[None]:
+        await current.start(settings, config_hash=config_hash)
+        try:
+            yield
+        finally:
+            await current.close()
+
+    app.cleanup_ctx.append(runtime)
     # The middleware sends every request to `handle`; this route only spares the router the
     # cost of building a 404 for targets it cannot match.
     app.router.add_route("*", "/{tail:.*}", handle)

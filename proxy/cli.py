@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from proxy import __version__
-from proxy.config import MIN_KEY_LENGTH, Settings, load_settings
+from proxy.config import MIN_KEY_LENGTH, Loaded, Settings, load
 from proxy.errors import ConfigError, TokenEndpointError
 
 if TYPE_CHECKING:
-    from proxy.workers import WorkerSpec
+    from proxy.reload import ConfigSource
+    from proxy.worker import WorkerSpec
 
 EXIT_OK = 0
 EXIT_TOKEN_FAILED = 1
@@ -61,8 +62,10 @@ def _parser() -> argparse.ArgumentParser:
         prog="token-proxy [run]",
         help="serve the proxy (the default command: `run` may be left out)",
         description="Serve the proxy until SIGTERM or SIGINT, then let requests in flight "
-        "finish for up to shutdown_timeout seconds and exit 0. The command name may be left "
-        f"out: bare `token-proxy` runs. {_SETTINGS_ORDER}",
+        "finish for up to shutdown_timeout seconds and exit 0. SIGHUP reloads the "
+        "configuration file and the secret files (a secret file that changes is read again "
+        "by itself); an invalid configuration is logged and the running one stays. The "
+        f"command name may be left out: bare `token-proxy` runs. {_SETTINGS_ORDER}",
     )
     check = commands.add_parser(
         "check",
@@ -71,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Validate the configuration and fetch one token per credential; print "
         "each credential's token URL, auth method, scope and expiry (never the token or the "
         "secret). Exit 0 when every token was obtained, 1 when one was not, 2 for a "
-        f"configuration error. {_SETTINGS_ORDER}",
+        "configuration error: run it on an edited file before sending SIGHUP. "
+        f"{_SETTINGS_ORDER}",
     )
     health = commands.add_parser(
         "health",
@@ -154,16 +158,19 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     return _parser().parse_args(args)
 
 
-def _load(args: argparse.Namespace) -> Settings | None:
-    flags = {
+def _flags(args: argparse.Namespace) -> dict[str, object]:
+    return {
         "host": getattr(args, "host", None),
         "port": getattr(args, "port", None),
         "workers": getattr(args, "workers", None),
         "log_level": args.log_level,
         "log_format": args.log_format,
     }
+
+
+def _load(args: argparse.Namespace) -> Loaded | None:
     try:
-        return load_settings(flags=flags, config_file=args.config)
+        return load(flags=_flags(args), config_file=args.config)
     except ConfigError as exc:
         problems = exc.detail.splitlines()
         title = (
@@ -183,27 +190,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(arguments)
     if args.command == "hash-key":
         return _hash_key()
-    settings = _load(args)
+    loaded = _load(args)
     if args.command == "health":
-        return EXIT_UNHEALTHY if settings is None else _health(settings, args)
-    if settings is None:
+        return EXIT_UNHEALTHY if loaded is None else _health(loaded.settings, args)
+    if loaded is None:
         return EXIT_CONFIG
+    settings = loaded.settings
     from proxy.log import configure_logging  # noqa: PLC0415  (see the module docstring)
 
     configure_logging(level=settings.log_level, fmt=settings.log_format)
     if args.command == "check":
         return asyncio.run(_check(settings))
-    if args.worker is not None:
-        from proxy.workers import WorkerSpec  # noqa: PLC0415
+    from proxy.reload import ConfigSource  # noqa: PLC0415
 
-        return _work(settings, WorkerSpec.decode(args.worker))
+    # SIGHUP reads the same sources again: the flags, the file, the environment (unchanged).
+    source = ConfigSource(flags=_flags(args), config_file=args.config)
+    if args.worker is not None:
+        from proxy.worker import WorkerSpec  # noqa: PLC0415
+
+        return _work(loaded, source, WorkerSpec.decode(args.worker))
     if settings.workers > 1:
-        return _supervise(settings, arguments)
+        return _supervise(loaded, source, arguments)
     from proxy.serve import serve  # noqa: PLC0415
 
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            runner.run(serve(settings))
+            runner.run(serve(loaded, source))
     except OSError as exc:
         return _cannot_listen(settings, exc)
     return EXIT_OK
@@ -222,8 +234,9 @@ def _cannot_listen(settings: Settings, exc: OSError) -> int:
     return EXIT_CONFIG
 
 
-def _supervise(settings: Settings, arguments: list[str]) -> int:
+def _supervise(loaded: Loaded, source: ConfigSource, arguments: list[str]) -> int:
     """workers > 1: this process holds the port and the tokens, and runs the workers."""
+    settings = loaded.settings
     if not hasattr(socket, "SO_REUSEPORT"):
         print(
             "token-proxy: configuration error\n  - workers (TOKEN_PROXY_WORKERS): this "
@@ -233,7 +246,9 @@ def _supervise(settings: Settings, arguments: list[str]) -> int:
         return EXIT_CONFIG
     from proxy.workers import Supervisor  # noqa: PLC0415
 
-    supervisor = Supervisor(settings, command=["-m", "proxy", *arguments])
+    supervisor = Supervisor(
+        settings, command=["-m", "proxy", *arguments], reloading=(source, loaded)
+    )
     try:
         supervisor.hold_ports()
     except OSError as exc:
@@ -256,19 +271,18 @@ def _supervise(settings: Settings, arguments: list[str]) -> int:
     return code
 
 
-def _work(settings: Settings, spec: WorkerSpec) -> int:
+def _work(loaded: Loaded, source: ConfigSource, spec: WorkerSpec) -> int:
     """One worker of a supervisor: the whole app on the supervisor's port, its tokens."""
     from proxy.log import bind_process  # noqa: PLC0415
     from proxy.serve import serve  # noqa: PLC0415
-    from proxy.worker import WorkerLink  # noqa: PLC0415
-    from proxy.workers import worker_settings  # noqa: PLC0415
+    from proxy.worker import WorkerLink, worker_settings  # noqa: PLC0415
 
     bind_process(worker=spec.index)
-    mine = worker_settings(settings, spec)
+    mine = worker_settings(loaded.settings, spec)
     link = WorkerLink(spec, mine)
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            runner.run(serve(mine, link))
+            runner.run(serve(loaded, source, link))
     except OSError as exc:
         return _cannot_listen(mine, exc)
     return EXIT_OK
@@ -313,15 +327,18 @@ async def _check(settings: Settings) -> int:
     from proxy.log import redactor  # noqa: PLC0415  (see the module docstring)
     from proxy.metrics import Metrics  # noqa: PLC0415
     from proxy.store import MemoryStore  # noqa: PLC0415
-    from proxy.token_sources import build_token_sources  # noqa: PLC0415
+    from proxy.token_sources import build_token_source, token_session  # noqa: PLC0415
 
     rows: list[tuple[str, ...]] = []
     failed = False
-    sources = build_token_sources(settings, store=MemoryStore(), metrics=Metrics())
-    try:
+    store, metrics = MemoryStore(), Metrics()
+    async with token_session() as session:
         for name, credential in settings.credentials.items():
+            manager = build_token_source(
+                name, credential, settings=settings, store=store, session=session, metrics=metrics
+            )
             try:
-                token = await sources[name].fetch()
+                token = await manager.fetch()
             except TokenEndpointError as exc:
                 failed = True
                 result = f"FAILED: {redactor.scrub(exc.detail)}"
@@ -332,8 +349,6 @@ async def _check(settings: Settings) -> int:
             rows.append(
                 (name, credential.token_url, credential.auth_method, scope, expires, result)
             )
-    finally:
-        await sources.close()
     header = ("credential", "token_url", "auth_method", "scope", "expires_in", "result")
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header) - 1)]
     for row in (header, *rows):

@@ -22,12 +22,10 @@ from proxy.metrics import Metrics
 from proxy.oauth import request_token, secret_forms
 from proxy.refusals import REMEMBER_FOR, Evidence, Refusal
 from proxy.store import FetchFailure, StoreUnavailable, TokenSnapshot, TokenStore
-from proxy.tokens import Token, TokenStatus
+from proxy.tokens import Token, TokenStatus, retry_delay
 
 log = get_logger("proxy.credentials")
 
-BACKOFF_BASE = 1.0
-BACKOFF_CAP = 60.0
 # The fetch lock outlives the longest token request by this much, then frees itself.
 LOCK_MARGIN = 5.0
 # Without the lock a manager looks again this often: a holder that died wakes nobody.
@@ -35,13 +33,6 @@ LOCK_WAIT = 1.0
 # After the store failed to answer, the next try comes this much later.
 STORE_RETRY = 1.0
 REFUSED = Evidence.REFUSED
-
-
-def backoff_delay(attempt: int, *, rng: Callable[[], float] = random.random) -> float:
-    """Full jitter: uniform in [0, min(cap, base * 2**(attempt-1))]."""
-    doublings = min(max(0, attempt - 1), 32)  # 2**32 s is far past the cap, and never overflows
-    ceiling = min(BACKOFF_CAP, BACKOFF_BASE * 2.0**doublings)
-    return rng() * ceiling
 
 
 class TokenManager:
@@ -85,6 +76,10 @@ class TokenManager:
         # What requests left for the background task to tell the store, in order.
         self._drops: list[tuple[Token, str]] = []
         self._refusing: list[str] = []
+        # Set by a new secret: the failure state it found (`_retry_from`) predates it, so its
+        # wait is over; a failure recorded since (by any process) came after it.
+        self._retry = False
+        self._retry_from: FetchFailure | None = None
         self._changed = asyncio.Event()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -106,6 +101,24 @@ class TokenManager:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+    def use(self, credential: Credential, *, request_timeout: float, wait_timeout: float) -> None:
+        """A reload's credential (same identity) and timeouts, from the next fetch on: the
+        token in hand stays until its refresh; after a failed fetch (a refused secret, or one
+        backing off) a new secret is tried at once."""
+        for form in secret_forms(credential):
+            redactor.add_secret(form)
+        changed = credential.client_secret != self._credential.client_secret
+        self._credential = credential
+        self._request_timeout = request_timeout
+        self._wait_timeout = wait_timeout
+        if changed:
+            self._retry, self._retry_from = True, self._failure
+            self._wake.set()
+
+    async def wait_changed(self) -> None:
+        """Return at the next new token or failed token request."""
+        await self._changed.wait()
 
     @property
     def ready(self) -> bool:
@@ -244,7 +257,9 @@ class TokenManager:
         if token is not None and token.usable(now) and now < token.refresh_at:
             return token.refresh_at - now
         failure = self._failure
-        return failure.retry_at - self._wall() if failure is not None else 0.0
+        if failure is None or self._retry:
+            return 0.0
+        return failure.retry_at - self._wall()
 
     async def _wait(self, seconds: float, generation: int) -> None:
         """Until `seconds` have passed, the store changed after `generation`, or a request
@@ -297,6 +312,8 @@ class TokenManager:
                 self._metrics.token_expiry.labels(self.name).set(shared.expires_at)
         changed = token is not mine or snapshot.failure != self._failure
         self._token, self._failure = token, snapshot.failure
+        if snapshot.failure is None or snapshot.failure != self._retry_from:
+            self._retry = False  # a token, or a failure since the new secret: no retry now
         if changed:
             self._notify()
 
@@ -312,6 +329,7 @@ class TokenManager:
         )
 
     async def _refresh(self) -> None:
+        self._retry = False  # a secret that arrives during this fetch is tried after it
         try:
             token = await self.fetch()
         except TokenEndpointError as exc:
@@ -322,11 +340,9 @@ class TokenManager:
             await self._failed(TokenEndpointError(type(exc).__name__, error="internal_error"))
             return
         stamp = token.obtained_at + self._wall() - self._clock()
+        expires_at, scope = stamp + token.lifetime, token.scope
         shared = await self._store.publish(
-            value=token.value,
-            obtained_at=stamp,
-            expires_at=stamp + token.lifetime,
-            scope=token.scope,
+            value=token.value, obtained_at=stamp, expires_at=expires_at, scope=scope
         )
         self._install(replace(token, version=shared.version, stamp=stamp))
 
@@ -337,19 +353,16 @@ class TokenManager:
             metrics.token_fetches.labels(self.name, "success").inc()
             metrics.refresh_failures.labels(self.name).set(0)
             metrics.token_expiry.labels(self.name).set(token.stamp + token.lifetime)
-        log.info(
-            "token fetched",
-            credential=self.name,
-            expires_in=round(token.lifetime),
-            scope=token.scope,
-        )
+        name, expires_in = self.name, round(token.lifetime)
+        log.info("token fetched", credential=name, expires_in=expires_in, scope=token.scope)
         self._notify()
         refresh_in = token.refresh_at - self._clock()
+        refresh_at = datetime.fromtimestamp(self._wall() + refresh_in, UTC).isoformat()
         log.info(
             "token refresh scheduled",
-            credential=self.name,
+            credential=name,
             refresh_in=round(refresh_in, 1),
-            refresh_at=datetime.fromtimestamp(self._wall() + refresh_in, UTC).isoformat(),
+            refresh_at=refresh_at,
         )
 
     async def _failed(self, exc: TokenEndpointError) -> None:
@@ -357,11 +370,7 @@ class TokenManager:
         next attempt is due."""
         failures = (self._failure.failures if self._failure is not None else 0) + 1
         rejected = exc.rejects_client
-        if rejected:
-            # The secret may be rotated at any time: keep trying, at the slow end of the backoff.
-            delay = BACKOFF_CAP / 2 + self._rng() * BACKOFF_CAP / 2
-        else:
-            delay = backoff_delay(failures, rng=self._rng)
+        delay = retry_delay(failures, rejected=rejected, rng=self._rng)
         self._failure = FetchFailure(
             failures=failures,
             error=exc.error,

@@ -1,6 +1,6 @@
-"""The one exception tree of token-proxy; each error knows the HTTP answer it becomes.
+"""The one exception tree of token-proxy: every error it raises on purpose, and what each becomes.
 
-ProxyError
+ProxyError                 answered as problem+json: status, title, detail, its headers
 ├── ConfigError            bad configuration (CLI exit 2, never served)
 ├── BadRequest             400 malformed or unsafe request
 ├── Unauthorized           401 team key missing or wrong (WWW-Authenticate)
@@ -14,8 +14,19 @@ ProxyError
 ├── TokenEndpointError     a token request failed (logged, retried; never served directly)
 └── UpstreamError          502 upstream unreachable or broken
     └── UpstreamTimeout    504 no byte from upstream within read_timeout
+StoreUnavailable           a shared store (Redis) failed; never served: the fallback store
+                           answers from memory instead (so not a ProxyError, which would be)
 
-Messages never carry a token, a secret, a request body or request headers.
+Third-party errors become these at the boundary where they enter, each boundary through one
+table, keeping the cause (`raise ... from exc`), as httpx's _exceptions.py does:
+    transports: aiohttp, httptools, OSError, ssl   UpstreamError, UpstreamTimeout, UpstreamBusy
+    the token request: aiohttp, the answer's JSON  TokenEndpointError
+    settings: pydantic's ValidationError, TOML     ConfigError
+    redis-py (proxy.store.redis_calls)             StoreUnavailable
+
+Messages never carry a token, a secret, a request body or request headers. A kept cause may:
+the log chain renders tracebacks, causes and contexts included, before it redacts them
+(proxy.log; tests/test_log.py proves a chained cause leaks nothing).
 """
 
 from __future__ import annotations
@@ -163,3 +174,15 @@ class UpstreamTimeout(UpstreamError):
     status = 504
     title = "Upstream timeout"
     type_slug = "upstream-timeout"
+
+
+class StoreUnavailable(Exception):
+    """A shared store did not answer within its timeout, or answered with an error.
+
+    `kind` names the failure for metrics (timeout, connection, auth, response, other); the
+    message never holds a value that was stored, nor the store's password."""
+
+    def __init__(self, detail: str, *, kind: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.kind = kind

@@ -1,54 +1,31 @@
-"""The Prometheus metric objects of one proxy, in a registry of their own. With several
-workers, each worker's objects live in prometheus-client's multiprocess files and /-/metrics
-adds up every worker's, plus the token metrics the supervisor sends along with its tokens."""
+"""The Prometheus metrics of one proxy, in a registry of their own, and their exposition.
+
+With several workers, each worker's objects live in prometheus-client's multiprocess files
+and /-/metrics adds up every worker's, plus the token metrics the supervisor sends along
+with its tokens."""
 
 from __future__ import annotations
 
-import os
+import contextlib
 import time
-from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
-from prometheus_client.utils import floatToGoString
 
-_DURATION_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-)  # fmt: skip
-_BOUNDS = (*_DURATION_BUCKETS, float("inf"))
-# prometheus-client's switch for the _created series, which its own objects obey.
-_CREATED = os.environ.get("PROMETHEUS_DISABLE_CREATED_SERIES", "False").lower() not in {
-    "true",
-    "1",
-    "t",
-}
-_LE = tuple(floatToGoString(bound) for bound in _BOUNDS)  # type: ignore[no-untyped-call]  # unannotated upstream
-_REQUESTS = (
-    "token_proxy_requests",
-    "Requests answered, by route prefix, method, status and team client.",
-    ["route", "method", "status", "client"],
+from proxy.request_series import (
+    Inc,
+    LibrarySeries,
+    LocalSeries,
+    Observe,
+    RequestKey,
+    RequestSeries,
 )
-_REQUEST_DURATION = (
-    "token_proxy_request_duration_seconds",
-    "Time from request received to response finished, by route prefix.",
-    ["route"],
-)
-_UPSTREAM_DURATION = (
-    "token_proxy_upstream_duration_seconds",
-    "Time from sending upstream to upstream response headers, by route prefix.",
-    ["route"],
-)
+
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
 FETCH_OUTCOMES = ("success", "error", "rejected")
 _FETCHES = (
@@ -67,6 +44,18 @@ _FAILURES = (
     "token_proxy_token_refresh_failures_consecutive",
     "Token requests that failed in a row, by credential.",
 )
+_RELOADS = (
+    "token_proxy_config_reloads",
+    "Reloads of the configuration (SIGHUP) and of the secret files, by outcome.",
+)
+_LAST_RELOAD_SUCCESS = (
+    "token_proxy_config_last_reload_success_timestamp_seconds",
+    "Unix time of the last successful reload (of the start, before any).",
+)
+_LAST_RELOAD_OK = (
+    "token_proxy_config_last_reload_successful",
+    "1 when the last reload was applied, 0 when it was refused and the running one stayed.",
+)
 
 
 class Metrics:
@@ -77,45 +66,17 @@ class Metrics:
         PROMETHEUS_MULTIPROC_DIR naming it, so that every value goes to its files."""
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        # The per-request metrics: prometheus-client's objects in a worker, whose values
-        # must go to the shared files; plain numbers without locks in a single process.
-        self._request_children: dict[tuple[str, str, int, str], tuple[_Inc, _Observe]] = {}
-        self._upstream_children: dict[str, _Observe] = {}
-        if multiprocess_dir is not None:
-            requests = Counter(*_REQUESTS, registry=r)
-            request_duration = Histogram(*_REQUEST_DURATION, buckets=_DURATION_BUCKETS, registry=r)
-            upstream_duration = Histogram(
-                *_UPSTREAM_DURATION, buckets=_DURATION_BUCKETS, registry=r
-            )
-            self._request_child: Callable[[tuple[str, str, int, str]], tuple[_Inc, _Observe]] = (
-                lambda key: (
-                    requests.labels(key[0], key[1], str(key[2]), key[3]),
-                    request_duration.labels(key[0]),
-                )
-            )
-            self._upstream_child: Callable[[str], _Observe] = upstream_duration.labels
-        else:
-            local = _LocalRequestMetrics()
-            r.register(local)
-            self._request_child = lambda key: (
-                local.requests.setdefault(key, _LocalCount()),
-                local.request_duration.setdefault(key[0], _LocalHistogram()),
-            )
-            self._upstream_child = lambda route: local.upstream_duration.setdefault(
-                route, _LocalHistogram()
-            )
-        self.in_flight = Gauge(
-            "token_proxy_in_flight_requests",
-            "Requests being served now.",
-            registry=r,
-            multiprocess_mode="livesum",
-        )
-        # One process counts its requests in a plain int, read at scrape time: two locked
-        # updates fewer per request. A worker's gauge lives in the shared files instead.
-        self._active = 0
-        self._multiprocess = multiprocess_dir is not None
-        if not self._multiprocess:
-            self.in_flight.set_function(lambda: self._active)
+        # A worker's per-request values must go to the shared files: prometheus-client's
+        # objects. One process keeps plain numbers without locks: two locked updates fewer
+        # per request, and the same exposition.
+        series: RequestSeries = LocalSeries(r) if multiprocess_dir is None else LibrarySeries(r)
+        self._series = series
+        self.in_flight = series.in_flight
+        # The calls of every request go straight to the series, without a call of our own.
+        self.request_started: Callable[[], None] = series.started
+        self.request_finished: Callable[[], None] = series.finished
+        self._request_children: dict[RequestKey, tuple[Inc, Observe]] = {}
+        self._upstream_children: dict[str, Observe] = {}
         self.token_fetches = Counter(*_FETCHES, ["credential", "outcome"], registry=r)
         self.token_expiry = Gauge(*_EXPIRY, ["credential"], registry=r)
         self.token_expires_in = Gauge(*_EXPIRES_IN, ["credential"], registry=r)
@@ -140,18 +101,9 @@ class Metrics:
         if multiprocess_dir is not None:
             self._exposed = CollectorRegistry()
             MultiProcessCollector(self._exposed, path=multiprocess_dir)  # type: ignore[no-untyped-call]  # unannotated upstream
-
-    def request_started(self) -> None:
-        if self._multiprocess:
-            self.in_flight.inc()
-        else:
-            self._active += 1
-
-    def request_finished(self) -> None:
-        if self._multiprocess:
-            self.in_flight.dec()
-        else:
-            self._active -= 1
+        # Plain numbers, not in the workers' files: each worker exports its supervisor's.
+        self.reloads = ConfigReloads()
+        self._exposed.register(self.reloads)
 
     def observe_request(
         self, *, route: str, method: str, status: int, client: str, seconds: float
@@ -160,14 +112,14 @@ class Metrics:
         key = (route, method, status, client)
         children = self._request_children.get(key)
         if children is None:
-            children = self._request_children[key] = self._request_child(key)
+            children = self._request_children[key] = self._series.request(key)
         children[0].inc()
         children[1].observe(seconds)
 
     def observe_upstream(self, route: str, seconds: float) -> None:
         child = self._upstream_children.get(route)
         if child is None:
-            child = self._upstream_children[route] = self._upstream_child(route)
+            child = self._upstream_children[route] = self._series.upstream(route)
         child.observe(seconds)
 
     def include(self, collector: Collector) -> None:
@@ -179,18 +131,21 @@ class Metrics:
 
     def token_figures(self, credential: str) -> TokenFigures:
         """This process's token metrics of one credential, to send to the workers."""
-        value = self.registry.get_sample_value
-        labels = {"credential": credential}
         fetches = {
-            outcome: count
-            for outcome in FETCH_OUTCOMES
-            if (count := value(_FETCHES[0] + "_total", {**labels, "outcome": outcome})) is not None
+            sample.labels["outcome"]: sample.value
+            for sample in _samples(self.token_fetches, _FETCHES[0] + "_total", credential)
         }
         return TokenFigures(
-            fetches=fetches,
-            expiry=value(_EXPIRY[0], labels) or 0.0,
-            failures=value(_FAILURES[0], labels) or 0.0,
+            fetches={outcome: fetches[outcome] for outcome in FETCH_OUTCOMES if outcome in fetches},
+            expiry=next(_values(self.token_expiry, _EXPIRY[0], credential), 0.0),
+            failures=next(_values(self.refresh_failures, _FAILURES[0], credential), 0.0),
         )
+
+    def forget_credential(self, credential: str) -> None:
+        """A credential a reload removed: its token gauges go (its counters stay, totals)."""
+        for gauge in (self.token_expiry, self.token_expires_in, self.refresh_failures):
+            with contextlib.suppress(KeyError):
+                gauge.remove(credential)
 
     @staticmethod
     def method_label(method: str) -> str:
@@ -228,72 +183,56 @@ class TokenMetricsCopy(Collector):
         yield from (fetches, expiry, expires_in, failures)
 
 
-class _Inc(Protocol):
-    def inc(self, amount: float = 1) -> None: ...
-
-
-class _Observe(Protocol):
-    def observe(self, amount: float) -> None: ...
-
-
-@dataclass(slots=True)
-class _LocalCount:
-    """A counter's value for one label set, updated by the one event loop thread only."""
-
-    value: float = 0.0
-    created: float = field(default_factory=time.time)
-
-    def inc(self, amount: float = 1) -> None:
-        self.value += amount
-
-
-@dataclass(slots=True)
-class _LocalHistogram:
-    """A histogram's counts per bucket (not yet cumulative) and sum for one label set."""
-
-    counts: list[int] = field(default_factory=lambda: [0] * len(_BOUNDS))
-    sum: float = 0.0
-    created: float = field(default_factory=time.time)
-
-    def observe(self, amount: float) -> None:
-        self.sum += amount
-        self.counts[bisect_left(_BOUNDS, amount)] += 1  # the first bound >= amount: `le`
-
-
 @dataclass(slots=True, eq=False)  # a registry keys its collectors by identity
-class _LocalRequestMetrics(Collector):
-    """The per-request metrics of a single process, exported as prometheus-client exports
-    its own Counter and Histogram (same names, samples and _created series)."""
+class ConfigReloads(Collector):
+    """How reloads went, under the names Prometheus gives its own: the load at start counts
+    as a success (no reload yet), as it does there."""
 
-    requests: dict[tuple[str, str, int, str], _LocalCount] = field(default_factory=dict)
-    request_duration: dict[str, _LocalHistogram] = field(default_factory=dict)
-    upstream_duration: dict[str, _LocalHistogram] = field(default_factory=dict)
+    success: float = 0.0
+    failure: float = 0.0
+    last_success: float = field(default_factory=time.time)
+    last_ok: bool = True
+
+    def record(self, *, ok: bool) -> None:
+        if ok:
+            self.success += 1
+            self.last_success = time.time()
+        else:
+            self.failure += 1
+        self.last_ok = ok
+
+    def figures(self) -> dict[str, float]:
+        """What a supervisor sends its workers, for `copy`."""
+        return {
+            "success": self.success,
+            "failure": self.failure,
+            "last_success": self.last_success,
+            "last_ok": float(self.last_ok),
+        }
+
+    def copy(self, figures: Mapping[str, float]) -> None:
+        self.success = float(figures["success"])
+        self.failure = float(figures["failure"])
+        self.last_success = float(figures["last_success"])
+        self.last_ok = bool(figures["last_ok"])
 
     def collect(self) -> Iterator[Metric]:
-        name, documentation, labels = _REQUESTS
-        requests = CounterMetricFamily(name, documentation, labels=labels)
-        for (route, method, status, client), count in list(self.requests.items()):
-            requests.add_metric(
-                [route, method, str(status), client],
-                count.value,
-                created=count.created if _CREATED else None,
-            )
-        yield requests
-        yield _histogram(_REQUEST_DURATION, self.request_duration)
-        yield _histogram(_UPSTREAM_DURATION, self.upstream_duration)
+        reloads = CounterMetricFamily(*_RELOADS, labels=["outcome"])
+        reloads.add_metric(["success"], self.success)
+        reloads.add_metric(["failure"], self.failure)
+        yield reloads
+        yield GaugeMetricFamily(*_LAST_RELOAD_SUCCESS, value=self.last_success)
+        yield GaugeMetricFamily(*_LAST_RELOAD_OK, value=float(self.last_ok))
 
 
-def _histogram(
-    meta: tuple[str, str, list[str]], children: dict[str, _LocalHistogram]
-) -> HistogramMetricFamily:
-    name, documentation, labels = meta
-    family = HistogramMetricFamily(name, documentation, labels=labels)
-    for route, child in list(children.items()):
-        cumulative, buckets = 0, []
-        for le, count in zip(_LE, child.counts, strict=True):
-            cumulative += count
-            buckets.append((le, float(cumulative)))
-        family.add_metric([route], buckets, child.sum)
-        if _CREATED:
-            family.samples.append(Sample(f"{name}_created", {"route": route}, child.created))
-    return family
+def _samples(metric: Counter | Gauge, name: str, credential: str) -> Iterator[Sample]:
+    """The samples called `name` of one credential, read through the public Collector
+    interface (the registry's get_sample_value is documented as meant for tests)."""
+    for family in metric.collect():
+        for sample in family.samples:
+            if sample.name == name and sample.labels.get("credential") == credential:
+                yield sample
+
+
+def _values(metric: Counter | Gauge, name: str, credential: str) -> Iterator[float]:
+    return (sample.value for sample in _samples(metric, name, credential))

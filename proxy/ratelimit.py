@@ -1,128 +1,166 @@
-"""Rate limits per credential (shared by every client) and per team client, counted by the
-`limits` library's moving window: requests wait their turn, first come first served, up to
-their max wait, then get 429. An upstream 429 pauses the credential for its Retry-After."""
+"""Rate limits per credential (shared by every client) and per team client, counted in the
+store's counters (proxy.store): requests wait their turn, first come first served, up to their
+max wait, then get 429. An upstream 429 pauses the credential for its Retry-After."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 import email.utils
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Literal
-
-import limits
-from limits.aio.storage import MemoryStorage
-from limits.aio.strategies import MovingWindowRateLimiter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Literal, Protocol
 
 from proxy.errors import RateLimited
+from proxy.store.base import Claim, Counters, Rate, Slot
 
 # Never trust an upstream Retry-After to stall a credential for longer than this.
 MAX_UPSTREAM_PAUSE = 300.0
+
+Settle = Callable[[], Awaitable[None]]
+LimitKind = Literal["credential", "client"]
+
+
+class Clock(Protocol):
+    """Now, in seconds, and a wait for a future that gives up after some of those seconds:
+    tests inject one whose time moves only when told to."""
+
+    def __call__(self) -> float: ...
+
+    async def wait(self, future: asyncio.Future[Any], seconds: float) -> bool:
+        """Wait until `future` is done (True) or `seconds` have passed (False); the future is
+        never cancelled by the wait."""
+        ...
+
+
+class SystemClock:
+    """The monotonic clock and the event loop's timers."""
+
+    def __call__(self) -> float:
+        return time.monotonic()
+
+    async def wait(self, future: asyncio.Future[Any], seconds: float) -> bool:
+        if future.done():
+            return True
+        try:
+            async with asyncio.timeout(max(0.0, seconds)):
+                await asyncio.shield(future)
+        except TimeoutError:
+            return future.done()
+        return True
+
+
+SYSTEM_CLOCK = SystemClock()
 
 
 class RateLimiter:
     """One queue in front of a set of limits such as 100/second and 36000/hour.
 
-    A request holds a pending slot from the moment it is let through until upstream has
-    answered (or failed), and only then is it counted in the windows, at that later time. So
+    A request holds a pending slot in the store from the moment it is let through until
+    upstream has answered (or failed), and only then is it counted, at that later time. So
     however long connecting takes, no window of upstream arrivals holds more than the limit."""
 
     def __init__(
         self,
         *,
-        kind: Literal["credential", "client"],
+        kind: LimitKind,
         name: str,
+        key: str,
         rates: Sequence[str],
         max_wait: float,
-        strategy: MovingWindowRateLimiter,
-        clock: Callable[[], float] = time.time,
+        counters: Counters,
+        hold: float,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.kind = kind  # which limit this is, as its refusals are counted
         self.name = name
-        self._items = tuple(limits.parse(rate) for rate in rates)
+        self.claim = Claim(key=key, rates=tuple(Rate.parse(rate) for rate in rates))
         self._max_wait = max_wait
-        self._strategy = strategy
+        self._counters = counters
+        self._hold = hold
         self._clock = clock
-        self._turn = asyncio.Lock()  # its waiters are served in arrival order
+        # Waiters for the turn, served in arrival order; `_busy` while someone holds it.
+        self._queue: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._busy = False
+        self._settled: asyncio.Future[None] | None = None
+        # The end of an upstream 429 pause this limiter knows of, so that a limiter without
+        # rates answers idle() without asking the store.
         self._paused_until = 0.0
-        self._pending = 0
-        self._settled = asyncio.Event()
 
-    async def acquire(self) -> Callable[[], Awaitable[None]]:
+    async def acquire(self) -> Settle:
         """Wait for a slot in every window, or raise RateLimited after max_wait. Returns the
         callable to await once upstream has answered."""
         if self.idle():
             return _nothing
         deadline = self._clock() + self._max_wait
-        try:
-            async with asyncio.timeout(self._max_wait):
-                await self._turn.acquire()
-        except TimeoutError:
-            raise await self._refusal() from None
+        if not await self._take_turn(deadline):
+            raise await self._refusal()
         try:
             while True:
+                admission = await self._counters.acquire((self.claim,), hold=self._hold)
+                if admission.slot is not None:
+                    return self._settler(admission.slot)
                 now = self._clock()
-                free_at = self._paused_until
-                if free_at <= now:
-                    if await self._room():
-                        self._pending += 1
-                        return self._settle
-                    free_at = await self._next_free()
-                if free_at > deadline:
-                    raise await self._refusal(free_at)
+                if now + admission.wait > deadline:
+                    raise self._refused(admission.wait)
                 # A pending request that settles may free a slot before the window moves.
-                self._settled.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(max(0.0, free_at - now)):
-                        await self._settled.wait()
+                settled = self._settled
+                if settled is None or settled.done():
+                    settled = self._settled = asyncio.get_running_loop().create_future()
+                await self._clock.wait(settled, admission.wait)
         finally:
-            self._turn.release()
+            self._pass_turn()
 
     def idle(self) -> bool:
         """No limits, and no upstream 429 pause in force: acquire would return at once."""
-        return not self._items and self._paused_until <= self._clock()
+        return not self.claim.rates and self._paused_until <= self._clock()
 
-    def pause(self, seconds: float) -> None:
-        """Hold every request of this limiter back for `seconds` (an upstream 429)."""
-        until = self._clock() + min(seconds, MAX_UPSTREAM_PAUSE)
-        self._paused_until = max(self._paused_until, until)
+    async def pause(self, seconds: float) -> float:
+        """Hold every request of this limiter back for `seconds` (an upstream 429); returns
+        the pause in force, which a longer one already there may exceed."""
+        left = await self._counters.pause(self.claim.key, min(seconds, MAX_UPSTREAM_PAUSE))
+        self._paused_until = max(self._paused_until, self._clock() + left)
+        return left
 
-    async def _room(self) -> bool:
-        cost = self._pending + 1
-        for item in self._items:
-            if cost > item.amount or not await self._strategy.test(item, self.name, cost=cost):
-                return False
-        return True
+    def _settler(self, slot: Slot) -> Settle:
+        async def settle() -> None:
+            await self._counters.settle(slot)
+            settled, self._settled = self._settled, None
+            if settled is not None and not settled.done():
+                settled.set_result(None)
 
-    async def _settle(self) -> None:
-        # Counted in the windows before it stops being pending, so that no check in between
-        # sees the request in neither.
-        for item in self._items:
-            await self._strategy.hit(item, self.name)
-        self._pending -= 1
-        self._settled.set()
+        return settle
 
-    async def _next_free(self) -> float:
-        now = self._clock()
-        free_at = now
-        for item in self._items:
-            stats = await self._strategy.get_window_stats(item, self.name)
-            if stats.remaining - self._pending <= 0:
-                # With only pending requests in the way, the next settle frees a slot; the
-                # window's own reset time bounds the wait either way.
-                free_at = max(free_at, stats.reset_time if stats.remaining <= 0 else now + 1.0)
-        return free_at
+    async def _take_turn(self, deadline: float) -> bool:
+        if not self._busy:
+            self._busy = True
+            return True
+        turn = asyncio.get_running_loop().create_future()
+        self._queue.append(turn)
+        if await self._clock.wait(turn, deadline - self._clock()):
+            return True
+        self._queue.remove(turn)
+        turn.cancel()
+        return False
 
-    async def _refusal(self, free_at: float | None = None) -> RateLimited:
-        now = self._clock()
-        if free_at is None:
-            free_at = max(self._paused_until, await self._next_free())
+    def _pass_turn(self) -> None:
+        while self._queue:
+            turn = self._queue.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self._busy = False
+
+    async def _refusal(self) -> RateLimited:
+        return self._refused(await self._counters.next_free((self.claim,)))
+
+    def _refused(self, wait: float) -> RateLimited:
         return RateLimited(
             f"{self.name} is over its rate limit and no slot frees up within "
             f"{self._max_wait:g} s (rate_limit_max_wait)",
-            retry_after=max(1, math.ceil(free_at - now)),
+            # Whole seconds, rounded up, but not for the microsecond a window edge adds.
+            retry_after=max(1, math.ceil(round(wait, 3))),
             limit=self.kind,
         )
 
@@ -132,36 +170,43 @@ async def _nothing() -> None:
 
 
 class RateLimits:
-    """The limiters of every credential and team client that has limits."""
+    """The limiters of every credential and team client that has limits, over one store's
+    counters. A limiter's store key is `credential:NAME` or `client:NAME` unless
+    `credential_keys` names the credential's key (a shared store names it by its identity)."""
 
     def __init__(
         self,
         *,
-        credentials: dict[str, tuple[Sequence[str], float]],
-        clients: dict[str, tuple[Sequence[str], float]],
-        clock: Callable[[], float] = time.time,
+        credentials: Mapping[str, tuple[Sequence[str], float]],
+        clients: Mapping[str, tuple[Sequence[str], float]],
+        counters: Counters,
+        hold: float,
+        credential_keys: Mapping[str, str] | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        strategy = MovingWindowRateLimiter(MemoryStorage())
+        keys = credential_keys or {}
 
         def build(
-            kind: Literal["credential", "client"], name: str, rates: Sequence[str], wait: float
+            kind: LimitKind, name: str, key: str, rates: Sequence[str], wait: float
         ) -> RateLimiter:
             return RateLimiter(
                 kind=kind,
                 name=f"{kind} {name!r}",
+                key=key,
                 rates=rates,
                 max_wait=wait,
-                strategy=strategy,
+                counters=counters,
+                hold=hold,
                 clock=clock,
             )
 
         # Every credential gets one, limits or not, so that an upstream 429 can pause it.
         self._credentials = {
-            name: build("credential", name, rates, wait)
+            name: build("credential", name, keys.get(name, f"credential:{name}"), rates, wait)
             for name, (rates, wait) in credentials.items()
         }
         self._clients = {
-            name: build("client", name, rates, wait)
+            name: build("client", name, f"client:{name}", rates, wait)
             for name, (rates, wait) in clients.items()
             if rates
         }
@@ -171,7 +216,7 @@ class RateLimits:
         caller may then skip acquire and its settle."""
         return client not in self._clients and self._credentials[credential].idle()
 
-    async def acquire(self, *, credential: str, client: str) -> Callable[[], Awaitable[None]]:
+    async def acquire(self, *, credential: str, client: str) -> Settle:
         """Wait for the client's and the credential's slots; await the result once upstream
         has answered, to count the request in their windows."""
         client_limiter = self._clients.get(client)
@@ -191,12 +236,14 @@ class RateLimits:
 
         return settle_all
 
-    def upstream_said_slow_down(self, credential: str, retry_after: str | None) -> float | None:
+    async def upstream_said_slow_down(
+        self, credential: str, retry_after: str | None
+    ) -> float | None:
         """Pause the credential for an upstream 429's Retry-After; returns the pause."""
         seconds = parse_retry_after(retry_after) if retry_after is not None else None
         if seconds is None:
             return None
-        self._credentials[credential].pause(seconds)
+        await self._credentials[credential].pause(seconds)
         return seconds
 
 

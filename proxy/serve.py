@@ -1,34 +1,49 @@
 """Serve the app on its listeners until SIGTERM or SIGINT, then stop within shutdown_timeout:
-requests in flight get that long to finish, and those still running are cut off."""
+requests in flight get that long to finish, and those still running are cut off. SIGHUP and
+changed secret files reload the configuration meanwhile (see proxy.reload)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 
 from aiohttp import web
 
 from proxy import __version__
-from proxy.app import CUT_OFF, METRICS, create_app, create_metrics_app, runner_options
-from proxy.config import Settings
+from proxy.app import CUT_OFF, METRICS, RUNTIME, create_app, create_metrics_app, runner_options
+from proxy.config import Loaded, fingerprint
 from proxy.log import get_logger
+from proxy.reload import SECRET_POLL_INTERVAL, Changes, ConfigSource, Reloader
 from proxy.worker import WorkerLink
 
 # The start and stop lines keep the logger name they had when cli.py wrote them.
 log = get_logger("proxy.cli")
 
 
-async def serve(settings: Settings, worker: WorkerLink | None = None) -> None:
-    """Serve until SIGTERM or SIGINT; a worker also stops when its supervisor is gone."""
+async def serve(loaded: Loaded, source: ConfigSource, worker: WorkerLink | None = None) -> None:
+    """Serve until SIGTERM or SIGINT; a worker also stops when its supervisor is gone. A
+    single process reloads on SIGHUP and when a secret file changes; a worker when its
+    supervisor tells it to, with the group."""
+    settings = loaded.settings if worker is None else worker.settings_for(loaded.settings)
     if worker is None:
         app = create_app(settings)
         reuse_port = None
     else:
         await worker.connect()
-        app = create_app(settings, metrics=worker.metrics, token_sources=worker.token_sources)
+        app = create_app(
+            settings,
+            metrics=worker.metrics,
+            store=worker.store,
+            token_metrics=False,
+            config_hash=fingerprint(loaded.settings),
+        )
         reuse_port = True
+
+    reloader = _reloader(app, loaded, source, worker)
     runner = web.AppRunner(app, handle_signals=False, **runner_options(settings))
     runners = [runner]
+    reloading: asyncio.Task[None] | None = None
     await runner.setup()
     try:
         await web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port).start()
@@ -39,10 +54,8 @@ async def serve(settings: Settings, worker: WorkerLink | None = None) -> None:
             await web.TCPSite(
                 metrics_runner, settings.host, settings.metrics_port, reuse_port=reuse_port
             ).start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
+        stop = _on_signals(reloader, worker)
+        reloading = asyncio.create_task(reloader.run(), name="reloader")
         if worker is not None:
             lost = asyncio.create_task(worker.lost.wait())
             lost.add_done_callback(lambda _: stop.set())
@@ -55,6 +68,7 @@ async def serve(settings: Settings, worker: WorkerLink | None = None) -> None:
             upstream_client=settings.upstream_client,
             addresses=addresses,
             routes={route.prefix: route.upstream for route in settings.routes},
+            config=fingerprint(loaded.settings),
         )
         if settings.exposed_anonymously:
             log.warning(
@@ -63,12 +77,62 @@ async def serve(settings: Settings, worker: WorkerLink | None = None) -> None:
                 host=settings.host,
             )
         await stop.wait()
-        log.info("shutting down", grace_seconds=settings.shutdown_timeout)
+        grace = app[RUNTIME].runtime.settings.shutdown_timeout  # as last reloaded
+        log.info("shutting down", grace_seconds=grace)
     finally:
-        await _stop(runners, grace=settings.shutdown_timeout, cut_off=app[CUT_OFF])
+        if reloading is not None:
+            reloading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reloading
+        grace = app[RUNTIME].runtime.settings.shutdown_timeout
+        await _stop(runners, grace=grace, cut_off=app[CUT_OFF])
         if worker is not None:
             await worker.close()
     log.info("stopped")
+
+
+def _reloader(
+    app: web.Application, loaded: Loaded, source: ConfigSource, worker: WorkerLink | None
+) -> Reloader:
+    """What reloads this process: its own SIGHUP and secret files, or (a worker) its
+    supervisor's word; applying a reload is building the next runtime and switching to it."""
+
+    async def apply(new: Loaded, changes: Changes) -> None:
+        shaped = new.settings if worker is None else worker.settings_for(new.settings)
+        await app[RUNTIME].replace(shaped, config_hash=fingerprint(new.settings))
+        for name in changes.removed_credentials:
+            app[METRICS].forget_credential(name)
+            if worker is not None:
+                worker.forget(name)
+
+    return Reloader(
+        source,
+        loaded,
+        apply=apply,
+        # A worker's reload metrics are its supervisor's, which reloads for the group.
+        reloads=None if worker is not None else app[METRICS].reloads,
+        poll=None if worker is not None else SECRET_POLL_INTERVAL,
+    )
+
+
+def _on_signals(reloader: Reloader, worker: WorkerLink | None) -> asyncio.Event:
+    """SIGTERM and SIGINT set the event returned; SIGHUP reloads a single process."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    if worker is None:
+        loop.add_signal_handler(signal.SIGHUP, reloader.hup)
+    else:
+        # The supervisor reloads the group: a SIGHUP sent to the whole process group must not
+        # end a worker, nor reload it on its own.
+        loop.add_signal_handler(signal.SIGHUP, _hup_to_a_worker)
+        worker.on_reload(reloader.ask)
+    return stop
+
+
+def _hup_to_a_worker() -> None:
+    log.debug("SIGHUP reached a worker: ignored, its supervisor reloads the whole group")
 
 
 async def _stop(runners: list[web.AppRunner], *, grace: float, cut_off: asyncio.Event) -> None:
@@ -79,6 +143,9 @@ async def _stop(runners: list[web.AppRunner], *, grace: float, cut_off: asyncio.
     only fails their request bodies and waits as long again, so a request stuck on a silent
     upstream held the process for twice the grace."""
     for runner in runners:
+        # aiohttp's own wait at cleanup must not end before ours (a reload may have changed
+        # shutdown_timeout); aiohttp sets this attribute itself when a site names a timeout.
+        runner._shutdown_timeout = grace
         for site in list(runner.sites):
             await site.stop()
     cleanups = [asyncio.create_task(runner.cleanup()) for runner in runners]

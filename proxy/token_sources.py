@@ -1,9 +1,9 @@
-"""The one place that builds every credential's TokenManager: on a token store, with one aiohttp
-ClientSession for token traffic (a single process, each worker, and `token-proxy check`)."""
+"""The one place that builds a credential's TokenManager, on a token store, and the aiohttp
+ClientSession that token requests share: the runtime (a single process, and each worker on its
+relay) and `token-proxy check` build them here; identity_of names a credential for the store
+and for a reload, which keeps the token of a credential whose identity stays."""
 
 from __future__ import annotations
-
-from collections.abc import Iterator, Mapping
 
 import aiohttp
 
@@ -13,36 +13,9 @@ from proxy.metrics import Metrics
 from proxy.store import CredentialIdentity, Store
 
 
-class TokenSources(Mapping[str, TokenManager]):
-    """The TokenManager of every credential, by name, and the session their requests share."""
-
-    def __init__(self, managers: dict[str, TokenManager], session: aiohttp.ClientSession) -> None:
-        self._managers = managers
-        self._session = session
-
-    def __getitem__(self, name: str) -> TokenManager:
-        return self._managers[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._managers)
-
-    def __len__(self) -> int:
-        return len(self._managers)
-
-    def start(self) -> None:
-        """Start every manager's background fetch and refresh."""
-        for manager in self._managers.values():
-            manager.start()
-
-    async def close(self) -> None:
-        """Stop every manager, then close the session."""
-        for manager in self._managers.values():
-            await manager.close()
-        await self._session.close()
-
-
 def identity_of(credential: Credential) -> CredentialIdentity:
-    """What makes `credential` the same one as another's, for the store."""
+    """What makes `credential` the same one as another's, for the store: what its token
+    depends on (a reload that keeps it keeps the token; its secret may change)."""
     return CredentialIdentity.of(
         token_url=credential.token_url,
         client_id=credential.client_id,
@@ -52,28 +25,32 @@ def identity_of(credential: Credential) -> CredentialIdentity:
     )
 
 
-def build_token_sources(
-    settings: Settings, *, store: Store, metrics: Metrics | None
-) -> TokenSources:
-    """A TokenManager per credential of `settings`, each keeping its token through `store`.
-    `metrics` None: another process exports the token metrics (a worker's supervisor). Call
-    it in the event loop that will use the sources, and close them there."""
-    # Token traffic has a session of its own so it never queues behind upstream connections.
-    session = aiohttp.ClientSession(
+def token_session() -> aiohttp.ClientSession:
+    """The session of every token request. Token traffic has a session of its own so that it
+    never queues behind upstream connections. Create it in the event loop that will use it."""
+    return aiohttp.ClientSession(
         cookie_jar=aiohttp.DummyCookieJar(), trust_env=False, raise_for_status=False
     )
-    managers = {
-        name: TokenManager(
-            name=name,
-            credential=credential,
-            session=session,
-            store=store.tokens(
-                identity_of(credential), credential.client_secret.get_secret_value()
-            ),
-            metrics=metrics,
-            request_timeout=settings.token_timeout,
-            wait_timeout=settings.token_wait_timeout,
-        )
-        for name, credential in settings.credentials.items()
-    }
-    return TokenSources(managers, session)
+
+
+def build_token_source(
+    name: str,
+    credential: Credential,
+    *,
+    settings: Settings,
+    store: Store,
+    session: aiohttp.ClientSession,
+    metrics: Metrics | None,
+) -> TokenManager:
+    """The TokenManager of credential `name` of `settings`, keeping its token through `store`
+    and requesting tokens on `session`. `metrics` None: another process exports the token
+    metrics (a worker's supervisor). Not started: start() begins its fetches."""
+    return TokenManager(
+        name=name,
+        credential=credential,
+        session=session,
+        store=store.tokens(identity_of(credential), credential.client_secret.get_secret_value()),
+        metrics=metrics,
+        request_timeout=settings.token_timeout,
+        wait_timeout=settings.token_wait_timeout,
+    )

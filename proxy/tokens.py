@@ -1,11 +1,15 @@
-"""An access token as requests hold it, the TokenSource interface the forwarder gets tokens
-through, and what /-/ready and the 503 problems say of a source's status."""
+"""An access token as requests hold it and the times that govern it (its refresh, the retry
+after a failed request), the TokenSource interface the forwarder gets tokens through, and what
+/-/ready and the 503 problems say of a source's status."""
 
 from __future__ import annotations
 
+import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from proxy.config import Credential
 from proxy.errors import ClientRejected, TokenUnavailable
 from proxy.oauth import oauth_error
 from proxy.store import FetchFailure, SharedToken
@@ -13,6 +17,24 @@ from proxy.store import FetchFailure, SharedToken
 REFRESH_FRACTION = 0.8
 SAFETY_MARGIN_CAP = 30.0
 SAFETY_MARGIN_FRACTION = 0.1
+BACKOFF_BASE = 1.0
+BACKOFF_CAP = 60.0
+
+
+def backoff_delay(attempt: int, *, rng: Callable[[], float] = random.random) -> float:
+    """Full jitter: uniform in [0, min(cap, base * 2**(attempt-1))]."""
+    doublings = min(max(0, attempt - 1), 32)  # 2**32 s is far past the cap, and never overflows
+    ceiling = min(BACKOFF_CAP, BACKOFF_BASE * 2.0**doublings)
+    return rng() * ceiling
+
+
+def retry_delay(failures: int, *, rejected: bool, rng: Callable[[], float]) -> float:
+    """Seconds until the next token request after `failures` failed ones in a row; a refused
+    credential is retried at the slow end of the backoff (its secret may be rotated any time,
+    and a new one is tried at once: TokenSource.use)."""
+    if rejected:
+        return BACKOFF_CAP / 2 + rng() * BACKOFF_CAP / 2
+    return backoff_delay(failures, rng=rng)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +150,8 @@ class TokenStatus:
 
 
 class TokenSource(Protocol):
-    """Where the forwarder gets a credential's token (a TokenManager)."""
+    """Where the forwarder gets a credential's token (a TokenManager), and what a reload that
+    keeps the credential tells it."""
 
     name: str
 
@@ -149,3 +172,11 @@ class TokenSource(Protocol):
     def invalidate(self, token: Token, *, path: str, replayable: bool) -> bool: ...
 
     def replayed(self, path: str, *, rejected: bool) -> None: ...
+
+    def use(self, credential: Credential, *, request_timeout: float, wait_timeout: float) -> None:
+        """A reload kept this source: the same credential, perhaps with a new secret."""
+        ...
+
+    async def wait_changed(self) -> None:
+        """Return at the next new token or failed token request."""
+        ...

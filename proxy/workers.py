@@ -3,14 +3,15 @@ started, holds the port and starts the workers; each serves the whole app on the
 through SO_REUSEPORT, the kernel spreading connections between them. The group's token store
 is the supervisor's: each worker's TokenManagers keep their tokens through the relay
 (proxy.store.relay), so that each token is fetched once for the whole group and the 401 rule's
-memory of paths is the group's. Written by hand: process managers such as gunicorn's arbiter
-share no state with their workers, and the shared token is the point here."""
+memory of paths is the group's. The supervisor reloads for the group (SIGHUP, changed secret
+files) and tells each worker to reload too (proxy.worker). Written by hand: process managers
+such as gunicorn's arbiter share no state with their workers, and the shared token is the
+point here."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -18,21 +19,24 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client.multiprocess import mark_process_dead
 
-from proxy.config import Settings
+from proxy.config import Loaded, Settings
 from proxy.log import get_logger
-from proxy.store import MemoryStore
+from proxy.metrics import ConfigReloads
+from proxy.reload import SIGHUP, Changes, ConfigSource, Reloader
+from proxy.store import CredentialIdentity, MemoryStore
 from proxy.store import relay_wire as wire
 from proxy.store.relay_server import RelayServer
 from proxy.token_sources import identity_of
+from proxy.worker import MULTIPROC_ENV, WorkerSpec
 
 log = get_logger("proxy.workers")
 
 WORKER_FLAG = "--worker"
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # A worker that has not started listening by then is taken for one that cannot.
 START_TIMEOUT = 30.0
 # Starts in a row that never reached listening before the supervisor gives up.
@@ -47,53 +51,6 @@ STEADY_AFTER = 30.0
 EXIT_MARGIN = 1.0
 
 
-@dataclass(frozen=True, slots=True)
-class WorkerSpec:
-    """What the supervisor tells a worker on its command line (the hidden --worker flag)."""
-
-    index: int
-    workers: int
-    fd: int
-    port: int
-    metrics_port: int | None
-
-    def encode(self) -> str:
-        return json.dumps(
-            {
-                "index": self.index,
-                "workers": self.workers,
-                "fd": self.fd,
-                "port": self.port,
-                "metrics_port": self.metrics_port,
-            }
-        )
-
-    @classmethod
-    def decode(cls, text: str) -> WorkerSpec:
-        data = json.loads(text)
-        return cls(
-            index=int(data["index"]),
-            workers=int(data["workers"]),
-            fd=int(data["fd"]),
-            port=int(data["port"]),
-            metrics_port=None if data["metrics_port"] is None else int(data["metrics_port"]),
-        )
-
-
-def worker_settings(settings: Settings, spec: WorkerSpec) -> Settings:
-    """A worker's settings: the port the supervisor holds, and its share of every rate limit."""
-    credentials, clients = settings.model_copy(update={"workers": spec.workers}).split_limits()
-    return settings.model_copy(
-        update={
-            "port": spec.port,
-            "metrics_port": spec.metrics_port,
-            "workers": spec.workers,
-            "credentials": credentials,
-            "clients": clients,
-        }
-    )
-
-
 @dataclass
 class _Worker:
     """One worker process as the supervisor sees it."""
@@ -106,13 +63,26 @@ class _Worker:
     reader_task: asyncio.Task[None] | None = None
 
 
-class Supervisor:
-    """Holds the port and the group's token store, and keeps `workers` worker processes
-    serving: a worker that dies is restarted after a short, growing pause; one that cannot
-    start at all ends the supervisor with a message."""
+def _identities(settings: Settings) -> Iterator[tuple[CredentialIdentity, str]]:
+    for credential in settings.credentials.values():
+        yield identity_of(credential), credential.client_secret.get_secret_value()
 
-    def __init__(self, settings: Settings, *, command: list[str]) -> None:
+
+class Supervisor:
+    """Holds the port and the group's token store, reloads for the group, and keeps `workers`
+    worker processes serving: a worker that dies is restarted after a short, growing pause;
+    one that cannot start at all ends the supervisor with a message."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        command: list[str],
+        reloading: tuple[ConfigSource, Loaded] | None = None,
+    ) -> None:
         self._settings = settings
+        # Where SIGHUP reads the configuration again; None: SIGHUP is ignored.
+        self._reloading = reloading
         # How to start this program again: the interpreter's arguments and the user's own.
         self._command = command
         self.port = settings.port
@@ -120,13 +90,9 @@ class Supervisor:
         self.failure: str | None = None
         self._held: list[socket.socket] = []
         self._workers: dict[int, _Worker] = {}
-        self._relay = RelayServer(
-            MemoryStore(),
-            [
-                (identity_of(credential), credential.client_secret.get_secret_value())
-                for credential in settings.credentials.values()
-            ],
-        )
+        self._relay = RelayServer(MemoryStore(), _identities(settings))
+        # The group's reload metrics, which every worker exports.
+        self._reloads = ConfigReloads()
         self._directory = ""
         self._stopping = False
         self._done = asyncio.Event()
@@ -183,9 +149,16 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._done.set)
+        reloading = self._reloader()
+        loop.add_signal_handler(
+            signal.SIGHUP, reloading.hup if reloading is not None else lambda: None
+        )
         if not self._directory:
             self.make_metrics_directory()
         self._relay.start()
+        reloader = None
+        if reloading is not None:
+            reloader = asyncio.create_task(reloading.run(), name="reloader")
         self._log_split()
         keepers = [
             asyncio.create_task(self._keep(index), name=f"worker:{index}")
@@ -203,12 +176,45 @@ class Supervisor:
             for task in keepers:
                 task.cancel()
             await asyncio.gather(*keepers, return_exceptions=True)
+            if reloader is not None:
+                reloader.cancel()
+                await asyncio.gather(reloader, return_exceptions=True)
             await self._stop_workers()
             await self._relay.close()
             shutil.rmtree(self._directory, ignore_errors=True)
             self.release_ports()
         log.info("stopped")
         return self._exit_code
+
+    # Reloading -------------------------------------------------------------------------------
+
+    def _reloader(self) -> Reloader | None:
+        if self._reloading is None:
+            return None
+        source, loaded = self._reloading
+        return Reloader(
+            source, loaded, apply=self._reload, reloads=self._reloads, reported=self._tell_reloads
+        )
+
+    async def _reload(self, loaded: Loaded, changes: Changes) -> None:
+        """The group's reload: the relay serves the credentials of `loaded` (one that stays
+        keeps its token; the workers' token managers use a changed secret at their next
+        fetch), then every worker reloads, from the file's table as read here."""
+        self._settings = loaded.settings
+        self._relay.use(_identities(loaded.settings))
+        table = loaded.toml if changes.trigger == SIGHUP else None
+        self._tell(wire.reload(changes.trigger, table))
+        if any(key.startswith(("credentials", "clients")) for key in changes.fields):
+            self._log_split()
+
+    def _tell_reloads(self) -> None:
+        self._tell(wire.reloads(self._reloads.figures()))
+
+    def _tell(self, message: wire.Message) -> None:
+        line = wire.encode(message)
+        for worker in self._workers.values():
+            if not worker.writer.is_closing():
+                worker.writer.write(line)
 
     def _log_split(self) -> None:
         settings = self._settings
@@ -310,6 +316,7 @@ class Supervisor:
         worker = _Worker(index=index, process=process, writer=writer, started_at=time.monotonic())
         self._workers[index] = worker
         await self._relay.attach(index, writer)
+        writer.write(wire.encode(wire.reloads(self._reloads.figures())))
         worker.reader_task = asyncio.create_task(
             self._relay.serve(index, reader, on_ready=worker.ready.set)
         )

@@ -12,7 +12,7 @@ from pydantic.fields import FieldInfo
 from proxy.config import ENV_PREFIX, Client, Credential, Route, Settings
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-START = "<!-- reference:start: generated from proxy/config.py by `make reference` -->"
+START = "<!-- reference:start: generated from proxy/config/ by `make reference` -->"
 END = "<!-- reference:end -->"
 _TOML_ONLY = {"credentials", "routes", "clients"}
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import functools
 import io
 import itertools
 import json
@@ -27,37 +26,73 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-import proxy.app as app_module
-from proxy.app import SETTINGS, TOKENS, create_app, runner_options
+from proxy.app import create_app, runner_options, runtime_of
 from proxy.config import Settings
 from proxy.credentials import TokenManager
 from proxy.log import configure_logging, redactor
-from proxy.upstream import make_transport
 
 TEST_CLIENT_ID = "test-client-id"
 TEST_SECRET = "Sup3r-S3cret-Value-Never-Logged-7f3a"
 
 
+OUTSIDE_TESTS = "outside any test"
+
+
 class LeakWatch:
-    """Everything the suite saw the proxy produce, and every token issued: at the end of the
-    session none of the texts may contain the test secret or any token."""
+    """Everything the suite saw the proxy produce, each piece with the test during which it
+    was captured, and every token issued: no text may contain the test secret or any token.
+    Each test's captures are checked as it ends (its teardown fails, naming it), and all of
+    them again at the end of the session."""
 
     def __init__(self) -> None:
-        self.texts: list[tuple[str, str]] = []
+        self.texts: list[tuple[str, str, str]] = []  # (test, where, text)
         self.tokens: set[str] = set()
         self.log = io.StringIO()
+        self.current = OUTSIDE_TESTS
+        # Where each test's lines begin in `log`, in order.
+        self._log_starts: list[tuple[int, str]] = [(0, OUTSIDE_TESTS)]
+        self._first_text = 0
+        self.reported: set[str] = set()  # by the checks of single tests
+
+    def begin(self, test: str) -> None:
+        """Attribute what is captured from now on to `test` (a node id)."""
+        self.current = test
+        self._log_starts.append((self.log.tell(), test))
+        self._first_text = len(self.texts)
+
+    def end(self) -> None:
+        self.begin(OUTSIDE_TESTS)
 
     def add(self, where: str, text: str) -> None:
-        self.texts.append((where, text))
+        self.texts.append((self.current, where, text))
 
-    def leaks(self) -> list[str]:
+    def _needles(self) -> dict[str, str]:
         basic = base64.b64encode(f"{TEST_CLIENT_ID}:{TEST_SECRET}".encode()).decode()
         needles = {"the test secret": TEST_SECRET, "the Basic credentials": basic}
         needles.update({f"token {token[:6]}…": token for token in self.tokens})
-        found = []
-        for where, text in [*self.texts, ("in-process logs", self.log.getvalue())]:
-            found += [f"{name} in {where}" for name, needle in needles.items() if needle in text]
-        return found
+        return needles
+
+    def _pieces(self, *, current_only: bool) -> list[tuple[str, str, str]]:
+        texts = self.texts[self._first_text :] if current_only else self.texts
+        log = self.log.getvalue()
+        starts = self._log_starts[-1:] if current_only else self._log_starts
+        ends = [start for start, _ in starts[1:]] + [len(log)]
+        in_log = [
+            (test, "the in-process logs", log[start:end])
+            for (start, test), end in zip(starts, ends, strict=True)
+        ]
+        return [*texts, *in_log]
+
+    def leaks(self, *, current_only: bool = False) -> list[str]:
+        """What leaked and where, each with the test during which it was captured; only the
+        current test's captures when `current_only`."""
+        needles = self._needles()
+        return [
+            f"{name} in {where}, during {test}"
+            for test, where, text in self._pieces(current_only=current_only)
+            for name, needle in needles.items()
+            if needle in text
+        ]
 
 
 LEAKS = LeakWatch()
@@ -259,16 +294,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.fixture(scope="session")
 def upstream_client(request: pytest.FixtureRequest) -> str:
-    """The transport under test: `make test` runs the functional suite with both."""
+    """The transport under test: `make test` runs the functional suite with both. The
+    fixtures that build a proxy (make_settings, start_proxy, proxy_process) give it to every
+    proxy whose settings do not name a transport themselves."""
     kind: str = request.config.getoption("--upstream-client")
     return kind
 
 
-@pytest.fixture(autouse=True)
-def _force_transport(monkeypatch: pytest.MonkeyPatch, upstream_client: str) -> None:
-    """Every in-process proxy uses the transport under test, however its settings were made."""
-    forced = functools.partial(make_transport, upstream_client)
-    monkeypatch.setattr(app_module, "make_transport", lambda _kind, **options: forced(**options))
+def with_transport(settings: Settings, upstream_client: str) -> Settings:
+    """`settings` with the transport under test, unless they name one themselves."""
+    if "upstream_client" in settings.model_fields_set:
+        return settings
+    return settings.model_copy(update={"upstream_client": upstream_client})
 
 
 @pytest.fixture(autouse=True)
@@ -281,11 +318,34 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(autouse=True, scope="session")
 def _no_leaks() -> Iterator[None]:
-    """The session-wide leak check: fails the run if any secret or token escaped."""
+    """The session-wide leak check: fails the run if any secret or token escaped, naming the
+    test during which each was captured (tokens are known once issued: a text captured
+    before the token it holds was issued is found here)."""
     configure_test_logging()
     yield
-    leaks = LEAKS.leaks()
+    leaks = [leak for leak in LEAKS.leaks() if leak not in LEAKS.reported]
     assert not leaks, f"secrets or tokens leaked: {leaks}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    """What is captured from a test's setup to its teardown is that test's."""
+    LEAKS.begin(item.nodeid)
+    try:
+        return (yield)
+    finally:
+        LEAKS.end()
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks_in_this_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fails the test whose logs, responses, metrics pages or process logs hold the test
+    secret or a token (at its teardown, after the teardown of every fixture it used)."""
+    yield
+    leaks = LEAKS.leaks(current_only=True)
+    LEAKS.reported.update(leaks)
+    if leaks:
+        pytest.fail(f"{request.node.nodeid} leaked secrets or tokens: {leaks}", pytrace=False)
 
 
 @pytest.fixture(autouse=True)
@@ -331,8 +391,11 @@ SettingsFactory = Callable[..., Settings]
 
 
 @pytest.fixture
-def make_settings(token_server: FakeTokenServer, upstream: FakeUpstream) -> SettingsFactory:
-    """Settings for one credential and one route pointed at the fake servers."""
+def make_settings(
+    token_server: FakeTokenServer, upstream: FakeUpstream, upstream_client: str
+) -> SettingsFactory:
+    """Settings for one credential and one route pointed at the fake servers, with the
+    transport under test."""
 
     def build(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
@@ -341,6 +404,7 @@ def make_settings(token_server: FakeTokenServer, upstream: FakeUpstream) -> Sett
             "token_url": token_server.url,
             "upstream": upstream.url,
             "port": 0,
+            "upstream_client": upstream_client,
         }
         values.update(overrides)
         return Settings(**values)
@@ -361,7 +425,7 @@ def app_of(client: Client) -> web.Application:
 
 def manager_of(client: Client, name: str = "default") -> TokenManager:
     """The TokenManager of one credential of an in-process proxy."""
-    manager = app_of(client)[TOKENS][name]
+    manager = runtime_of(app_of(client)).tokens[name]
     assert isinstance(manager, TokenManager)
     return manager
 
@@ -380,13 +444,16 @@ def problem_of(status: int, content_type: str | None, body: bytes) -> dict[str, 
 
 @pytest.fixture
 async def start_proxy(
-    make_settings: SettingsFactory,
+    make_settings: SettingsFactory, upstream_client: str
 ) -> AsyncIterator[ProxyFactory]:
-    """Start the proxy in-process; the client reaches it on loopback."""
+    """Start the proxy in-process, with the transport under test unless `settings` name one;
+    the client reaches it on loopback."""
     clients: list[Client] = []
 
     async def start(settings: Settings | None = None, **overrides: Any) -> Client:
-        settings = settings if settings is not None else make_settings(**overrides)
+        if settings is None:
+            settings = make_settings(**overrides)
+        settings = with_transport(settings, upstream_client)
         app = create_app(settings)
         app.on_response_prepare.append(_watch_response)
         server = TestServer(app, host="127.0.0.1")
@@ -401,7 +468,7 @@ async def start_proxy(
 
     yield start
     for client in clients:
-        if client.app is not None and client.app[SETTINGS].metrics_port is None:
+        if client.app is not None and runtime_of(client.app).settings.metrics_port is None:
             async with client.get("/-/metrics") as metrics:
                 LEAKS.add("/-/metrics", await metrics.text())
         await client.close()

@@ -4,11 +4,14 @@ and routes, and a ConfigError that names the setting and the fix for every bad c
 from __future__ import annotations
 
 from pathlib import Path
+from traceback import format_exception
 
 import certifi
 import pytest
+from pydantic import ValidationError
 
 from proxy.config import REGION_TOKEN_URLS, Settings, load_settings
+from proxy.config.values import check_url
 from proxy.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -505,6 +508,22 @@ def test_unknown_environment_variable_without_close_match(
     message = config_error()
     assert "TOKEN_PROXY_ZZZZZZZZ" in message
     assert "unset" in message
+
+
+def test_unknown_key_of_a_credential_in_the_environment_suggests_a_credential_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A table given as JSON in the environment is not pre-checked like the TOML file: its
+    misspelt key still gets a did-you-mean from the keys of that table, not the top level's."""
+    monkeypatch.setenv(
+        "TOKEN_PROXY_CREDENTIALS",
+        '{"api": {"client_id": "id", "client_secret": "s", "regon_routes": ["eu"]}}',
+    )
+    message = config_error()
+    assert (
+        "environment variable TOKEN_PROXY_CREDENTIALS (credentials.api.regon_routes): "
+        "unknown key; did you mean region_routes?"
+    ) in message
 
 
 @pytest.mark.usefixtures("shorthand")
@@ -1110,6 +1129,33 @@ def test_config_error_never_shows_secret(tmp_path: Path, monkeypatch: pytest.Mon
     assert SECRET not in message
 
 
+@pytest.mark.usefixtures("shorthand")
+def test_config_error_keeps_pydantics_error_as_its_cause_without_the_values(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The ConfigError is raised from pydantic's ValidationError, and that cause, printed as a
+    traceback would print it, quotes none of the values given: the secret is among them."""
+    secret = "Short-S3cret"  # pydantic would cut a long one short in the middle
+    monkeypatch.setenv("TOKEN_PROXY_CLIENT_SECRET", secret)
+    monkeypatch.setenv("TOKEN_PROXY_PORT", "99999")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    cause = info.value.__cause__
+    assert isinstance(cause, ValidationError)
+    traceback = "".join(format_exception(info.value))
+    assert "ValidationError" in traceback
+    assert secret not in traceback
+    assert secret not in repr(cause)
+
+
+def test_config_error_of_an_unreadable_file_keeps_the_os_error(tmp_path: Path) -> None:
+    """A config file that cannot be read is a ConfigError raised from the OSError that says why."""
+    with pytest.raises(ConfigError) as info:
+        load_settings(config_file=tmp_path / "missing.toml")
+    assert isinstance(info.value.__cause__, ConfigError)
+    assert isinstance(info.value.__cause__.__cause__, FileNotFoundError)
+
+
 # --- workers -------------------------------------------------------------------------------------
 
 
@@ -1199,3 +1245,21 @@ def test_workers_refuse_a_limit_below_one_each(tmp_path: Path) -> None:
     assert "lower workers," in message, "workers was set in the file, so the fix names its key"
     assert "TOKEN_PROXY_WORKERS" not in message
     assert SECRET not in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://someone:Pa55-In-A-Url@host/token",
+        "https://someone:Pa55-In-A-Url@host/token",
+        "someone:Pa55-In-A-Url@host/token",
+        "https://someone:Pa55-In-A-Url@/token",
+    ],
+)
+def test_url_with_a_password_is_refused_without_quoting_it(url: str) -> None:
+    """A token URL that carries a user and password, whatever else is wrong with it, is refused
+    with a message that shows neither."""
+    with pytest.raises(ValueError, match="credentials in the URL") as info:
+        check_url(url, what="token_url")
+    assert "Pa55-In-A-Url" not in str(info.value)
+    assert "someone" not in str(info.value)

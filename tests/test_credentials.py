@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 
 from proxy.config import Credential
-from proxy.credentials import TokenManager, backoff_delay
+from proxy.credentials import TokenManager
 from proxy.errors import ClientRejected, TokenEndpointError, TokenUnavailable
 from proxy.log import REDACTED, get_logger, redactor
 from proxy.metrics import Metrics
@@ -25,7 +25,7 @@ from proxy.refusals import REMEMBER_FOR, Evidence, Refusal, RefusingPaths
 from proxy.store import FetchFailure, MemoryStore, TokenStore
 from proxy.store.memory import MemoryTokens
 from proxy.token_sources import identity_of
-from proxy.tokens import Token
+from proxy.tokens import Token, backoff_delay
 from tests.conftest import (
     LEAKS,
     TEST_CLIENT_ID,

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import copy
+import datetime
+import gc
 import io
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
+import structlog
 from aiohttp.http_exceptions import LineTooLong
 
+import proxy.log as proxy_log
 from proxy.log import (
     REDACTED,
     LineWriter,
@@ -20,12 +27,14 @@ from proxy.log import (
     bind_request,
     bind_request_more,
     configure_logging,
+    flush_logs,
     get_logger,
     log_info_fast,
     redactor,
+    set_logging,
     unbind_request,
 )
-from tests.conftest import configure_test_logging
+from tests.conftest import FakeTokenServer, ProxyFactory, configure_test_logging
 
 
 class _Terminal(io.StringIO):
@@ -87,6 +96,17 @@ def test_live_values_are_scrubbed_anywhere() -> None:
     assert "my-very-secret" not in text
     assert "tok-1234567890" not in text
     assert text.count(REDACTED) == 3
+
+
+def test_values_written_escaped_are_scrubbed_too() -> None:
+    """A secret with a quote or a backslash is hidden also where repr() escaped it, within
+    either quote (a KeyError's message, a task's exception in the loop's report)."""
+    processor = Redactor()
+    secret = "it's\\a secret"
+    processor.add_secret(secret)
+    for shown in (repr(KeyError(secret)), repr(KeyError(f'"{secret}"'))):
+        assert "\\\\" in shown
+        assert processor.scrub(shown).count(REDACTED) == 1, shown
 
 
 def test_short_values_are_not_scrubbed() -> None:
@@ -269,6 +289,97 @@ def test_fast_lines_match_the_structlog_chain(log_output: io.StringIO) -> None:
     assert list(fast)[-3:] == ["request_id", "level", "timestamp"]
 
 
+FAST_SECRET = 'fast-path-"secret"\\ü'
+FAST_TOKEN = "fast-path-token-0123456789abcdef"
+# The events the access line's fast path and structlog's chain must write alike: the access
+# line itself, then what else a field could hold.
+FAST_EVENTS: list[dict[str, Any]] = [
+    {
+        "method": "GET",
+        "path": "/data/wow/token/index?namespace=dynamic-eu&access_token=[redacted]",
+        "route": "/data",
+        "client": "-",
+        "status": 200,
+        "duration_ms": 1.49,
+        "upstream_ms": 0.55,
+        "bytes_in": 0,
+        "bytes_out": 44,
+        "token_age_s": None,
+        "replayed": False,
+        "outcome": "complete",
+        "upstream_url": None,
+    },
+    {},
+    {"path": "/données/ü/😀/\u2028", "client": "équipe-Ω", "note": 'tab\tline\n"q" \\ \x00\x7f'},
+    {"a": 1e-7, "b": 1e300, "c": -0.0, "d": 1 / 3, "e": 2.0, "f": 2**62, "g": -(2**63)},
+    {"nan": float("nan"), "inf": float("inf"), "minus_inf": float("-inf")},
+    {"yes": True, "no": False, "none": None, "empty": ""},
+    {"headers": {"authorization": "Basic abc", "accept": "*/*", "deeper": {"api_key": "k"}}},
+    {"items": [1, "x", None, {"token": "t", "n": 2.5}], "pair": (1, "two"), "one": frozenset({3})},
+    {"raw": b"bytes \xff", "kind": ValueError("an error"), "status": 200},
+    {"path": f"/p?x={FAST_SECRET}", "status": 401},
+    {"upstream_url": f"https://eu.api.blizzard.com/?access_token={FAST_TOKEN}", "status": 200},
+    {"authorization": "Bearer anything", "client_secret": None, "token_age_s": 3.5},
+    {"detail": {"nested": [FAST_SECRET, f"x{FAST_TOKEN}y"]}},
+]
+
+
+class _FrozenDatetime(datetime.datetime):
+    moment = 0.0
+
+    @classmethod
+    def now(cls, tz: datetime.tzinfo | None = None) -> _FrozenDatetime:
+        frozen = datetime.datetime.fromtimestamp(cls.moment, tz)
+        return cls.combine(frozen.date(), frozen.timetz())
+
+
+@pytest.mark.parametrize("moment", [1_700_000_000.25, 1_700_000_000.0, 1_700_000_000.5])
+@pytest.mark.parametrize("serializer", ["orjson", "json"])
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_the_fast_path_writes_what_structlog_writes(
+    monkeypatch: pytest.MonkeyPatch, moment: float, serializer: str, fmt: str
+) -> None:
+    """log_info_fast writes, character for character, the line get_logger(...).info(...)
+    writes through structlog's chain, for the access line and for anything else a field can
+    hold: unicode, control characters, None, floats (also nan and inf), nested values, bytes
+    and objects, sensitive keys, and live secrets and tokens (as is, JSON-escaped, nested),
+    with the request's and the process's context merged, with orjson and without it, at a
+    whole second and within one. In console mode both go through the chain."""
+    if serializer == "json":
+        monkeypatch.setattr(proxy_log, "_dumps", proxy_log._json_dumps)
+    monkeypatch.setattr(proxy_log, "time", SimpleNamespace(time=lambda: moment))
+    monkeypatch.setattr(_FrozenDatetime, "moment", moment)
+    clock = SimpleNamespace(datetime=_FrozenDatetime, timezone=datetime.timezone)
+    monkeypatch.setattr(structlog.processors, "datetime", clock)
+    stream = io.StringIO()
+    configure_logging(level="debug", fmt=fmt, stream=stream, cache=False, buffered=False)
+    expected = proxy_log._FastLines if fmt == "json" else proxy_log._ChainLines
+    assert type(proxy_log._lines) is expected
+    redactor.add_secret(FAST_SECRET)
+    redactor.add_token(FAST_TOKEN)
+    bind_process(worker=2)
+    try:
+        for fields in FAST_EVENTS:
+            for request_id in ("rid-ü-1", f"rid-{FAST_SECRET}"):
+                bound = bind_request(request_id=request_id, client="team")
+                try:
+                    start = stream.tell()
+                    log_info_fast("proxy.access", "request", copy.deepcopy(fields))
+                    fast = stream.getvalue()[start:]
+                    start = stream.tell()
+                    get_logger("proxy.access").info("request", **copy.deepcopy(fields))
+                    slow = stream.getvalue()[start:]
+                finally:
+                    unbind_request(bound)
+                assert fast == slow, fields
+                assert fast.count("\n") == 1
+                assert FAST_SECRET not in fast
+                assert FAST_TOKEN not in fast
+    finally:
+        _process_context.clear()
+        configure_test_logging()
+
+
 @pytest.mark.parametrize(
     "secret", ["plain-secret-value", 'quote"and\\backslash-secret', "ünïcode-sécret"]
 )
@@ -324,3 +435,144 @@ def test_a_task_started_in_a_request_keeps_the_fields_it_saw(log_output: io.Stri
 async def _log_after(event: asyncio.Future[None]) -> None:
     await event
     get_logger("proxy.test").info("task")
+
+
+# --- a chained cause leaks nothing ----------------------------------------------------------------
+
+# Secrets as a user may choose them: plain, and with what repr() and JSON escape (a traceback
+# shows a KeyError's message, and a task's exception, through repr()).
+CHAIN_SECRETS = [
+    ("Chain-Secret-Value-0a1b2c3d", "chain-team-key-4e5f6a7b8c9d"),
+    ('Ch"ain\\S3cret-ünï-0a1b', "chain-team-key-'quoted'-4e5f"),
+]
+
+
+def _shown_forms(value: str) -> set[str]:
+    """The ways a traceback or a JSON line can write `value`: as is, as repr() writes it within
+    either quote, and each of those JSON-escaped."""
+    plain = {value, repr(value)[1:-1], repr(value + "'\"")[1:-4]}
+    return plain | {json.dumps(form)[1:-1] for form in plain}
+
+
+def _chained_failure(secret: str, token: str, key: str) -> RuntimeError:
+    """A plain error raised from a cause whose message, notes, own cause and that cause's
+    context (an exception group) hold the client secret, a token and a team key."""
+    try:
+        try:
+            try:
+                raise ExceptionGroup(
+                    "token fetches failed",
+                    [ValueError(f"client_secret={secret!r}"), TimeoutError(f"token {token}")],
+                )
+            except ExceptionGroup:
+                raise ConnectionError(f"Authorization: Bearer {token}; key={key!r}") from None
+        except ConnectionError as connection:
+            connection.__suppress_context__ = False
+            cause = KeyError(f"{secret} {token} {key}")
+            cause.add_note(f"the team key was {key}")
+            raise cause from connection
+    except KeyError as exc:
+        try:
+            raise RuntimeError("the upstream exchange failed") from exc
+        except RuntimeError as failure:
+            return failure
+
+
+def _log_everywhere(failure: RuntimeError) -> None:
+    """The failure logged in every way the proxy and its libraries log one."""
+    try:
+        raise failure
+    except RuntimeError:
+        get_logger("proxy.test").exception("failed")
+        logging.getLogger("aiohttp.server").exception("Error handling request")
+    get_logger("proxy.test").error("failed", exc_info=failure)
+    logging.getLogger("aiohttp.web").error("failed", exc_info=failure)
+
+
+def _task_exception_never_retrieved(
+    failure: RuntimeError, loop_factory: Callable[[], asyncio.AbstractEventLoop]
+) -> None:
+    """What the loop's default exception handler prints for a task that failed unawaited."""
+
+    async def fail() -> None:
+        raise failure
+
+    async def main() -> None:
+        task = asyncio.get_running_loop().create_task(fail())
+        await asyncio.wait({task})
+        del task  # its exception never retrieved: the loop reports it when it is collected
+        gc.collect()
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(main())
+
+
+def _loop_factories() -> list[Callable[[], asyncio.AbstractEventLoop]]:
+    factories: list[Callable[[], asyncio.AbstractEventLoop]] = [asyncio.new_event_loop]
+    try:
+        import uvloop  # noqa: PLC0415  (optional: the `speed` extra)
+    except ImportError:  # pragma: no cover - depends on the installation
+        return factories
+    return [*factories, uvloop.new_event_loop]
+
+
+@pytest.mark.parametrize(("secret", "key"), CHAIN_SECRETS, ids=["plain", "escaped"])
+@pytest.mark.parametrize("fmt", ["json", "console", "terminal"])
+async def test_a_chained_cause_leaks_nothing(
+    start_proxy: ProxyFactory,
+    token_server: FakeTokenServer,
+    secret: str,
+    key: str,
+    fmt: str,
+) -> None:
+    """An error raised from a cause that holds the client secret, a live token and a team key
+    (in its message, its notes, its own cause and that one's context) shows none of them when
+    logged through the configured chain: JSON and console, structlog's loggers and the
+    standard library's, and the loop's report of a task exception never retrieved (on
+    asyncio's loop and uvloop's). The proxy registered the secret, key and token itself."""
+    client = await start_proxy(client_secret=secret, clients=[{"name": "team", "key": key}])
+    async with client.get("/x", headers={"Authorization": f"Bearer {key}"}) as response:
+        assert response.status == 200
+    token = token_server.issued[-1]
+    failure = _chained_failure(secret, token, key)
+    stream = _Terminal() if fmt == "terminal" else io.StringIO()
+    try:
+        configure_logging(
+            level="debug", fmt="auto" if fmt == "terminal" else fmt, stream=stream, cache=False
+        )
+        _log_everywhere(failure)
+        for factory in _loop_factories():
+            await asyncio.to_thread(_task_exception_never_retrieved, failure, factory)
+        flush_logs()
+    finally:
+        configure_test_logging()
+    text = stream.getvalue()
+    for name in ("RuntimeError", "KeyError", "ConnectionError", "ExceptionGroup", "TimeoutError"):
+        assert text.count(name) >= 6, (name, text)
+    assert text.count("Task exception was never retrieved") == len(_loop_factories())
+    assert REDACTED in text
+    for value in (secret, token, key):
+        shown = [form for form in _shown_forms(value) if form in text]
+        assert not shown, (shown, text)
+
+
+def test_log_level_and_format_change_for_loggers_already_in_use() -> None:
+    """structlog caches a logger on first use; set_logging still changes what it writes."""
+    stream = io.StringIO()
+    configure_logging(level="info", fmt="json", stream=stream, cache=True, buffered=False)
+    try:
+        logger = get_logger("tests.live-level")
+        logger.debug("hidden")
+        logger.info("shown")
+        set_logging(level="debug", fmt="json")
+        logger.debug("now shown")
+        set_logging(level="warning", fmt="console")
+        logger.info("hidden again")
+        logger.warning("as console")
+    finally:
+        configure_test_logging()
+    lines = stream.getvalue().splitlines()
+    assert [json.loads(line)["event"] for line in lines[:2]] == ["shown", "now shown"]
+    assert len(lines) == 3
+    assert "as console" in lines[2]
+    assert not lines[2].startswith("{")

@@ -19,7 +19,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy.app import create_app, runner_options
 from proxy.config import Route, Settings
 from proxy.errors import BadRequest
-from proxy.forward import HOP_BY_HOP, downstream_headers, upstream_headers
+from proxy.headers import HOP_BY_HOP, downstream_headers, upstream_headers
 from proxy.routing import RouteTable
 from tests.conftest import LEAKS, TEST_CLIENT_ID, TEST_SECRET, FakeTokenServer, FakeUpstream
 

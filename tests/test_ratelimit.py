@@ -1,5 +1,6 @@
 """Unit tests of rate limiting: proxy.ratelimit (RateLimiter, RateLimits, parse_retry_after) and
-the configuration behind it (rate limit syntax, Battle.net's default quota, region_routes)."""
+the configuration behind it (rate limit syntax, Battle.net's default quota, region_routes).
+The limiters run on an injected clock whose time moves only when a test advances it."""
 
 from __future__ import annotations
 
@@ -7,35 +8,70 @@ import asyncio
 import bisect
 import email.utils
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from limits.aio.storage import MemoryStorage
-from limits.aio.strategies import MovingWindowRateLimiter
 from pydantic import ValidationError
 
 from proxy.config import Credential, Settings, load_settings
 from proxy.errors import ConfigError, RateLimited
-from proxy.ratelimit import MAX_UPSTREAM_PAUSE, RateLimiter, RateLimits, parse_retry_after
+from proxy.ratelimit import (
+    MAX_UPSTREAM_PAUSE,
+    SYSTEM_CLOCK,
+    Clock,
+    RateLimiter,
+    RateLimits,
+    parse_retry_after,
+)
+from proxy.store.memory import MemoryCounters
 
 SECRET = "Rl-S3cret-Value-Never-Shown-4c1d"
 LOOPBACK_TOKEN_URL = "http://127.0.0.1:9/token"
 BATTLENET_TOKEN_URL = "https://oauth.battle.net/token"
 CN_TOKEN_URL = "https://oauth.battlenet.com.cn/token"
 BATTLENET_QUOTA = ("100/second", "36000/hour")
+HOLD = 30.0
 
 
 class FakeClock:
-    """A clock that moves only when told to (for limiters without rates, which never ask the
-    `limits` storage, whose clock is the real one)."""
+    """A clock that moves only when a test advances it; a wait on it ends when its future is
+    done or when the clock passes its deadline."""
 
     def __init__(self) -> None:
         self.now = 1_000_000.0
+        self._timers: list[tuple[float, asyncio.Future[None]]] = []
 
     def __call__(self) -> float:
         return self.now
+
+    async def wait(self, future: asyncio.Future[Any], seconds: float) -> bool:
+        if future.done():
+            return True
+        timer = asyncio.get_running_loop().create_future()
+        self._timers.append((self.now + seconds, timer))
+        try:
+            await asyncio.wait([future, timer], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not timer.done():
+                timer.cancel()
+        return future.done()
+
+    async def advance(self, seconds: float) -> None:
+        """Move time on, end the waits whose deadline it passed, and let their tasks run."""
+        self.now += seconds
+        for deadline, timer in self._timers:
+            if deadline <= self.now and not timer.done():
+                timer.set_result(None)
+        self._timers = [(deadline, timer) for deadline, timer in self._timers if not timer.done()]
+        await let_run()
+
+
+async def let_run() -> None:
+    """Let every task that can go on without time passing do so (nothing here does I/O)."""
+    for _ in range(20):
+        await asyncio.sleep(0)
 
 
 def limiter(
@@ -43,23 +79,42 @@ def limiter(
     *,
     max_wait: float = 5.0,
     name: str = "credential 'c'",
-    clock: Callable[[], float] = time.time,
+    clock: Clock | None = None,
 ) -> RateLimiter:
+    clock = clock if clock is not None else FakeClock()
     return RateLimiter(
         kind="credential",
         name=name,
+        key="credential:c",
         rates=rates,
         max_wait=max_wait,
-        strategy=MovingWindowRateLimiter(MemoryStorage()),
+        counters=MemoryCounters(clock=clock),
+        hold=HOLD,
         clock=clock,
     )
 
 
-async def timed(acquire: Callable[[], Any]) -> float:
-    """Seconds one acquire() takes."""
-    started = time.monotonic()
-    await acquire()
-    return time.monotonic() - started
+def rate_limits(
+    credentials: dict[str, tuple[Sequence[str], float]],
+    clients: dict[str, tuple[Sequence[str], float]],
+    clock: FakeClock | None = None,
+) -> RateLimits:
+    clock = clock if clock is not None else FakeClock()
+    return RateLimits(
+        credentials=credentials,
+        clients=clients,
+        counters=MemoryCounters(clock=clock),
+        hold=HOLD,
+        clock=clock,
+    )
+
+
+async def at_once(awaitable: Awaitable[Any]) -> Any:
+    """The result of `awaitable`, which must come without the clock moving."""
+    task = asyncio.ensure_future(awaitable)
+    await let_run()
+    assert task.done(), "it waited, though no time had to pass"
+    return task.result()
 
 
 def credential(**values: Any) -> Credential:
@@ -99,10 +154,8 @@ async def answered(limiter_: RateLimiter) -> None:
 async def test_limiter_admits_up_to_the_limit_at_once() -> None:
     """A limiter of 5/second admits 5 requests without waiting."""
     five = limiter(["5/second"], max_wait=0)
-    started = time.monotonic()
     for _ in range(5):
-        await answered(five)
-    assert time.monotonic() - started < 0.2
+        await at_once(answered(five))
 
 
 async def test_limiter_refuses_beyond_the_limit_when_it_may_not_wait() -> None:
@@ -111,10 +164,8 @@ async def test_limiter_refuses_beyond_the_limit_when_it_may_not_wait() -> None:
     two = limiter(["2/second"], max_wait=0)
     await answered(two)
     await answered(two)
-    started = time.monotonic()
     with pytest.raises(RateLimited) as info:
-        await answered(two)
-    assert time.monotonic() - started < 0.2
+        await at_once(answered(two))
     assert info.value.status == 429
     assert info.value.retry_after == 1
     assert info.value.headers == {"Retry-After": "1"}
@@ -123,29 +174,31 @@ async def test_limiter_refuses_beyond_the_limit_when_it_may_not_wait() -> None:
 
 async def test_limiter_makes_the_excess_wait_for_the_window_to_move() -> None:
     """The request over 2/second waits until the first request's second has passed, then goes."""
-    two = limiter(["2/second"], max_wait=3)
+    clock = FakeClock()
+    two = limiter(["2/second"], max_wait=3, clock=clock)
     await answered(two)
-    first = time.monotonic()
     await answered(two)
-    await answered(two)
-    waited = time.monotonic() - first
-    assert 0.95 <= waited < 1.5
+    third = asyncio.create_task(answered(two))
+    await clock.advance(0.99)
+    assert not third.done()
+    await clock.advance(0.02)
+    assert third.done()
+    await third
 
 
 async def test_limiter_does_not_wait_when_the_slot_frees_after_max_wait() -> None:
     """A slot that frees only after max_wait is refused at once rather than after waiting."""
     one = limiter(["1/second"], max_wait=0.3)
     await answered(one)
-    started = time.monotonic()
     with pytest.raises(RateLimited) as info:
-        await answered(one)
-    assert time.monotonic() - started < 0.2
+        await at_once(answered(one))
     assert info.value.retry_after == 1
 
 
 async def test_limiter_serves_waiters_first_come_first_served() -> None:
     """Requests queued behind a full window are admitted in the order they arrived."""
-    five = limiter(["5/second"], max_wait=5)
+    clock = FakeClock()
+    five = limiter(["5/second"], max_wait=5, clock=clock)
     for _ in range(5):
         await answered(five)
     admitted: list[int] = []
@@ -158,6 +211,7 @@ async def test_limiter_serves_waiters_first_come_first_served() -> None:
     for n in range(5):
         tasks.append(asyncio.create_task(take(n)))
         await asyncio.sleep(0)  # the task reaches the queue before the next one is made
+    await clock.advance(1.01)
     await asyncio.gather(*tasks)
     assert admitted == [0, 1, 2, 3, 4]
 
@@ -175,30 +229,33 @@ async def test_limiter_every_rate_counts() -> None:
 async def test_limiter_without_rates_never_waits() -> None:
     """A limiter without rates (no rate_limit) admits any number of requests at once."""
     free = limiter([], max_wait=0)
-    started = time.monotonic()
     for _ in range(1000):
-        await answered(free)
-    assert time.monotonic() - started < 0.5
+        await at_once(answered(free))
 
 
 async def test_pause_holds_requests_back_for_its_seconds() -> None:
     """After pause(0.4) even a limiter without rates admits the next request only 0.4 s later."""
-    free = limiter([], max_wait=5)
-    free.pause(0.4)
-    assert await timed(free.acquire) >= 0.38
-    assert await timed(free.acquire) < 0.1
+    clock = FakeClock()
+    free = limiter([], max_wait=5, clock=clock)
+    await free.pause(0.4)
+    waiting = asyncio.create_task(answered(free))
+    await clock.advance(0.39)
+    assert not waiting.done()
+    await clock.advance(0.02)
+    assert waiting.done()
+    await at_once(answered(free))
 
 
 async def test_pause_longer_than_max_wait_is_refused_with_its_retry_after() -> None:
     """A pause of 5 s refuses a request that may wait 1 s, with Retry-After: 5."""
     clock = FakeClock()
     free = limiter([], max_wait=1, clock=clock)
-    free.pause(5)
+    await free.pause(5)
     with pytest.raises(RateLimited) as info:
-        await answered(free)
+        await at_once(answered(free))
     assert info.value.retry_after == 5
-    clock.now += 5.01
-    await answered(free)
+    await clock.advance(5.01)
+    await at_once(answered(free))
 
 
 async def test_pause_never_shortens_and_is_capped() -> None:
@@ -206,16 +263,16 @@ async def test_pause_never_shortens_and_is_capped() -> None:
     MAX_UPSTREAM_PAUSE."""
     clock = FakeClock()
     free = limiter([], max_wait=0, clock=clock)
-    free.pause(20)
-    free.pause(1)
+    await free.pause(20)
+    await free.pause(1)
     with pytest.raises(RateLimited) as info:
         await answered(free)
     assert info.value.retry_after == 20
-    free.pause(1e9)
+    await free.pause(1e9)
     with pytest.raises(RateLimited) as info:
         await answered(free)
     assert info.value.retry_after == MAX_UPSTREAM_PAUSE
-    clock.now += MAX_UPSTREAM_PAUSE + 0.01
+    await clock.advance(MAX_UPSTREAM_PAUSE + 0.01)
     await answered(free)
 
 
@@ -226,7 +283,7 @@ async def test_rate_limits_keep_credentials_and_clients_apart() -> None:
     """Each credential and each client counts on its own, even a client named like a
     credential; a credential full for one client is full for every client. Each refusal says
     which limit refused."""
-    limits = RateLimits(
+    limits = rate_limits(
         credentials={"x": (["1/second"], 0), "y": (["1/second"], 0), "z-none": ([], 0)},
         clients={"x": (["1/second"], 0), "free": ([], 0)},
     )
@@ -242,7 +299,7 @@ async def test_rate_limits_keep_credentials_and_clients_apart() -> None:
 
 async def test_rate_limits_client_limit_applies_to_that_client_only() -> None:
     """A client with 2/second gets its third request refused, while another client goes on."""
-    limits = RateLimits(
+    limits = rate_limits(
         credentials={"c": ([], 5)},
         clients={"small": (["2/second"], 0), "big": ([], 0)},
     )
@@ -258,21 +315,21 @@ async def test_upstream_slow_down_pauses_that_credential_only() -> None:
     """An upstream Retry-After of 2 pauses its credential (even one without rates) for 2 s,
     and leaves the other credential alone."""
     clock = FakeClock()
-    limits = RateLimits(credentials={"a": ([], 0), "b": ([], 0)}, clients={}, clock=clock)
-    assert limits.upstream_said_slow_down("a", "2") == 2.0
+    limits = rate_limits(credentials={"a": ([], 0), "b": ([], 0)}, clients={}, clock=clock)
+    assert await limits.upstream_said_slow_down("a", "2") == 2.0
     with pytest.raises(RateLimited) as info:
         await limits.acquire(credential="a", client="-")
     assert info.value.retry_after == 2
     await limits.acquire(credential="b", client="-")
-    clock.now += 2.01
+    await clock.advance(2.01)
     await limits.acquire(credential="a", client="-")
 
 
 async def test_upstream_slow_down_without_a_usable_retry_after_pauses_nothing() -> None:
     """A 429 without Retry-After, or with one that is not understood, pauses nothing."""
-    limits = RateLimits(credentials={"a": ([], 0)}, clients={})
-    assert limits.upstream_said_slow_down("a", None) is None
-    assert limits.upstream_said_slow_down("a", "in a while") is None
+    limits = rate_limits(credentials={"a": ([], 0)}, clients={})
+    assert await limits.upstream_said_slow_down("a", None) is None
+    assert await limits.upstream_said_slow_down("a", "in a while") is None
     await limits.acquire(credential="a", client="-")
 
 
@@ -506,22 +563,36 @@ def test_region_routes_clashing_with_a_route_are_refused() -> None:
 async def test_pending_requests_hold_their_slot_until_answered() -> None:
     """A request let through but not yet answered upstream holds its slot: under 2/second a
     third request waits for an answer, however long connecting takes."""
-    two = limiter(["2/second"], max_wait=3)
+    clock = FakeClock()
+    two = limiter(["2/second"], max_wait=3, clock=clock)
     first = await two.acquire()
     second = await two.acquire()
     third = asyncio.create_task(two.acquire())
-    await asyncio.sleep(0.05)
+    await clock.advance(0.9)
     assert not third.done()
     await first()
     await second()
-    settle = await asyncio.wait_for(third, 3)
+    await clock.advance(0.9)  # both are counted when they answered, not when they went
+    assert not third.done()
+    await clock.advance(0.11)
+    assert third.done()
+    settle = await third
     await settle()
 
 
 async def test_upstream_arrivals_never_exceed_the_limit_when_connecting_is_slow() -> None:
     """Arrivals upstream stay within 20 in any second even when the first requests take
     longer to get there than the later ones (new connections, then pooled ones)."""
-    twenty = limiter(["20/second"], max_wait=10)
+    # Real time: what is measured is where the arrivals fall, not how long anything took.
+    twenty = RateLimiter(
+        kind="credential",
+        name="credential 'c'",
+        key="credential:c",
+        rates=["20/second"],
+        max_wait=10,
+        counters=MemoryCounters(clock=SYSTEM_CLOCK),
+        hold=HOLD,
+    )
     arrivals: list[float] = []
 
     async def one(n: int) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict
 
-from proxy import forward
+from proxy import headers as hygiene
 from proxy.config import Route
 from proxy.errors import BadRequest, NoRoute
 from proxy.routing import RouteTable
@@ -25,12 +25,12 @@ def headers(*pairs: tuple[str, str]) -> list[tuple[str, str]]:
 def upstream_headers(
     incoming: list[tuple[str, str]], *, token: str, request_id: str
 ) -> CIMultiDict[str]:
-    """forward.upstream_headers, its pairs in a multidict for the assertions."""
-    return CIMultiDict(forward.upstream_headers(incoming, token=token, request_id=request_id))
+    """hygiene.upstream_headers, its pairs in a multidict for the assertions."""
+    return CIMultiDict(hygiene.upstream_headers(incoming, token=token, request_id=request_id))
 
 
 def downstream_headers(incoming: list[tuple[str, str]], *, request_id: str) -> CIMultiDict[str]:
-    return CIMultiDict(forward.downstream_headers(incoming, request_id=request_id))
+    return CIMultiDict(hygiene.downstream_headers(incoming, request_id=request_id))
 
 
 def names(result: CIMultiDict[str]) -> set[str]:

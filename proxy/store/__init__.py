@@ -1,6 +1,7 @@
 """Where shared state lives (tokens, rate-limit counters, 429 pauses): the interfaces, the
 in-memory store, Redis behind a fallback to memory, and the workers' relay (relay.py)."""
 
+from proxy.errors import StoreUnavailable
 from proxy.store.base import (
     ALONE,
     SHARED,
@@ -15,7 +16,6 @@ from proxy.store.base import (
     SharedToken,
     Slot,
     Store,
-    StoreUnavailable,
     TokenSnapshot,
     TokenStore,
 )

@@ -17,18 +17,6 @@ SHARED = "shared"
 ALONE = "alone"
 
 
-class StoreUnavailable(Exception):
-    """A shared store did not answer within its timeout, or answered with an error.
-
-    `kind` names the failure for metrics (timeout, connection, auth, response, other); the
-    message never holds a value that was stored, nor the store's password."""
-
-    def __init__(self, detail: str, *, kind: str) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        self.kind = kind
-
-
 @dataclass(frozen=True, slots=True)
 class CredentialIdentity:
     """What makes two configured credentials the same one, whatever they are named."""

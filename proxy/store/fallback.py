@@ -21,6 +21,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+from proxy.errors import StoreUnavailable
 from proxy.log import get_logger
 from proxy.store.base import (
     ALONE,
@@ -32,7 +33,6 @@ from proxy.store.base import (
     Rate,
     SharedToken,
     Slot,
-    StoreUnavailable,
     TokenSnapshot,
 )
 from proxy.store.memory import MemoryCounters, MemoryStore, MemoryTokens

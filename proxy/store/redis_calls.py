@@ -9,8 +9,8 @@ from typing import Any, TypeVar
 
 import redis.exceptions as redis_errors
 
+from proxy.errors import StoreUnavailable
 from proxy.log import redactor
-from proxy.store.base import StoreUnavailable
 
 T = TypeVar("T")
 

@@ -14,20 +14,16 @@ import contextlib
 import itertools
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from proxy.errors import StoreUnavailable
 from proxy.log import get_logger
 from proxy.metrics import TokenFigures
 from proxy.refusals import Refusal, RefusingPaths
 from proxy.store import relay_wire as wire
-from proxy.store.base import (
-    CredentialIdentity,
-    FetchFailure,
-    SharedToken,
-    StoreUnavailable,
-    TokenSnapshot,
-)
+from proxy.store.base import CredentialIdentity, FetchFailure, SharedToken, TokenSnapshot
 from proxy.store.memory import MemoryCounters, MemoryStore
 
 log = get_logger("proxy.workers")
@@ -38,9 +34,11 @@ ASK_TIMEOUT = 10.0
 
 class Relay:
     """A worker's end of the socketpair to its supervisor: asks go out, the supervisor's word
-    on every credential comes in. `lost` is set when the supervisor is gone."""
+    on every credential comes in, and what it tells of the group besides (a reload, the reload
+    metrics) goes to `on_group`. `lost` is set when the supervisor is gone."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_group: Callable[[wire.Message], None] | None = None) -> None:
+        self._on_group = on_group
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._ids = itertools.count(1)
@@ -132,6 +130,8 @@ class Relay:
             self.tokens(str(message["credential"])).learn(str(message["path"]), refusal)
         elif tell == "figures":
             self._figures[str(message["credential"])] = wire.read_figures(message)
+        elif self._on_group is not None:
+            self._on_group(message)
 
 
 class RelayTokens:

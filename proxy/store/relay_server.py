@@ -12,10 +12,11 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from proxy.errors import StoreUnavailable
 from proxy.log import get_logger, redactor
 from proxy.metrics import TokenFigures
 from proxy.store import relay_wire as wire
-from proxy.store.base import CredentialIdentity, Store, StoreUnavailable, TokenStore
+from proxy.store.base import CredentialIdentity, Store, TokenStore
 
 log = get_logger("proxy.workers")
 
@@ -41,25 +42,51 @@ class _Worker:
 
 class RelayServer:
     """The group's token store of every credential (identity and secret), served to the
-    workers over their socketpairs."""
+    workers over their socketpairs; `use` changes the credentials when the group reloads."""
 
     def __init__(self, store: Store, credentials: Iterable[tuple[CredentialIdentity, str]]) -> None:
-        self._tokens: dict[str, TokenStore] = {
-            identity.digest: store.tokens(identity, secret) for identity, secret in credentials
-        }
-        self._figures = {digest: _Figures() for digest in self._tokens}
+        self._store = store
+        self._tokens: dict[str, TokenStore] = {}
+        self._figures: dict[str, _Figures] = {}
         self._workers: dict[int, _Worker] = {}
-        self._watchers: list[asyncio.Task[None]] = []
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._stopped: set[asyncio.Task[None]] = set()
+        self._started = False
+        self.use(credentials)
 
     def start(self) -> None:
         """Watch every credential's state, for changes that did not come through a worker."""
-        self._watchers = [
-            asyncio.create_task(self._watch(digest), name=f"relay-watch:{digest[:8]}")
-            for digest in self._tokens
-        ]
+        self._started = True
+        for digest in self._tokens:
+            self._start_watching(digest)
+
+    def use(self, credentials: Iterable[tuple[CredentialIdentity, str]]) -> None:
+        """The group's credentials from now on (a reload): a new one is served, and its state
+        told to every worker; one no longer configured is no longer watched, nor served to
+        a worker that still asks (its reload is on its way). One that stays keeps its state."""
+        wanted = {identity.digest: (identity, secret) for identity, secret in credentials}
+        for digest in [digest for digest in self._tokens if digest not in wanted]:
+            del self._tokens[digest], self._figures[digest]
+            watcher = self._watchers.pop(digest, None)
+            if watcher is not None:
+                watcher.cancel()
+                self._stopped.add(watcher)
+                watcher.add_done_callback(self._stopped.discard)
+        for digest, (identity, secret) in wanted.items():
+            if digest not in self._tokens:
+                self._tokens[digest] = self._store.tokens(identity, secret)
+                self._figures[digest] = _Figures()
+                if self._started:
+                    self._start_watching(digest)
+
+    def _start_watching(self, digest: str) -> None:
+        self._watchers[digest] = asyncio.create_task(
+            self._watch(digest), name=f"relay-watch:{digest[:8]}"
+        )
 
     async def close(self) -> None:
-        watchers, self._watchers = self._watchers, []
+        watchers = [*self._watchers.values(), *self._stopped]
+        self._watchers.clear()
         for task in watchers:
             task.cancel()
         await asyncio.gather(*watchers, return_exceptions=True)
@@ -67,11 +94,12 @@ class RelayServer:
     async def attach(self, index: int, writer: asyncio.StreamWriter) -> None:
         """Worker `index` is connected on `writer`: tell it everything it needs to start."""
         self._workers[index] = _Worker(writer)
-        for digest, tokens in self._tokens.items():
+        for digest, tokens in list(self._tokens.items()):
+            figures = self._figures[digest].told()
             writer.write(wire.encode(wire.state(digest, await tokens.load())))
             for path, refusal in tokens.paths.items():
                 writer.write(wire.encode(wire.path_known(digest, path, refusal)))
-            writer.write(wire.encode(wire.figures(digest, self._figures[digest].told())))
+            writer.write(wire.encode(wire.figures(digest, figures)))
 
     async def serve(
         self, index: int, reader: asyncio.StreamReader, *, on_ready: Callable[[], None]
@@ -95,9 +123,10 @@ class RelayServer:
         finally:
             worker = self._workers.pop(index, None)
             for digest, owner in worker.owners if worker is not None else ():
+                tokens = self._tokens.get(digest)
                 with contextlib.suppress(StoreUnavailable):
-                    if await self._tokens[digest].unlock(owner):
-                        await self._broadcast(digest)
+                    if tokens is not None and await tokens.unlock(owner):
+                        await self._broadcast(digest, tokens)
 
     async def _answer(self, index: int, message: wire.Message) -> None:
         ask, digest = message["ask"], str(message["credential"])
@@ -155,7 +184,7 @@ class RelayServer:
         else:
             raise KeyError(ask)
         # The new state goes out before the reply, so the asking worker reads it back.
-        await self._broadcast(digest)
+        await self._broadcast(digest, tokens)
         worker.writer.write(wire.encode(wire.reply(int(message["id"]), value)))
 
     async def _path(
@@ -178,7 +207,9 @@ class RelayServer:
     def _count(
         self, digest: str, outcome: str, *, failures: int, expiry: float | None = None
     ) -> None:
-        figures = self._figures[digest]
+        figures = self._figures.get(digest)
+        if figures is None:
+            return  # a reload removed it meanwhile
         figures.fetches[outcome] += 1
         figures.failures = failures
         if expiry is not None:
@@ -188,9 +219,9 @@ class RelayServer:
             if not worker.writer.is_closing():
                 worker.writer.write(line)
 
-    async def _broadcast(self, digest: str) -> int:
-        """Tell every worker the state of `digest` now; returns its generation."""
-        snapshot = await self._tokens[digest].load()
+    async def _broadcast(self, digest: str, tokens: TokenStore) -> int:
+        """Tell every worker the state of `digest` (in `tokens`) now; returns its generation."""
+        snapshot = await tokens.load()
         line = wire.encode(wire.state(digest, snapshot))
         for worker in self._workers.values():
             if not worker.writer.is_closing():
@@ -198,6 +229,7 @@ class RelayServer:
         return snapshot.generation
 
     async def _watch(self, digest: str) -> None:
+        tokens = self._tokens[digest]
         while True:
-            generation = await self._broadcast(digest)
-            await self._tokens[digest].wait_changed(generation)
+            generation = await self._broadcast(digest, tokens)
+            await tokens.wait_changed(generation)

@@ -1,7 +1,8 @@
 """The messages between a worker and its supervisor on their socketpair, one JSON object a line:
 a worker asks ("ask"; with an "id" when it awaits the "reply"), the supervisor tells ("tell":
-a credential's token state, what another worker learnt of a path, the group's token metrics).
-Credentials are named by their identity's digest. The messages carry tokens: never log one."""
+a credential's token state, what another worker learnt of a path, the group's token metrics,
+a reload to carry out and the group's reload metrics). Credentials are named by their
+identity's digest. The messages carry tokens: never log one."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from proxy.errors import StoreUnavailable
 from proxy.metrics import TokenFigures
 from proxy.refusals import Evidence, Refusal
-from proxy.store.base import FetchFailure, SharedToken, StoreUnavailable, TokenSnapshot
+from proxy.store.base import FetchFailure, SharedToken, TokenSnapshot
 
 LINE_LIMIT = 2 * 1024 * 1024
 
@@ -19,7 +21,8 @@ Message = dict[str, Any]
 
 
 def encode(message: Mapping[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+    # default=str: a reload's table may hold a TOML date, which no setting takes.
+    return json.dumps(message, separators=(",", ":"), default=str).encode() + b"\n"
 
 
 def decode(line: bytes) -> Message:
@@ -176,6 +179,28 @@ def read_figures(message: Mapping[str, Any]) -> TokenFigures:
         expiry=float(message["expiry"]),
         failures=float(message["failures"]),
     )
+
+
+def reload(trigger: str, table: Mapping[str, Any] | None) -> Message:
+    """Reload with the group: SIGHUP with the configuration file's table as the supervisor
+    read it (so that every worker switches to the same configuration), or the secret files."""
+    return {"tell": "reload", "trigger": trigger, "table": table}
+
+
+def read_reload(message: Mapping[str, Any]) -> tuple[str, Mapping[str, Any] | None]:
+    table = message["table"]
+    if table is not None and not isinstance(table, dict):
+        raise TypeError("a reload's table is not a table")
+    return str(message["trigger"]), table
+
+
+def reloads(figures: Mapping[str, float]) -> Message:
+    """The group's reload metrics (ConfigReloads.figures), which the supervisor counts."""
+    return {"tell": "reloads", "figures": dict(figures)}
+
+
+def read_reloads(message: Mapping[str, Any]) -> dict[str, float]:
+    return {str(name): float(value) for name, value in message["figures"].items()}
 
 
 def reply(ask_id: int, value: Any) -> Message:

@@ -28,7 +28,7 @@ from yarl import URL
 
 from proxy import tokens
 from proxy.app import create_app, runner_options
-from proxy.credentials import BACKOFF_CAP
+from proxy.tokens import BACKOFF_CAP
 from tests.conftest import (
     TEST_CLIENT_ID,
     TEST_SECRET,

@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
-from proxy.app import TOKENS
+from proxy.app import runtime_of
 from proxy.config import Settings
 from proxy.metrics import KNOWN_METHODS, Metrics
 from tests.conftest import (
@@ -177,7 +177,7 @@ async def test_metrics_of_a_scenario_with_two_routes_and_credentials(
     upstream.handlers["/limited"] = too_many
 
     client = await start_proxy(settings)
-    tokens = app_of(client)[TOKENS]
+    tokens = runtime_of(app_of(client)).tokens
     await wait_for(lambda: tokens["a"].state()["ready"] and tokens["b"].state()["ready"], timeout=5)
 
     # At start: one successful fetch each, nothing failing, tokens valid for an hour.
@@ -312,7 +312,7 @@ async def test_metrics_of_a_scenario_with_two_routes_and_credentials(
         "credential": {"a", "b"},
         "client": {"-"},
         "method": set(KNOWN_METHODS) | {"OTHER"},
-        "outcome": {"success", "error", "rejected"},
+        "outcome": {"success", "error", "rejected", "failure"},  # token fetches, reloads
         "limit": {"credential", "client", "upstream"},
     }
     for (name, labels), _ in final.items():
@@ -333,7 +333,7 @@ async def test_ready_lists_each_credential_when_ready(
 ) -> None:
     """/-/ready answers 200 JSON listing every credential's state, without the token."""
     client = await start_proxy(two_credentials(token_server, upstream))
-    tokens = app_of(client)[TOKENS]
+    tokens = runtime_of(app_of(client)).tokens
     await wait_for(lambda: tokens["a"].state()["ready"] and tokens["b"].state()["ready"], timeout=5)
     async with client.get("/-/ready") as response:
         assert response.status == 200
@@ -365,7 +365,7 @@ async def test_ready_explains_a_rejected_credential(
     it is retried, next to the ready one; no token or secret appears."""
     settings = two_credentials(token_server, upstream, b_token_url=rejecting_token_endpoint)
     client = await start_proxy(settings)
-    tokens = app_of(client)[TOKENS]
+    tokens = runtime_of(app_of(client)).tokens
     await wait_for(
         lambda: tokens["a"].state()["ready"] and tokens["b"].state()["last_error"] is not None,
         timeout=5,
@@ -868,7 +868,7 @@ def test_grafana_dashboard_charts_every_metric() -> None:
             exported.append(family.name + "_bucket")
         else:
             exported.append(family.name)
-    assert len(exported) == 10
+    assert len(exported) == 13
     missing = [
         name for name in exported if not re.search(rf"(?<![A-Za-z0-9_]){name}\b", everything)
     ]

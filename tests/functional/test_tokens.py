@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from proxy.app import METRICS
-from proxy.forward import REPLAYABLE_BODY_LIMIT
+from proxy.bodies import REPLAYABLE_BODY_LIMIT
 from tests.conftest import (
     PROBLEM_JSON,
     TEST_SECRET,

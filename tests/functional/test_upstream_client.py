@@ -1,6 +1,7 @@
-"""The lean upstream client (proxy.http1) against upstreams that misbehave in ways the proxy
-must survive: bytes beyond an answer, uploads cut short after an early answer, a full
-connection pool, and a body taken whole after reading paused."""
+"""The upstream transports against upstreams that misbehave in ways the proxy must survive: for
+the lean client, bytes beyond an answer, uploads cut short after an early answer, a full
+connection pool, and a body taken whole after reading paused; for both, errors that keep their
+cause, slots given back, and a body taken whole only once it has all arrived."""
 
 from __future__ import annotations
 
@@ -9,13 +10,18 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import cast
 
+import aiohttp
+import httptools
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy.errors import UpstreamError
-from proxy.http1 import _HIGH_WATER, LeanClient, _BodyBuffer, _Connection
-from tests.conftest import wait_for
+from proxy.errors import UpstreamBusy, UpstreamError
+from proxy.transport.aiohttp_client import AiohttpTransport
+from proxy.transport.connection import HIGH_WATER, BodyBuffer, Connection
+from proxy.transport.lean import LeanClient
+from proxy.transport.slots import ConnectionSlots
+from tests.conftest import free_port, wait_for
 
 Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 
@@ -51,7 +57,9 @@ async def raw_upstream(serve: Serve) -> AsyncIterator[tuple[str, list[int]]]:
 
 @pytest.fixture
 async def client() -> AsyncIterator[LeanClient]:
-    lean = LeanClient(connect_timeout=1.0, read_timeout=2.0, max_connections=4)
+    lean = LeanClient(
+        connect_timeout=1.0, read_timeout=2.0, slots=ConnectionSlots.for_pool(4, wait=1.0)
+    )
     await lean.start()
     yield lean
     await lean.close()
@@ -151,16 +159,17 @@ async def test_refused_waits_leave_nothing_behind() -> None:
         await release.wait()
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 
-    lean = LeanClient(connect_timeout=0.05, read_timeout=5.0, max_connections=1)
+    slots = ConnectionSlots.for_pool(1, wait=0.05)
+    lean = LeanClient(connect_timeout=0.05, read_timeout=5.0, slots=slots)
     await lean.start()
     try:
         async with raw_upstream(serve) as (url, _):
             held = asyncio.create_task(lean.send("GET", url, [], None))
-            await wait_for(lambda: lean._free_slots == 0)
+            await wait_for(lambda: slots.free == 0)
             for _ in range(20):
-                with pytest.raises(UpstreamError, match="raise max_connections"):
+                with pytest.raises(UpstreamBusy, match="raise max_connections"):
                     await lean.send("GET", url, [], None)
-            assert len(lean._slot_waiters) == 0
+            assert slots.waiting == 0
             release.set()
             (await held).close()
             assert await body_of(lean, url) == (200, b"ok")
@@ -176,12 +185,13 @@ async def test_closing_the_client_fails_waiting_requests_at_once() -> None:
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         await release.wait()
 
-    lean = LeanClient(connect_timeout=30.0, read_timeout=30.0, max_connections=1)
+    slots = ConnectionSlots.for_pool(1, wait=30.0)
+    lean = LeanClient(connect_timeout=30.0, read_timeout=30.0, slots=slots)
     await lean.start()
     async with raw_upstream(serve) as (url, _):
         held = asyncio.create_task(lean.send("GET", url, [], None))
         waiting = asyncio.create_task(lean.send("GET", url, [], None))
-        await wait_for(lambda: bool(lean._slot_waiters))
+        await wait_for(lambda: bool(slots.waiting))
         await lean.close()
         with pytest.raises(UpstreamError, match="closing"):
             await asyncio.wait_for(waiting, 2)
@@ -205,9 +215,70 @@ def test_a_body_taken_whole_resumes_reading() -> None:
             self.resumed += 1
 
     connection = Reading()
-    buffer = _BodyBuffer(cast(_Connection, connection))
-    buffer.feed(b"x" * (_HIGH_WATER + 1))
+    buffer = BodyBuffer(cast(Connection, connection))
+    buffer.feed(b"x" * (HIGH_WATER + 1))
     buffer.finish()
     assert connection.paused == 1
-    assert buffer.take_all() == b"x" * (_HIGH_WATER + 1)
+    assert buffer.take_all() == b"x" * (HIGH_WATER + 1)
     assert connection.resumed == 1
+
+
+@pytest.mark.parametrize("kind", ["lean", "aiohttp"])
+async def test_errors_at_the_boundary_keep_their_cause(kind: str) -> None:
+    """A library's exception becomes ours through that library's table, with the original kept
+    as its cause: a refused connection, and an answer that is not HTTP. Neither keeps its
+    connection slot."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        writer.write(b"SPDY/9 banana\r\n\r\n")
+
+    library_error = httptools.HttpParserError if kind == "lean" else aiohttp.ClientError
+    transport_class = LeanClient if kind == "lean" else AiohttpTransport
+    slots = ConnectionSlots.for_pool(2, wait=1.0)
+    transport = transport_class(connect_timeout=1.0, read_timeout=2.0, slots=slots)
+    await transport.start()
+    try:
+        with pytest.raises(UpstreamError, match=r"cannot connect to 127\.0\.0\.1:") as refused:
+            await transport.send("GET", f"http://127.0.0.1:{free_port()}/", [], None)
+        assert isinstance(refused.value.__cause__, OSError)
+        async with raw_upstream(serve) as (url, _):
+            with pytest.raises(UpstreamError) as malformed:
+                await transport.send("GET", url, [], None)
+        assert isinstance(malformed.value.__cause__, library_error)
+        assert slots.free == 2
+    finally:
+        await transport.close()
+
+
+@pytest.mark.parametrize("kind", ["lean", "aiohttp"])
+async def test_a_body_is_taken_whole_only_once_it_has_all_arrived(kind: str) -> None:
+    """received_body(): both transports hand over a body that came in with its headers at
+    once, and one still coming as None, without waiting, to be read with chunks()."""
+    rest = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        if n == 1:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nwhole")
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfirst")
+        await writer.drain()
+        await rest.wait()
+        writer.write(b"-rest")
+
+    transport_class = LeanClient if kind == "lean" else AiohttpTransport
+    slots = ConnectionSlots.for_pool(2, wait=1.0)
+    transport = transport_class(connect_timeout=1.0, read_timeout=2.0, slots=slots)
+    await transport.start()
+    try:
+        async with raw_upstream(serve) as (url, _):
+            whole = await transport.send("GET", url, [], None)
+            assert whole.received_body() == b"whole"
+            whole.close()
+            coming = await transport.send("GET", url, [], None)
+            assert coming.received_body() is None
+            rest.set()
+            assert b"".join([chunk async for chunk in coming.chunks()]) == b"first-rest"
+            coming.close()
+            assert slots.free == 2
+    finally:
+        await transport.close()

@@ -1,0 +1,266 @@
+"""Settings: the one pydantic-settings model of the whole configuration, frozen once loaded."""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+import limits
+from pydantic import (
+    Field,
+    ModelWrapValidatorHandler,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from proxy.config import sources
+from proxy.config.battlenet import RegionName
+from proxy.config.expand import expand
+from proxy.config.messages import ENV_PREFIX, Problem, Problems, Schema, problems_of
+from proxy.config.tables import AuthMethod, Client, Credential, Route
+from proxy.config.values import is_loopback_host, split_rate_limits
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["auto", "json", "console"]
+MAX_WORKERS = 64
+
+_expanding: ContextVar[bool] = ContextVar("_expanding", default=False)
+
+
+class Settings(BaseSettings):
+    """The whole configuration, immutable once loaded."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        frozen=True,
+        case_sensitive=False,
+        # A ValidationError kept as the cause of a ConfigError never quotes a value given.
+        hide_input_in_errors=True,
+    )
+
+    host: str = Field(
+        default="127.0.0.1",
+        description="listen address; beyond loopback it needs `[[clients]]` or "
+        "`allow_anonymous_remote`",
+    )
+    port: int = Field(default=8080, ge=0, le=65535, description="listen port")
+    workers: int = Field(
+        default=1,
+        description="processes serving the port together (SO_REUSEPORT), 1 to "
+        f"{MAX_WORKERS}; tokens are still fetched once, rate limits split between them",
+    )
+    client_id: str | None = Field(
+        default=None,
+        description="OAuth client id; defines the credential `default` and the route `/` "
+        "(the single-API shorthand)",
+    )
+    client_secret: SecretStr | None = Field(
+        default=None, description="OAuth client secret (required with `client_id`, or:)"
+    )
+    client_secret_file: Path | None = Field(
+        default=None, description="file holding the secret; a trailing newline is stripped"
+    )
+    region: RegionName = Field(
+        default="us", description="Battle.net preset: `us`, `eu`, `kr`, `tw`, `cn`"
+    )
+    upstream: str | None = Field(
+        default=None,
+        description="upstream base URL of the route `/`; needs `token_url` (or `region`) with it",
+        json_schema_extra={
+            "shown_default": "`https://{region}.api.blizzard.com` "
+            "(`cn`: `https://gateway.battlenet.com.cn`)"
+        },
+    )
+    token_url: str | None = Field(
+        default=None,
+        description="token endpoint; another provider's needs `upstream` (or `region`) with it",
+        json_schema_extra={
+            "shown_default": "`https://oauth.battle.net/token` "
+            "(`cn`: `https://oauth.battlenet.com.cn/token`)"
+        },
+    )
+    auth_method: AuthMethod = Field(
+        default="client_secret_basic",
+        description="`client_secret_basic` (HTTP Basic, as Battle.net documents) or "
+        "`client_secret_post`",
+    )
+    scope: str = Field(default="", description="space-separated scopes, sent only when set")
+    connect_timeout: float = Field(
+        default=5.0, gt=0, description="seconds to connect upstream, then 502"
+    )
+    read_timeout: float = Field(
+        default=60.0, gt=0, description="seconds without a byte from upstream, then 504"
+    )
+    token_timeout: float = Field(default=10.0, gt=0, description="seconds for one token request")
+    token_wait_timeout: float = Field(
+        default=10.0, gt=0, description="seconds a request waits for a token, then 503"
+    )
+    shutdown_timeout: float = Field(
+        default=15.0,
+        ge=0,
+        description="seconds in-flight requests get to finish on SIGTERM or SIGINT",
+    )
+    max_connections: int = Field(
+        default=256, ge=1, description="pooled upstream connections in all"
+    )
+    upstream_client: Literal["lean", "aiohttp"] = Field(
+        default="lean",
+        description="`lean` (the fast keep-alive HTTP/1.1 client) or `aiohttp` (its "
+        "ClientSession, for what the lean one does not do)",
+    )
+    max_body_size: int | None = Field(
+        default=None,
+        ge=0,
+        description="largest request body in bytes, 413 beyond; unset: no limit, bodies of "
+        "any size stream through",
+    )
+    log_level: LogLevel = Field(default="info", description="`debug`, `info`, `warning`, `error`")
+    log_format: LogFormat = Field(
+        default="auto",
+        description="`auto` (console on a terminal, JSON otherwise), `json`, `console`",
+    )
+    access_log: bool = Field(default=True, description="one log line per forwarded request")
+    access_log_sample: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="share of successful requests logged (errors, status 400 and above, "
+        "always are)",
+    )
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="serve `/-/metrics` on this port of `host` instead of the main port",
+    )
+    allow_anonymous_remote: bool = Field(
+        default=False,
+        description="allow a non-loopback `host` without `[[clients]]`: anyone who reaches "
+        "it can use your credentials (logs a warning)",
+    )
+    credentials: dict[str, Credential] = Field(
+        default_factory=dict, description="`[credentials.NAME]` tables, below"
+    )
+    routes: tuple[Route, ...] = Field(default=(), description="`[[routes]]` tables, below")
+    clients: tuple[Client, ...] = Field(
+        default=(), description="`[[clients]]` tables: team keys, below"
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return sources.settings_sources(
+            settings_cls, init_settings=init_settings, secrets_settings=file_secret_settings
+        )
+
+    @field_validator("log_level", "log_format", "region", "auth_method", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, value: int) -> int:
+        if not 1 <= value <= MAX_WORKERS:
+            cores = os.cpu_count() or 1
+            raise ValueError(
+                f"{value} is not between 1 and {MAX_WORKERS}; use about one worker per CPU "
+                f"core (this machine has {cores}), or 1 for a single process"
+            )
+        return value
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _validate_all(cls, data: Any, handler: ModelWrapValidatorHandler[Settings]) -> Settings:
+        """Expand the single-API shorthand, then report every problem at once: those of the
+        configuration as a whole, found on the values as given, with those of each setting."""
+        if not isinstance(data, dict) or _expanding.get():
+            return handler(data)
+        expanded = expand(data, fields=cls.model_fields)
+        # model_validate goes through BaseSettings.__init__, which validates the expanded
+        # data once more: that pass must not expand it again.
+        reset = _expanding.set(True)
+        try:
+            settings = handler(expanded.data)
+        except ValidationError as exc:
+            found = [expanded.relocate(p) for p in problems_of(exc, schema=SCHEMA)]
+            raise Problems([*expanded.problems, *found]) from exc
+        finally:
+            _expanding.reset(reset)
+        if expanded.problems:
+            raise Problems(expanded.problems)
+        return settings
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        problems: list[Problem] = []
+        digests = [client.digest for client in self.clients]
+        if len(set(digests)) != len(digests):
+            problems.append(Problem(("clients",), "two clients share one key; give each its own"))
+        if self.workers > 1:
+            problems += self._split_limit_problems()
+        if problems:
+            raise Problems(problems)
+        return self
+
+    def _split_limit_problems(self) -> list[Problem]:
+        tables: list[tuple[tuple[str | int, ...], tuple[str, ...]]] = [
+            (("credentials", name, "rate_limit"), credential.rate_limits)
+            for name, credential in self.credentials.items()
+        ]
+        tables += [(("clients", i, "rate_limit"), c.rate_limit) for i, c in enumerate(self.clients)]
+        return [
+            Problem(
+                loc,
+                f"{value!r} cannot be split between {self.workers} workers ({{workers}}): each "
+                "would get less than one request; lower {workers}, or count the limit over a "
+                'longer window (e.g. "60/minute" rather than "1/second")',
+                template=True,
+            )
+            for loc, values in tables
+            for value in values
+            if limits.parse(value).amount < self.workers
+        ]
+
+    def split_limits(self) -> tuple[dict[str, Credential], tuple[Client, ...]]:
+        """The credentials and clients with every rate limit divided between the workers
+        (rounded down, so that together they never exceed it): one worker's share."""
+        ways = self.workers
+        credentials = {
+            name: credential.model_copy(
+                update={"rate_limit": split_rate_limits(credential.rate_limits, ways)}
+            )
+            for name, credential in self.credentials.items()
+        }
+        clients = tuple(
+            client.model_copy(update={"rate_limit": split_rate_limits(client.rate_limit, ways)})
+            for client in self.clients
+        )
+        return credentials, clients
+
+    @property
+    def exposed_anonymously(self) -> bool:
+        """Listening beyond loopback with no team keys to keep strangers out."""
+        return not is_loopback_host(self.host) and not self.clients
+
+    @property
+    def routes_by_length(self) -> tuple[Route, ...]:
+        """Routes with the longest prefix first, the order in which they are matched."""
+        return tuple(sorted(self.routes, key=lambda r: len(r.match_prefix), reverse=True))
+
+
+SCHEMA = Schema(
+    top=Settings, named={"credentials": Credential}, listed={"routes": Route, "clients": Client}
+)

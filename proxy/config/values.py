@@ -1,0 +1,69 @@
+"""Checks of a single value that several settings share: listen hosts, URLs, rate limits."""
+
+from __future__ import annotations
+
+import ipaddress
+from urllib.parse import urlsplit
+
+import limits
+
+
+def is_loopback_host(host: str) -> bool:
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_url(value: str, *, what: str, allow_path: bool = True) -> str:
+    """Validate an upstream or token URL: https, or http on a loopback host only."""
+    parts = urlsplit(value)
+    if "@" in parts.netloc or (not parts.netloc and "@" in value):
+        raise ValueError(
+            f"{shown_url(value)}: credentials in the URL are not allowed; use "
+            "client_id/client_secret"
+        )
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ValueError(f"{value!r} is not an http(s) URL; write it as https://host[/path]")
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        raise ValueError(
+            f"{value!r} uses plain http to a host that is not loopback, which would send "
+            "the token in clear text; use https://"
+        )
+    if parts.fragment or (not allow_path and parts.query):
+        raise ValueError(f"{value!r} must not carry a query or fragment")
+    return value
+
+
+def shown_url(value: str) -> str:
+    """`value` quoted for a message, with whatever precedes an `@` (a user and password, in
+    any scheme, parsed or not) replaced by `***`."""
+    if "@" not in value:
+        return repr(value)
+    scheme, sep, rest = value.partition("://")
+    host = rest.rpartition("@")[2] if sep else value.rpartition("@")[2]
+    return repr(f"{scheme}{sep}***@{host}" if sep else f"***@{host}")
+
+
+def check_rate_limits(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Validate limits such as "100/second" or "36000/hour" with the `limits` library's parser."""
+    for value in values:
+        try:
+            limits.parse(value)
+        except ValueError as exc:
+            raise ValueError(
+                f'rate limit {value!r} is not understood; write it like "100/second", '
+                '"20/minute" or "36000/hour"'
+            ) from exc
+    return values
+
+
+def split_rate_limits(values: tuple[str, ...], ways: int) -> tuple[str, ...]:
+    """Each limit divided `ways` ways, rounded down: "100/second" in 3 is "33 per 1 second"."""
+    items = (limits.parse(value) for value in values)
+    return tuple(
+        f"{item.amount // ways} per {item.multiples} {item.GRANULARITY.name}" for item in items
+    )

@@ -1,0 +1,80 @@
+"""The lean client's HTTP/1.1 requests on the wire: where a URL goes, a request's head, and
+its body's framing."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from proxy.transport.base import Body
+
+if TYPE_CHECKING:
+    from proxy.transport.connection import Connection
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a request goes: scheme, host, port and the Host header that names them."""
+
+    scheme: str
+    host: str
+    port: int
+    host_header: str
+
+    @classmethod
+    def parse(cls, scheme: str, netloc: str) -> Origin:
+        host, port = netloc, 443 if scheme == "https" else 80
+        if netloc.startswith("["):
+            bracket = netloc.index("]")
+            host = netloc[1:bracket]
+            if netloc[bracket + 1 : bracket + 2] == ":":
+                port = int(netloc[bracket + 2 :])
+        elif ":" in netloc:
+            host, _, port_text = netloc.rpartition(":")
+            port = int(port_text)
+        return cls(scheme=scheme, host=host, port=port, host_header=netloc)
+
+
+def split_url(url: str) -> tuple[str, str, str]:
+    """'https://h:1/p?q' -> ('https', 'h:1', '/p?q'), keeping the target's bytes as they are."""
+    scheme, _, rest = url.partition("://")
+    cut = len(rest)
+    for mark in ("/", "?"):
+        at = rest.find(mark)
+        if at != -1:
+            cut = min(cut, at)
+    netloc, target = rest[:cut], rest[cut:]
+    if not target.startswith("/"):
+        target = "/" + target
+    return scheme, netloc, target
+
+
+def request_head(
+    method: str, target: str, host: str, headers: Sequence[tuple[str, str]], body: Body
+) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
+    has_length = False
+    for name, value in headers:
+        if len(name) == 14 and name.lower() == "content-length":
+            has_length = True
+        lines.append(f"{name}: {value}")
+    if isinstance(body, AsyncIterable):
+        if not has_length:
+            lines.append("Transfer-Encoding: chunked")
+    elif body and not has_length:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+
+
+async def write_stream(conn: Connection, body: AsyncIterable[bytes], head: bytes) -> None:
+    chunked = b"Transfer-Encoding: chunked\r\n" in head
+    async for chunk in body:
+        if not chunk:
+            continue
+        if chunked:
+            await conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        else:
+            await conn.write(chunk)
+    if chunked:
+        await conn.write(b"0\r\n\r\n")
