@@ -14,6 +14,7 @@ from typing import Any, cast
 import aiohttp
 import pytest
 from aiohttp import web
+from pydantic import SecretStr
 
 from proxy.config import Credential
 from proxy.credentials import TokenManager
@@ -823,6 +824,55 @@ async def test_a_failure_shared_in_the_store_holds_back_the_next_request_until_i
         await wait_for(lambda: manager.ready)
         assert manager.state()["last_error"] is None
     assert len(token_server.requests) == 1
+
+
+ROTATED = "R0tated-Store-S3cret-Value-3e8d"
+
+
+async def test_managers_sharing_a_store_try_a_new_secret_at_once_and_once_for_all(
+    token_server: FakeTokenServer,
+) -> None:
+    """Two managers on one store (two workers) whose secret was refused, which would wait
+    30 s or more, are given a new one (a reload tells each): one token request carries it at
+    once, and both hold its token."""
+    token_server.script.append(web.json_response({"error": "invalid_client"}, status=401))
+    credential = make_credential(token_server)
+    store = shared_store(credential)
+    async with (
+        token_manager(credential, start=True, store=store, rng=lambda: 0.5) as one,
+        token_manager(credential, start=True, store=store, rng=lambda: 0.5) as two,
+    ):
+        await wait_for(lambda: one.status().rejected and two.status().rejected)
+        assert one.state()["next_retry_in"] >= 30
+        rotated = credential.model_copy(update={"client_secret": SecretStr(ROTATED)})
+        for manager in (one, two):
+            manager.use(rotated, request_timeout=5.0, wait_timeout=5.0)
+        await wait_for(lambda: one.ready and two.ready)
+        assert (await one.token()).value == (await two.token()).value
+    assert len(token_server.requests) == 2
+    assert token_server.requests[-1].basic_credentials == (TEST_CLIENT_ID, ROTATED)
+
+
+async def test_a_new_secret_ends_a_backoff_and_an_unchanged_one_does_not(
+    token_server: FakeTokenServer,
+) -> None:
+    """A failure that is not a refusal (the store holds it with its retry time) also ends with
+    a new secret; the same secret given again (a reload that left it) waits for the retry."""
+    credential = make_credential(token_server)
+    store = shared_store(credential)
+    await store.record_failure(
+        FetchFailure(failures=6, error="temporarily_unavailable", retry_at=time.time() + 30)
+    )
+    async with token_manager(credential, start=True, store=store) as manager:
+        await wait_for(lambda: manager.state()["last_error"] == "temporarily_unavailable")
+        manager.use(credential, request_timeout=5.0, wait_timeout=5.0)
+        await asyncio.sleep(0.1)
+        assert token_server.requests == []
+        rotated = credential.model_copy(update={"client_secret": SecretStr(ROTATED)})
+        manager.use(rotated, request_timeout=5.0, wait_timeout=5.0)
+        await wait_for(lambda: manager.ready)
+    assert len(token_server.requests) == 1
+    assert token_server.requests[0].basic_credentials == (TEST_CLIENT_ID, ROTATED)
 
 
 async def test_a_manager_takes_a_newer_token_from_its_store_and_forgets_one_dropped_there(

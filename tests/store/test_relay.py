@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import functools
 import socket
 import time
@@ -189,3 +190,49 @@ async def test_an_ask_the_supervisor_cannot_answer_fails_at_once_as_store_unavai
         await asyncio.wait_for(workers.relays[1].lost.wait(), timeout=5)
         with pytest.raises(StoreUnavailable):
             await workers.relays[1].tokens(DIGEST).lock(30)
+
+
+ADDED = CredentialIdentity.of(token_url="https://oauth.example.test/token", client_id="added")
+
+
+async def test_a_reload_adds_a_credential_to_the_group_and_stops_serving_a_removed_one() -> None:
+    """The supervisor's relay takes a reload's credentials: an added one's state reaches
+    every worker unasked and it is served; one that stays keeps its token; a removed one is
+    no longer served (a worker that still asks is told at once)."""
+    async with group() as workers:
+        one = await workers.add(1)
+        await _publish(one, "e")
+        workers.server.use([(IDENTITY, SECRET), (ADDED, SECRET)])
+        added = workers.relays[1].tokens(ADDED.digest)
+        await wait_until(lambda: added.current().generation >= 0)
+        assert await added.lock(30) is not None
+        assert (await one.load()).token is not None
+        workers.server.use([(ADDED, SECRET)])
+        with pytest.raises(StoreUnavailable):
+            await one.lock(30)
+        late = await workers.add(2)  # a worker started after the reload
+        assert late.current().generation == -1  # told nothing of the removed credential
+        await wait_until(lambda: workers.relays[2].tokens(ADDED.digest).current().generation >= 0)
+
+
+async def test_a_reload_and_the_reload_metrics_reach_the_worker_as_told() -> None:
+    """What the supervisor tells of the group besides tokens goes to the worker's handler,
+    a reload's TOML table included (a date in it is sent as its text)."""
+    told: list[wire.Message] = []
+    mine, theirs = socket.socketpair()
+    _, writer = await asyncio.open_unix_connection(sock=mine)
+    relay = Relay(on_group=told.append)
+    await relay.connect(theirs)
+    try:
+        table = {"routes": [{"prefix": "/"}], "since": datetime.date(2024, 5, 1)}
+        writer.write(wire.encode(wire.reload("SIGHUP", table)))
+        writer.write(wire.encode(wire.reloads({"success": 2.0, "failure": 1.0})))
+        await wait_until(lambda: len(told) == 2)
+        assert wire.read_reload(told[0]) == (
+            "SIGHUP",
+            {"routes": [{"prefix": "/"}], "since": "2024-05-01"},
+        )
+        assert wire.read_reloads(told[1]) == {"success": 2.0, "failure": 1.0}
+    finally:
+        await relay.close()
+        writer.close()
