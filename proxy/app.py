@@ -35,8 +35,8 @@ from proxy.flow import forward
 from proxy.inbound import ANONYMOUS
 from proxy.log import bind_request, get_logger, unbind_request
 from proxy.metrics import Metrics
-from proxy.runtime import Runtime, TokenSourceFactory
-from proxy.store.base import Store
+from proxy.runtime import Runtime
+from proxy.store import Store
 
 METRICS = web.AppKey("metrics", Metrics)
 # The runtime requests start on: a reload replaces it with one assignment.
@@ -281,15 +281,15 @@ def create_app(
     settings: Settings,
     *,
     metrics: Metrics | None = None,
-    token_sources: TokenSourceFactory | None = None,
-    config_hash: str | None = None,
     store: Store | None = None,
+    token_metrics: bool = True,
+    config_hash: str | None = None,
 ) -> web.Application:
     """Build the proxy application; long-lived resources open and close in cleanup_ctx.
-    `token_sources` replaces the TokenManager of each credential (a worker process takes its
-    tokens from the supervisor); `config_hash` names the configuration for /-/ready (a
-    worker's is its group's, before it took its share). A reload replaces the runtime through
-    app[RUNTIME].replace. `store`: the shared store to use instead of an in-memory one."""
+    `store` keeps the tokens (None: a MemoryStore of this process; a worker's is the relay to
+    its supervisor, which counts the token metrics: `token_metrics` False); `config_hash`
+    names the configuration for /-/ready (a worker's is its group's, before it took its
+    share). A reload replaces the runtime through app[RUNTIME].replace."""
     _name_the_server()
     app = web.Application(
         middlewares=[_every_request],
@@ -298,10 +298,10 @@ def create_app(
     )
     app[METRICS] = metrics if metrics is not None else Metrics()
     app[CUT_OFF] = asyncio.Event()
-    current = app[RUNTIME] = Current(metrics=app[METRICS], token_sources=token_sources)
+    current = app[RUNTIME] = Current(metrics=app[METRICS], store=store, token_metrics=token_metrics)
 
     async def runtime(app: web.Application) -> AsyncIterator[None]:
-        await current.start(settings, config_hash=config_hash, store=store)
+        await current.start(settings, config_hash=config_hash)
         try:
             yield
         finally:

@@ -23,7 +23,7 @@ from proxy.errors import ConfigError, TokenEndpointError
 if TYPE_CHECKING:
     from proxy.config.egress import EgressProxy
     from proxy.reload import ConfigSource
-    from proxy.workers import WorkerSpec
+    from proxy.worker import WorkerSpec
 
 EXIT_OK = 0
 EXIT_TOKEN_FAILED = 1
@@ -207,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGHUP reads the same sources again: the flags, the file, the environment (unchanged).
     source = ConfigSource(flags=_flags(args), config_file=args.config)
     if args.worker is not None:
-        from proxy.workers import WorkerSpec  # noqa: PLC0415
+        from proxy.worker import WorkerSpec  # noqa: PLC0415
 
         return _work(loaded, source, WorkerSpec.decode(args.worker))
     if settings.workers > 1:
@@ -276,7 +276,7 @@ def _work(loaded: Loaded, source: ConfigSource, spec: WorkerSpec) -> int:
     """One worker of a supervisor: the whole app on the supervisor's port, its tokens."""
     from proxy.log import bind_process  # noqa: PLC0415
     from proxy.serve import serve  # noqa: PLC0415
-    from proxy.workers import WorkerLink, worker_settings  # noqa: PLC0415
+    from proxy.worker import WorkerLink, worker_settings  # noqa: PLC0415
 
     bind_process(worker=spec.index)
     mine = worker_settings(loaded.settings, spec)
@@ -325,27 +325,21 @@ def _health(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _check(settings: Settings) -> int:
-    import aiohttp  # noqa: PLC0415  (see the module docstring)
-
-    from proxy.credentials import TokenManager  # noqa: PLC0415
     from proxy.egress import register_secrets  # noqa: PLC0415
-    from proxy.log import redactor  # noqa: PLC0415
+    from proxy.log import redactor  # noqa: PLC0415  (see the module docstring)
     from proxy.metrics import Metrics  # noqa: PLC0415
+    from proxy.store import MemoryStore  # noqa: PLC0415
+    from proxy.token_sources import build_token_source, token_session  # noqa: PLC0415
 
     register_secrets(settings)
     rows: list[tuple[str, ...]] = []
     failed = False
-    metrics = Metrics()
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
+    store, metrics = MemoryStore(), Metrics()
+    async with token_session() as session:
         for name, credential in settings.credentials.items():
             via = settings.credential_egress(name).proxy_for_url(credential.token_url)
-            manager = TokenManager(
-                name=name,
-                credential=credential,
-                session=session,
-                metrics=metrics,
-                request_timeout=settings.token_timeout,
-                egress=via,
+            manager = build_token_source(
+                name, credential, settings=settings, store=store, session=session, metrics=metrics
             )
             try:
                 token = await manager.fetch()

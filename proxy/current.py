@@ -7,7 +7,7 @@ import asyncio
 
 from proxy.config import Settings
 from proxy.metrics import Metrics
-from proxy.runtime import Runtime, TokenSourceFactory
+from proxy.runtime import Runtime
 from proxy.store.base import Store
 
 
@@ -15,26 +15,31 @@ class Current:
     """The runtime that new requests start on; a reload replaces it with one assignment, and
     requests already running keep the one they took, which closes once they are done."""
 
-    __slots__ = ("_metrics", "_retiring", "_runtime", "_token_sources")
+    __slots__ = ("_metrics", "_retiring", "_runtime", "_store", "_token_metrics")
 
     def __init__(
-        self, *, metrics: Metrics | None = None, token_sources: TokenSourceFactory | None = None
+        self,
+        *,
+        metrics: Metrics | None = None,
+        store: Store | None = None,
+        token_metrics: bool = True,
     ) -> None:
+        """`store` and `token_metrics`: those of the first runtime (see Runtime.open), which
+        hands its store on to the next."""
         self._runtime: Runtime | None = None
         self._retiring: dict[Runtime, asyncio.Task[None]] = {}
         self._metrics = metrics if metrics is not None else Metrics()
-        self._token_sources = token_sources
+        self._store = store
+        self._token_metrics = token_metrics
 
-    async def start(
-        self, settings: Settings, *, config_hash: str | None = None, store: Store | None = None
-    ) -> None:
-        """Build the first runtime (on `store`, else an in-memory one); later ones share it."""
+    async def start(self, settings: Settings, *, config_hash: str | None = None) -> None:
+        """Build the first runtime."""
         self._runtime = await Runtime.open(
             settings,
             metrics=self._metrics,
-            token_sources=self._token_sources,
+            store=self._store,
+            token_metrics=self._token_metrics,
             config_hash=config_hash,
-            store=store,
         )
 
     async def replace(self, settings: Settings, *, config_hash: str | None = None) -> None:
@@ -43,7 +48,7 @@ class Current:
         new = await Runtime.open(
             settings,
             metrics=self._metrics,
-            token_sources=self._token_sources,
+            token_metrics=self._token_metrics,
             previous=self.runtime,
             config_hash=config_hash,
         )

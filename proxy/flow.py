@@ -13,12 +13,12 @@ from aiohttp import web
 
 from proxy.access import Exchange
 from proxy.bodies import RequestBody, relay, request_body
-from proxy.credentials import Token, TokenSource
 from proxy.errors import RateLimited, UpstreamError
 from proxy.headers import client_headers, upstream_headers
 from proxy.log import bind_request_more, get_logger
 from proxy.routing import Match
 from proxy.runtime import Runtime
+from proxy.tokens import Token, TokenSource
 from proxy.transport import UpstreamResponse
 
 if TYPE_CHECKING:

@@ -13,11 +13,11 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from proxy.config import Credential, Loaded, SecretFile, Settings, fingerprint, load
+from proxy.config import Loaded, SecretFile, Settings, fingerprint, load
 from proxy.errors import ConfigError
 from proxy.log import get_logger, set_logging
 from proxy.metrics import ConfigReloads
-from proxy.store.base import CredentialIdentity
+from proxy.token_sources import identity_of
 
 log = get_logger("proxy.reload")
 
@@ -34,17 +34,6 @@ ROTATION = "secret files"
 _TABLES = ("credentials", "routes", "clients")
 
 Apply = Callable[[Loaded, "Changes"], Awaitable[None]]
-
-
-def token_identity(credential: Credential) -> CredentialIdentity:
-    """What a credential's token depends on: a reload that keeps it keeps the token."""
-    return CredentialIdentity.of(
-        token_url=credential.token_url,
-        client_id=credential.client_id,
-        scope=credential.scope,
-        extra_params=credential.extra_params,
-        auth_method=credential.auth_method,
-    )
 
 
 @dataclass(frozen=True)
@@ -105,7 +94,7 @@ class Changes:
         found["credentials_replaced"] = [
             name
             for name in credentials
-            if token_identity(old.credentials[name]) != token_identity(new.credentials[name])
+            if identity_of(old.credentials[name]) != identity_of(new.credentials[name])
         ]
         found["credentials_rotated"] = [
             name

@@ -14,23 +14,21 @@ import aiohttp
 
 from proxy.access import AccessLog
 from proxy.config import Credential, Settings, fingerprint
-from proxy.credentials import TokenManager, TokenSource
 from proxy.egress import register_secrets as register_egress_secrets
 from proxy.inbound import Gate
 from proxy.log import redactor
 from proxy.metrics import Metrics
 from proxy.ratelimit import RateLimits
-from proxy.reload import token_identity
 from proxy.routing import RouteTable
 from proxy.store.base import Store
 from proxy.store.memory import MemoryStore
+from proxy.token_sources import build_token_source, identity_of, token_session
+from proxy.tokens import TokenSource
 from proxy.transport import Transports
 
 if TYPE_CHECKING:
     from proxy.cache import ResponseCache
 
-# Builds the token source of one credential; None: a TokenManager fetching tokens itself.
-TokenSourceFactory = Callable[[str, Credential], TokenSource]
 # How long a rate-limit slot may stay pending beyond the upstream timeouts before the store
 # stops counting it (its holder died).
 SLOT_HOLD_MARGIN = 5.0
@@ -86,7 +84,7 @@ class Runtime:
         metrics: Metrics,
         store: _Shared[Store],
         sources: Mapping[str, _Shared[TokenSource]],
-        token_session: _Shared[aiohttp.ClientSession] | None,
+        token_session: _Shared[aiohttp.ClientSession],
         transports: _Shared[Transports],
         config_hash: str,
         previous: Runtime | None = None,
@@ -138,16 +136,18 @@ class Runtime:
         settings: Settings,
         *,
         metrics: Metrics,
-        token_sources: TokenSourceFactory | None = None,
         store: Store | None = None,
+        token_metrics: bool = True,
         previous: Runtime | None = None,
         config_hash: str | None = None,
     ) -> Runtime:
-        """Build everything Settings describes and start it (the token fetches begin). With
-        `previous`, the runtime serving now, take over from it what did not change: the
-        store, the token session, the transport when its settings are the same, and the token
-        source of each credential whose identity is the same (its token stays; a changed
-        secret is used at its next fetch)."""
+        """Build everything Settings describes and start it (the token fetches begin), on
+        `store` (None: a MemoryStore; a worker's is its relay). `token_metrics` False: another
+        process exports the token metrics (a worker's supervisor). With `previous`, the
+        runtime serving now, take over from it what did not change: the store, the token
+        session, the transport when its settings are the same, and the token source of each
+        credential whose identity is the same (its token stays; a changed secret is used at
+        its next fetch)."""
         for client in settings.clients:
             if client.key is not None:
                 redactor.add_secret(client.key.get_secret_value())
@@ -157,8 +157,8 @@ class Runtime:
             return await cls._open(
                 settings,
                 metrics=metrics,
-                token_sources=token_sources,
                 store=store,
+                token_metrics=token_metrics,
                 previous=previous,
                 config_hash=config_hash or fingerprint(settings),
                 taken=taken,
@@ -175,8 +175,8 @@ class Runtime:
         settings: Settings,
         *,
         metrics: Metrics,
-        token_sources: TokenSourceFactory | None,
         store: Store | None,
+        token_metrics: bool,
         previous: Runtime | None,
         config_hash: str,
         taken: list[_Shared[Any]],
@@ -197,31 +197,12 @@ class Runtime:
             await transports.start()
             shared_transports = _Shared(transports, transports.close)
         taken.append(shared_transports)
-        shared_session = None
-        if token_sources is None:
-            if previous is not None and previous._token_session is not None:
-                shared_session = previous._token_session.share()
-            else:
-                # Token traffic has a session of its own so it never queues behind upstream
-                # connections.
-                session = aiohttp.ClientSession(
-                    cookie_jar=aiohttp.DummyCookieJar(), trust_env=False, raise_for_status=False
-                )
-                shared_session = _Shared(session, session.close)
-            taken.append(shared_session)
-            own_session = shared_session.value
-
-            def token_sources(name: str, credential: Credential) -> TokenSource:
-                return TokenManager(
-                    name=name,
-                    credential=credential,
-                    session=own_session,
-                    metrics=metrics,
-                    request_timeout=settings.token_timeout,
-                    wait_timeout=settings.token_wait_timeout,
-                    egress=settings.credential_egress(name).proxy_for_url(credential.token_url),
-                )
-
+        if previous is not None:
+            shared_session = previous._token_session.share()
+        else:
+            session = token_session()
+            shared_session = _Shared(session, session.close)
+        taken.append(shared_session)
         sources: dict[str, _Shared[TokenSource]] = {}
         new: list[TokenSource] = []
         kept: list[tuple[TokenSource, Credential]] = []
@@ -231,7 +212,14 @@ class Runtime:
                 sources[name] = shared
                 kept.append((shared.value, credential))
             else:
-                source = token_sources(name, credential)
+                source: TokenSource = build_token_source(
+                    name,
+                    credential,
+                    settings=settings,
+                    store=shared_store.value,
+                    session=shared_session.value,
+                    metrics=metrics if token_metrics else None,
+                )
                 sources[name] = _Shared(source, source.close)
                 new.append(source)
             taken.append(sources[name])
@@ -278,7 +266,7 @@ class Runtime:
         """This runtime's token source of `name`, shared, when `credential` is the same one."""
         shared = self._sources.get(name)
         held = self.settings.credentials.get(name)
-        if shared is None or held is None or token_identity(held) != token_identity(credential):
+        if shared is None or held is None or identity_of(held) != identity_of(credential):
             return None
         return shared.share()
 
@@ -306,8 +294,7 @@ class Runtime:
         self._closed = True
         for shared in self._sources.values():
             await shared.release()
-        if self._token_session is not None:
-            await self._token_session.release()
+        await self._token_session.release()
         await self._transports.release()
         if self.cache is not None:
             self.cache.close()

@@ -16,7 +16,7 @@ from proxy.config import Loaded, fingerprint
 from proxy.egress import summary as egress_summary
 from proxy.log import get_logger
 from proxy.reload import SECRET_POLL_INTERVAL, Changes, ConfigSource, Reloader
-from proxy.workers import WorkerLink
+from proxy.worker import WorkerLink
 
 # The start and stop lines keep the logger name they had when cli.py wrote them.
 log = get_logger("proxy.cli")
@@ -35,7 +35,8 @@ async def serve(loaded: Loaded, source: ConfigSource, worker: WorkerLink | None 
         app = create_app(
             settings,
             metrics=worker.metrics,
-            token_sources=worker.token_source,
+            store=worker.store,
+            token_metrics=False,
             config_hash=fingerprint(loaded.settings),
         )
         reuse_port = True

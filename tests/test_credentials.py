@@ -7,22 +7,35 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import pytest
 from aiohttp import web
+from pydantic import SecretStr
 
 from proxy.config import Credential
-from proxy.credentials import Token, TokenManager, backoff_delay
+from proxy.credentials import TokenManager
 from proxy.errors import ClientRejected, TokenEndpointError, TokenUnavailable
-from proxy.log import REDACTED, redactor
+from proxy.log import REDACTED, get_logger, redactor
 from proxy.metrics import Metrics
-from proxy.oauth import parse_token_response
+from proxy.oauth import parse_token_response, request_token
 from proxy.refusals import REMEMBER_FOR, Evidence, Refusal, RefusingPaths
-from tests.conftest import TEST_CLIENT_ID, TEST_SECRET, FakeTokenServer, free_port, wait_for
+from proxy.store import FetchFailure, MemoryStore, TokenStore
+from proxy.store.memory import MemoryTokens
+from proxy.token_sources import identity_of
+from proxy.tokens import Token, backoff_delay
+from tests.conftest import (
+    LEAKS,
+    TEST_CLIENT_ID,
+    TEST_SECRET,
+    CapturedLog,
+    FakeTokenServer,
+    free_port,
+    wait_for,
+)
 
 # An id and a secret with every character RFC 6749 2.3.1 form-urlencoding changes.
 ODD_ID = "my:id+x y%z"
@@ -39,6 +52,30 @@ def make_credential(token_server: FakeTokenServer, **overrides: Any) -> Credenti
     return Credential.model_validate(values)
 
 
+class FakeTime:
+    """A clock that a test moves by hand, and a sleep that ends once the clock reaches its end."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+        self._moved = asyncio.Event()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> Awaitable[None]:
+        # The end is set when sleep is called, as the manager's clock read it then.
+        return self._until(self.now + seconds)
+
+    async def _until(self, end: float) -> None:
+        while self.now < end:
+            await self._moved.wait()
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        moved, self._moved = self._moved, asyncio.Event()
+        moved.set()
+
+
 @asynccontextmanager
 async def token_manager(
     credential: Credential,
@@ -48,17 +85,28 @@ async def token_manager(
     request_timeout: float = 5.0,
     rng: Callable[[], float] = lambda: 0.0,
     clock: Callable[[], float] = time.monotonic,
+    wall: Callable[[], float] = time.time,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    store: TokenStore | None = None,
 ) -> AsyncIterator[TokenManager]:
+    """A TokenManager on `store`, else on a memory store of its own whose clock is `wall`."""
+    if store is None:
+        store = MemoryStore(clock=wall).tokens(
+            identity_of(credential), credential.client_secret.get_secret_value()
+        )
     async with aiohttp.ClientSession() as session:
         manager = TokenManager(
             name="default",
             credential=credential,
             session=session,
+            store=store,
             metrics=Metrics(),
             request_timeout=request_timeout,
             wait_timeout=wait_timeout,
             rng=rng,
             clock=clock,
+            wall=wall,
+            sleep=sleep,
         )
         if start:
             manager.start()
@@ -382,6 +430,47 @@ async def test_fetch_unreachable_endpoint_is_a_token_endpoint_error() -> None:
     assert TEST_SECRET not in str(caught.value)
 
 
+class _FailingSession:
+    """Stands in for the ClientSession: every post fails with `error`."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def post(self, *args: Any, **kwargs: Any) -> Any:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (aiohttp.ClientConnectionError(f"refused while sending {TEST_SECRET}"), "connection_error"),
+        (aiohttp.ServerTimeoutError(f"timed out sending {TEST_SECRET}"), "timeout"),
+        (aiohttp.InvalidURL(f"https://id:{TEST_SECRET}@bad host/token"), "connection_error"),
+    ],
+)
+async def test_fetch_error_keeps_its_cause_and_no_secret_reaches_a_message_or_log(
+    token_server: FakeTokenServer, proxy_log: CapturedLog, error: Exception, code: str
+) -> None:
+    """aiohttp's error of a token request becomes a TokenEndpointError through one table: named
+    by kind, its cause kept for the traceback, and neither its detail nor the logged traceback
+    holds the secret its text quoted."""
+    credential = make_credential(token_server)
+    redactor.add_secret(TEST_SECRET)
+    session = cast(aiohttp.ClientSession, _FailingSession(error))
+    with pytest.raises(TokenEndpointError) as caught:
+        await request_token(session, credential, request_timeout=1.0)
+    assert caught.value.error == code
+    assert caught.value.__cause__ is error
+    assert TEST_SECRET not in f"{caught.value} {caught.value!r} {caught.value.detail}"
+    try:
+        raise caught.value
+    except TokenEndpointError:
+        get_logger("proxy.credentials").exception("token request failed")
+    logged = proxy_log.text()
+    assert type(error).__name__ in logged  # the cause is in the traceback ...
+    assert TEST_SECRET not in logged  # ... with the secret it quoted redacted
+
+
 async def test_fetch_times_out_as_token_endpoint_error(token_server: FakeTokenServer) -> None:
     """A token endpoint that does not answer within request_timeout raises TokenEndpointError."""
     token_server.release = asyncio.Event()
@@ -495,11 +584,16 @@ async def test_manager_single_flight_while_first_token_pending(
 
 
 async def test_manager_refreshes_at_80_percent(token_server: FakeTokenServer) -> None:
-    """The background refresh starts once 80 % of the token's lifetime has passed."""
+    """The background refresh starts once 80 % of the token's lifetime has passed (on an
+    injected clock, which the test moves past that point)."""
     token_server.expires_in = 2
-    async with token_manager(make_credential(token_server), start=True) as manager:
+    now = FakeTime()
+    async with token_manager(
+        make_credential(token_server), start=True, clock=now, wall=now, sleep=now.sleep
+    ) as manager:
         first = await manager.token()
-        await wait_for(lambda: len(token_server.issued) == 2, timeout=5)
+        now.advance(1.6 + 1e-6)
+        await wait_for(lambda: manager.usable_token() not in (None, first), timeout=5)
         second = await manager.token()
     assert second.value == token_server.issued[1]
     gap = second.obtained_at - first.obtained_at
@@ -617,7 +711,7 @@ async def test_manager_spares_the_token_at_a_path_that_refused_a_fresh_one(
     and get no replay, for 10 s (injected clock); other paths are not affected."""
     now = [1000.0]
     async with token_manager(
-        make_credential(token_server), start=True, clock=lambda: now[0]
+        make_credential(token_server), start=True, clock=lambda: now[0], wall=lambda: now[0]
     ) as manager:
         first = await manager.token()
         assert manager.invalidate(first, path=PATH, replayable=True)
@@ -677,6 +771,170 @@ async def test_manager_takes_a_401_to_the_new_token_before_the_replay_answers_as
         assert manager.invalidate(third, path=OTHER, replayable=True)  # and another, at once
         assert (await manager.token()).value == token_server.issued[3]
     assert len(token_server.requests) == 4
+
+
+# --- the manager on a shared token store -------------------------------------------------------
+
+
+def shared_store(credential: Credential, *, clock: Callable[[], float] = time.time) -> MemoryTokens:
+    return MemoryStore(clock=clock).tokens(identity_of(credential), TEST_SECRET)
+
+
+async def test_managers_sharing_a_store_fetch_one_token_for_all(
+    token_server: FakeTokenServer,
+) -> None:
+    """Two managers on one token store (two workers, or replicas, of one credential) take its
+    fetch lock in turn: one token request while both wait, and both hold its token."""
+    token_server.release = asyncio.Event()
+    credential = make_credential(token_server)
+    store = shared_store(credential)
+    async with (
+        token_manager(credential, start=True, store=store) as one,
+        token_manager(credential, start=True, store=store) as two,
+    ):
+        try:
+            await wait_for(lambda: len(token_server.requests) == 1)
+        finally:
+            token_server.release.set()
+        first, second = await one.token(), await two.token()
+    assert first.value == second.value == token_server.issued[0]
+    assert len(token_server.requests) == 1
+
+
+async def test_a_failure_shared_in_the_store_holds_back_the_next_request_until_its_retry(
+    token_server: FakeTokenServer,
+) -> None:
+    """A failure another process recorded in the store is this manager's too: it shows in
+    /-/ready with its count, and no token request is made before its retry time (injected
+    clock), then one is."""
+    now = FakeTime()
+    credential = make_credential(token_server)
+    store = shared_store(credential, clock=now)
+    await store.record_failure(
+        FetchFailure(failures=3, error="temporarily_unavailable", retry_at=now.now + 30)
+    )
+    async with token_manager(
+        credential, start=True, store=store, clock=now, wall=now, sleep=now.sleep
+    ) as manager:
+        await wait_for(lambda: manager.state()["last_error"] == "temporarily_unavailable")
+        state = manager.state()
+        assert (state["consecutive_failures"], state["next_retry_in"]) == (3, 30.0)
+        assert token_server.requests == []
+        now.advance(30)
+        await wait_for(lambda: manager.ready)
+        assert manager.state()["last_error"] is None
+    assert len(token_server.requests) == 1
+
+
+ROTATED = "R0tated-Store-S3cret-Value-3e8d"
+
+
+async def test_managers_sharing_a_store_try_a_new_secret_at_once_and_once_for_all(
+    token_server: FakeTokenServer,
+) -> None:
+    """Two managers on one store (two workers) whose secret was refused, which would wait
+    30 s or more, are given a new one (a reload tells each): one token request carries it at
+    once, and both hold its token."""
+    token_server.script.append(web.json_response({"error": "invalid_client"}, status=401))
+    credential = make_credential(token_server)
+    store = shared_store(credential)
+    async with (
+        token_manager(credential, start=True, store=store, rng=lambda: 0.5) as one,
+        token_manager(credential, start=True, store=store, rng=lambda: 0.5) as two,
+    ):
+        await wait_for(lambda: one.status().rejected and two.status().rejected)
+        assert one.state()["next_retry_in"] >= 30
+        rotated = credential.model_copy(update={"client_secret": SecretStr(ROTATED)})
+        for manager in (one, two):
+            manager.use(rotated, request_timeout=5.0, wait_timeout=5.0)
+        await wait_for(lambda: one.ready and two.ready)
+        assert (await one.token()).value == (await two.token()).value
+    assert len(token_server.requests) == 2
+    assert token_server.requests[-1].basic_credentials == (TEST_CLIENT_ID, ROTATED)
+
+
+async def test_a_new_secret_ends_a_backoff_and_an_unchanged_one_does_not(
+    token_server: FakeTokenServer,
+) -> None:
+    """A failure that is not a refusal (the store holds it with its retry time) also ends with
+    a new secret; the same secret given again (a reload that left it) waits for the retry."""
+    credential = make_credential(token_server)
+    store = shared_store(credential)
+    await store.record_failure(
+        FetchFailure(failures=6, error="temporarily_unavailable", retry_at=time.time() + 30)
+    )
+    async with token_manager(credential, start=True, store=store) as manager:
+        await wait_for(lambda: manager.state()["last_error"] == "temporarily_unavailable")
+        manager.use(credential, request_timeout=5.0, wait_timeout=5.0)
+        await asyncio.sleep(0.1)
+        assert token_server.requests == []
+        rotated = credential.model_copy(update={"client_secret": SecretStr(ROTATED)})
+        manager.use(rotated, request_timeout=5.0, wait_timeout=5.0)
+        await wait_for(lambda: manager.ready)
+    assert len(token_server.requests) == 1
+    assert token_server.requests[0].basic_credentials == (TEST_CLIENT_ID, ROTATED)
+
+
+async def test_a_manager_takes_a_newer_token_from_its_store_and_forgets_one_dropped_there(
+    token_server: FakeTokenServer,
+) -> None:
+    """A token another process published replaces this manager's at once; when another drops
+    it (upstream rejected it there), this manager stops using it and fetches the next."""
+    credential = make_credential(token_server)
+    store = shared_store(credential)
+    async with token_manager(credential, start=True, store=store) as manager:
+        await manager.token()
+        value = "token-another-replica-fetched"
+        LEAKS.tokens.add(value)
+        now = time.time()
+        newer = await store.publish(value=value, obtained_at=now, expires_at=now + 3600, scope=None)
+
+        def holds(value: str) -> bool:
+            token = manager.usable_token()
+            return token is not None and token.value == value
+
+        await wait_for(lambda: holds(value))
+        assert await store.drop(newer.version)
+        await wait_for(lambda: len(token_server.issued) == 2 and holds(token_server.issued[1]))
+    assert len(token_server.requests) == 2
+
+
+class StallingTokens:
+    """A token store that stops answering while `answering` is clear."""
+
+    def __init__(self, inner: MemoryTokens) -> None:
+        self.inner = inner
+        self.paths = inner.paths
+        self.answering = asyncio.Event()
+        self.answering.set()
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.inner, name)
+
+        async def stalled(*args: Any, **kwargs: Any) -> Any:
+            await self.answering.wait()
+            return await method(*args, **kwargs)
+
+        return stalled
+
+
+async def test_requests_never_wait_on_the_store_while_a_token_is_usable(
+    token_server: FakeTokenServer,
+) -> None:
+    """With a token in memory, token() and the 401 rule answer at once while the store
+    answers nothing at all."""
+    credential = make_credential(token_server)
+    stalling = StallingTokens(shared_store(credential))
+    async with token_manager(credential, start=True, store=cast(TokenStore, stalling)) as manager:
+        first = await manager.token()
+        stalling.answering.clear()
+        async with asyncio.timeout(1):
+            tokens = [await manager.token() for _ in range(100)]
+        assert all(token is first for token in tokens)
+        manager.replayed(PATH, rejected=True)
+        assert not manager.invalidate(first, path=PATH, replayable=True)
+        assert manager.usable_token() is first
+        stalling.answering.set()
 
 
 def test_refusing_paths_is_a_bounded_lru_that_forgets() -> None:

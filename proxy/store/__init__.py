@@ -1,5 +1,5 @@
 """Where shared state lives (tokens, rate-limit counters, 429 pauses): the interfaces, the
-in-memory store, and Redis behind a fallback to memory."""
+in-memory store, Redis behind a fallback to memory, and the workers' relay (relay.py)."""
 
 from proxy.errors import StoreUnavailable
 from proxy.store.base import (

@@ -11,6 +11,8 @@ from typing import Any, Protocol
 
 import limits
 
+from proxy.refusals import RefusingPaths
+
 SHARED = "shared"
 ALONE = "alone"
 
@@ -99,6 +101,11 @@ class TokenSnapshot:
 class TokenStore(Protocol):
     """One credential's token, its single-flight fetch lock, its failure state, and the
     memory of paths that refuse every application token (SPEC §3(b))."""
+
+    paths: RefusingPaths
+    """This process's copy of the 401 rule's memory of paths (wall-clock times), which requests
+    read and write without a wait. A store in this process holds it as its own; the workers'
+    relay keeps every worker's in step; a shared store adds remember_refusing/refuses."""
 
     async def load(self) -> TokenSnapshot:
         """The current token (None once expired or dropped) and failure state."""

@@ -258,6 +258,7 @@ class FallbackTokens:
         self._store = store
         self._shared = shared
         self._local = local
+        self.paths = local.paths
 
     async def load(self) -> TokenSnapshot:
         store = self._store

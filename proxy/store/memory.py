@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from proxy.refusals import RefusingPaths
 from proxy.store.base import (
     Admission,
     Claim,
@@ -44,7 +45,7 @@ class MemoryTokens:
         self._failure: FetchFailure | None = None
         self._owner: str | None = None
         self._lock_until = 0.0
-        self._refusing: dict[str, float] = {}
+        self.paths = RefusingPaths(clock=clock)
         self._generation = 0
         self._changed = asyncio.Event()
 
@@ -137,17 +138,10 @@ class MemoryTokens:
             await self._changed.wait()
 
     async def remember_refusing(self, path: str, seconds: float) -> None:
-        self.install_refusing(path, self._clock() + seconds)
-
-    def install_refusing(self, path: str, until: float) -> None:
-        now = self._clock()
-        for known in [known for known, end in self._refusing.items() if end <= now]:
-            del self._refusing[known]
-        self._refusing[path] = max(until, self._refusing.get(path, 0.0))
+        self.paths.refuse(path, seconds=seconds)
 
     async def refuses(self, path: str) -> bool:
-        until = self._refusing.get(path)
-        return until is not None and self._clock() < until
+        return self.paths.refuses(path)
 
     def _bump(self) -> None:
         self._generation += 1

@@ -23,6 +23,7 @@ from redis.asyncio.lock import Lock
 from redis.exceptions import LockNotOwnedError
 
 from proxy.log import get_logger, redactor
+from proxy.refusals import RefusingPaths
 from proxy.store.base import CredentialIdentity, FetchFailure, SharedToken, TokenSnapshot
 from proxy.store.crypto import NONCE_BYTES, Sealer, version_of
 from proxy.store.memory import FAILURE_MEMORY
@@ -114,6 +115,8 @@ class RedisTokens:
         self._fail = client.register_script(_FAIL)
         self._notify = client.register_script(_NOTIFY)
         self._unreadable: set[bytes] = set()
+        # This replica's own: what others learn reaches it through refuses().
+        self.paths = RefusingPaths(clock=clock)
 
     @property
     def keys(self) -> dict[str, str]:

@@ -26,9 +26,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
-from proxy import credentials
+from proxy import tokens
 from proxy.app import create_app, runner_options
-from proxy.credentials import BACKOFF_CAP
+from proxy.tokens import BACKOFF_CAP
 from tests.conftest import (
     TEST_CLIENT_ID,
     TEST_SECRET,
@@ -262,7 +262,7 @@ async def test_refresh_failures_while_token_valid_are_invisible_and_backed_off(
     failed attempt logs one warning naming the error, and retries back off with full jitter."""
     # A 20 s token is usable for 18 s; refreshing it at 10 % instead of 80 % of its life lets
     # the refreshes start failing after 2 s rather than 16 s, with the token still good.
-    monkeypatch.setattr(credentials, "REFRESH_FRACTION", 0.1)
+    monkeypatch.setattr(tokens, "REFRESH_FRACTION", 0.1)
     token_server.expires_in = 20
     client = await start_proxy()
     await wait_for(lambda: manager_of(client).ready, timeout=5)

@@ -276,8 +276,8 @@ async def test_a_rotated_kubernetes_secret_is_used_without_a_signal(
     wrong at start: 503, the proxy keeps running. The kubelet swaps ..data to the right
     secret: the same process answers 200 within 15 s, with no signal (a poll with lstat, or a
     watch on the old inode, misses this swap), and its one token came with the new secret.
-    With workers, the supervisor sees the swap, fetches the group's token, and each worker
-    switches too."""
+    With workers, the supervisor sees the swap and each worker switches too; one of them
+    fetches the group's token."""
     mount = tmp_path / "secret-volume"
     mount.mkdir()
     if mounted_as == "client_secret_file":
@@ -557,3 +557,54 @@ async def test_a_reload_reaches_both_workers(
     _, ready = await get(proxy.url + "/-/ready")
     assert ready["config_hash"] == next(iter(reloaded().values()))
     assert await metric(proxy.url, "token_proxy_config_reloads_total", {"outcome": "success"}) == 1
+
+
+async def test_a_credential_added_by_reload_is_the_groups_and_one_removed_goes_from_both(
+    start: StartProxy, issuer: Issuer, upstream: FakeUpstream
+) -> None:
+    """With --workers 2, SIGHUP adding a credential and its route: the supervisor's store
+    serves it at once, its token is fetched once for the group and both workers send it, and
+    its token metrics are the group's; a SIGHUP that removes it again takes it off both."""
+    issuer.accepted["other-client"] = "Other-S3cret-Value-77a0"
+    proxy = await start(config_text(issuer, upstream), env={"TOKEN_PROXY_WORKERS": "2"})
+    proxy.config.write_text(
+        config_text(issuer, upstream, routes=("/", "/other/"))
+        + OTHER_CREDENTIAL.format(url=issuer.url)
+    )
+    proxy.hup()
+    await until(lambda: len(proxy.named("configuration reloaded")) == 3, "all three reloaded")
+    served: set[int] = set()
+    for _ in range(40):
+        status, _ = await get(proxy.url + "/other/thing")
+        assert status == 200
+        sent = upstream.requests[-1].header("Authorization")
+        assert sent is not None
+        assert issuer.issued[sent.removeprefix("Bearer ")] == "other-client"
+        served = {
+            int(e["worker"])
+            for e in proxy.events()
+            if e.get("logger") == "proxy.access" and e.get("route") == "/other/"
+        }
+        if served == {1, 2}:
+            break
+    assert served == {1, 2}
+    assert issuer.count("other-client") == 1
+    assert issuer.count() == 1
+    fetched = {"credential": "other", "outcome": "success"}
+    assert await metric(proxy.url, "token_proxy_token_fetches_total", fetched) == 1
+    left = await metric(proxy.url, "token_proxy_token_expires_in_seconds", {"credential": "other"})
+    assert left is not None
+    assert left > 3000
+    proxy.config.write_text(config_text(issuer, upstream))
+    proxy.hup()
+    await until(lambda: len(proxy.named("configuration reloaded")) == 6, "all three again")
+    for _ in range(6):
+        status, body = await get(proxy.url + "/-/ready")
+        assert status == 200
+        assert set(body["credentials"]) == {"api"}
+    for _ in range(6):  # each worker stopped exporting it
+        gone = await metric(
+            proxy.url, "token_proxy_token_expires_in_seconds", {"credential": "other"}
+        )
+        assert gone is None
+    assert not proxy.named("the token store did not answer")

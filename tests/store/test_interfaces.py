@@ -7,13 +7,14 @@ from proxy.store.fallback import FallbackStore
 from proxy.store.memory import MemoryStore
 from proxy.store.redis import RedisStore
 from proxy.store.redis_url import parse_redis_url
+from proxy.store.relay import Relay, RelayStore
 
 IDENTITY = CredentialIdentity.of(token_url="https://t.example/token", client_id="c")
 
 
 async def test_every_store_has_the_interfaces_shape() -> None:
     redis = RedisStore(parse_redis_url("redis://127.0.0.1:1/0"))
-    stores: list[Store] = [MemoryStore(), redis, FallbackStore(redis)]
+    stores: list[Store] = [MemoryStore(), redis, FallbackStore(redis), RelayStore(Relay())]
     for store in stores:
         tokens: TokenStore = store.tokens(IDENTITY, "secret")
         counters: Counters = store.counters
