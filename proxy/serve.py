@@ -20,6 +20,8 @@ from proxy.worker import WorkerLink
 
 # The start and stop lines keep the logger name they had when cli.py wrote them.
 log = get_logger("proxy.cli")
+# aiohttp's own wait for the handlers at shutdown outlasts the cut-off by this much.
+CUT_OFF_MARGIN = 1.0
 
 
 async def serve(loaded: Loaded, source: ConfigSource, worker: WorkerLink | None = None) -> None:
@@ -147,9 +149,11 @@ async def _stop(runners: list[web.AppRunner], *, grace: float, cut_off: asyncio.
     only fails their request bodies and waits as long again, so a request stuck on a silent
     upstream held the process for twice the grace."""
     for runner in runners:
-        # aiohttp's own wait at cleanup must not end before ours (a reload may have changed
-        # shutdown_timeout); aiohttp sets this attribute itself when a site names a timeout.
-        runner._shutdown_timeout = grace
+        # aiohttp's own wait at cleanup must end after ours (a reload may have changed
+        # shutdown_timeout; aiohttp sets this attribute itself when a site names a timeout):
+        # at the same deadline its timeout could cancel its wait just as a handler cut off
+        # here reports it is done, which aiohttp logs as an unhandled InvalidStateError.
+        runner._shutdown_timeout = grace + CUT_OFF_MARGIN
         for site in list(runner.sites):
             await site.stop()
     cleanups = [asyncio.create_task(runner.cleanup()) for runner in runners]
