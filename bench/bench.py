@@ -12,6 +12,10 @@ Cases, each measured with wrk at 8 and 64 connections after a warm-up:
   e  through token-proxy with --workers N (only with `--workers N`), measured in the same run
   f  through bench/ceiling_proxy.py: aiohttp's server and token-proxy's lean client on uvloop
      with no feature at all, the most token-proxy could do on this machine
+  g  through token-proxy with a rate limit too high to hold anything back, counted in memory
+     (only with `--redis`)
+  h  the same, counted in a redis-server on loopback: two Redis round trips per request
+     (only with `--redis`)
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 
@@ -68,6 +72,7 @@ INSTALL_HINT = {
     "wrk": "install it with `sudo apt-get install wrk` (Debian/Ubuntu)",
     "nginx": "install it with `sudo apt-get install nginx-light` (Debian/Ubuntu) to add the "
     "nginx upstream and case d",
+    "redis-server": "install it with `sudo apt-get install redis-server` (Debian/Ubuntu)",
 }
 
 
@@ -189,6 +194,71 @@ def wait_ready(name: str, process: subprocess.Popen[bytes], port: int, log: Path
         time.sleep(0.1)
 
 
+# --- --redis: cases g and h ------------------------------------------------------------------
+# What sharing a rate limit through Redis costs: one credential whose rate limit is too high to
+# hold anything back, so that only the bookkeeping is measured; g counts it in memory, h in a
+# redis-server this run starts on loopback (no persistence): two Redis round trips a request.
+
+# Far above what one machine can send: never waits, always counts.
+REDIS_CASE_RATE_LIMIT = "1000000/second"
+# Keys the shorthand sets, which the TOML credential replaces.
+_SHORTHAND = ("CLIENT_ID", "CLIENT_SECRET", "TOKEN_URL", "UPSTREAM")
+
+
+def redis_pings(port: int) -> bool:
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def start_redis(
+    start: Callable[..., subprocess.Popen[bytes]], directory: Path, port: int
+) -> subprocess.Popen[bytes]:
+    """redis-server on loopback `port`, without persistence, started by `start` (the run's
+    Processes.start, so that it is stopped with everything else); BenchError when there is none
+    on PATH or it does not answer."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise BenchError(f"--redis needs redis-server; {INSTALL_HINT['redis-server']}")
+    directory.mkdir(exist_ok=True)
+    argv = [binary, "--port", str(port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no"]
+    process = start("redis-server", [*argv, "--dir", str(directory)], log=directory / "redis.log")
+    deadline = time.monotonic() + START_TIMEOUT
+    while not redis_pings(port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise BenchError(f"redis-server did not answer PING on port {port}")
+        time.sleep(0.05)
+    return process
+
+
+def limited_env(
+    env: Mapping[str, str], *, config: Path, token_port: int, upstream_port: int, redis: int | None
+) -> dict[str, str]:
+    """`env` (case b's) with one credential limited to REDIS_CASE_RATE_LIMIT, written to
+    `config`, and with redis_url set when `redis` names a port."""
+    lines = [
+        "[credentials.bench]",
+        'client_id = "bench"',
+        'client_secret = "bench-secret"',
+        f'token_url = "http://{LOOPBACK}:{token_port}/token"',
+        f"rate_limit = {json.dumps([REDIS_CASE_RATE_LIMIT])}",
+        "[[routes]]",
+        'prefix = "/"',
+        f'upstream = "http://{LOOPBACK}:{upstream_port}"',
+        'credential = "bench"',
+    ]
+    config.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    dropped = {f"TOKEN_PROXY_{name}" for name in _SHORTHAND}
+    limited = {k: v for k, v in env.items() if k not in dropped}
+    limited["TOKEN_PROXY_CONFIG"] = str(config)
+    if redis is not None:
+        limited["TOKEN_PROXY_REDIS_URL"] = f"redis://{LOOPBACK}:{redis}/0"
+    return limited
+
+
 # --- memory ----------------------------------------------------------------------------------
 
 
@@ -201,6 +271,16 @@ def process_tree(pid: int) -> list[int]:
                 children = (task / "children").read_text().split()
                 found.extend(int(child) for child in children if int(child) not in found)
     return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of `pid` and its descendants so far."""
+    ticks = 0
+    for each in process_tree(pid):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def memory_kib(pid: int) -> tuple[int, int]:
@@ -255,6 +335,9 @@ class WrkResult:
     p99_ms: float
     requests: int
     errors: int  # non-2xx/3xx answers and socket errors
+    # CPU time of the processes measured (a proxy, and for case h redis-server too) per
+    # request, in microseconds: what a case costs, whatever else the machine runs.
+    cpu_us: tuple[float, ...] = ()
 
 
 _TIME_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
@@ -432,6 +515,7 @@ class Case:
     key: str
     name: str
     port: int
+    pids: tuple[int, ...] = ()  # whose CPU time to count per request
 
 
 @dataclass
@@ -523,6 +607,7 @@ class Options:
     keep: bool
     rounds: int = 1
     pin: bool = False
+    redis: bool = False
 
 
 def proxy_env(
@@ -571,6 +656,7 @@ class Bench:
         self.upstream_port = free_port()
         self.proxy_log = tmp / "token-proxy.log"
         self.token_port: int | None = None
+        self.redis_port: int | None = None
         # --pin: the proxy under test alone on the first CPU, the rest for wrk and upstream.
         self.proxy_cpus: str | None = None
         self.load_cpus: str | None = None
@@ -612,14 +698,19 @@ class Bench:
         start_nginx(self.processes, nginx, directory, conf, self.upstream_port, cpus=self.load_cpus)
         return f"nginx, 1 worker, `return 200` of a {len(SMALL_BODY)}-byte JSON"
 
-    def start_proxy(self, workers: int | None = None) -> tuple[subprocess.Popen[bytes], int]:
-        """token-proxy with default settings (case b), or with `workers` (case e)."""
+    def start_proxy(
+        self, workers: int | None = None, *, limit: str | None = None
+    ) -> tuple[subprocess.Popen[bytes], int]:
+        """token-proxy with default settings (case b), with `workers` (case e), or with a rate
+        limit counted in `limit`, "memory" (case g) or "redis" (case h)."""
         if self.token_port is None:
             self.token_port = free_port()
             token_server = [str(HERE / "fake_token_server.py"), "--port", str(self.token_port)]
             self.start("fake token server", token_server, self.token_port, self.load_cpus)
         proxy_port = free_port()
         name = "token-proxy" if workers is None else f"token-proxy-{workers}-workers"
+        if limit is not None:
+            name = f"token-proxy-limit-in-{limit}"
         secrets_dir = self.tmp / f"{name}-secrets"
         secrets_dir.mkdir()
         env = proxy_env(
@@ -630,7 +721,15 @@ class Bench:
             options=self.options,
             workers=workers,
         )
-        log = self.proxy_log if workers is None else self.tmp / f"{name}.log"
+        if limit is not None:
+            env = limited_env(
+                env,
+                config=self.tmp / f"{name}.toml",
+                token_port=self.token_port,
+                upstream_port=self.upstream_port,
+                redis=self.redis_port if limit == "redis" else None,
+            )
+        log = self.proxy_log if workers is None and limit is None else self.tmp / f"{name}.log"
         # Workers are never pinned: they are there to use more than one CPU.
         cpus = self.proxy_cpus if workers is None else None
         argv = pinned([self.python, "-m", "proxy"], cpus)
@@ -665,6 +764,7 @@ class Bench:
         try:
             if self.options.warmup:
                 run_wrk(wrk, url, connections, self.options.warmup, self.load_cpus)
+            before = [cpu_seconds(pid) for pid in case.pids]
             if case.key == "b" and connections == max(CONNECTIONS):
                 with RssSampler(pid) as sampler:
                     result = run_wrk(wrk, url, connections, self.options.seconds, self.load_cpus)
@@ -672,6 +772,11 @@ class Bench:
                 report.load_hwm_kib = memory_kib(pid)[1]
             else:
                 result = run_wrk(wrk, url, connections, self.options.seconds)
+            if case.pids and result.requests:
+                spent = [
+                    cpu_seconds(each) - was for each, was in zip(case.pids, before, strict=True)
+                ]
+                result = replace(result, cpu_us=tuple(t * 1e6 / result.requests for t in spent))
         except (BenchError, subprocess.TimeoutExpired) as exc:
             note(f"{label}: {exc}")
             report.runs.setdefault((case.key, connections), [])
@@ -693,12 +798,19 @@ class Bench:
         proxy, proxy_port = self.start_proxy()
         cases = [
             Case("a", "direct to upstream", self.upstream_port),
-            Case("b", "token-proxy", proxy_port),
+            Case("b", "token-proxy", proxy_port, (proxy.pid,)),
             *self.start_references(nginx),
         ]
         if self.options.workers is not None:
             _, workers_port = self.start_proxy(self.options.workers)
             cases.append(Case("e", f"token-proxy {self.options.workers} workers", workers_port))
+        if self.options.redis:
+            self.redis_port = free_port()
+            redis = start_redis(self.processes.start, self.tmp / "redis", self.redis_port)
+            for key, limit in (("g", "memory"), ("h", "redis")):
+                limited, port = self.start_proxy(limit=limit)
+                pids = (limited.pid,) if limit == "memory" else (limited.pid, redis.pid)
+                cases.append(Case(key, f"token-proxy, rate limit in {limit}", port, pids))
         time.sleep(1.0)
         report = Report(
             upstream=upstream, results={}, idle_kib=memory_kib(proxy.pid), load_before=load_before
@@ -764,6 +876,8 @@ CASE_NAMES = {
     "c": "c reference proxy",
     "d": "d nginx proxy",
     "f": "f no-feature ceiling",
+    "g": "g limit in memory",
+    "h": "h limit in Redis",
 }
 
 
@@ -797,10 +911,17 @@ def render(report: Report, options: Options) -> Iterator[str]:
         )
     if options.workers is not None:
         yield f"case e: the same settings + TOKEN_PROXY_WORKERS={options.workers}"
+    if options.redis:
+        yield (
+            f"cases g, h: the same settings with one credential limited to "
+            f"{REDIS_CASE_RATE_LIMIT}, counted in memory (g) and in a local redis-server (h); "
+            "cpu us/req: token-proxy's CPU time per request (+ redis-server's for h)"
+        )
     yield ""
     spread = "  requests/s of every round" if options.rounds > 1 else ""
     yield (
         f"{'case':<22} {'conns':>5} {'requests/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"
+        + (f" {'cpu us/req':>11}" if options.redis else "")
         + spread
     )
     for (key, connections), result in report.results.items():
@@ -808,9 +929,12 @@ def render(report: Report, options: Options) -> Iterator[str]:
         if isinstance(result, WrkResult):
             runs = report.runs.get((key, connections), [])
             every = "  " + " ".join(f"{run.requests_per_s:,.0f}" for run in runs) if spread else ""
+            cpu = ""
+            if options.redis:
+                cpu = " " + f"{'+'.join(f'{us:.0f}' for us in result.cpu_us) or '-':>11}"
             yield (
                 f"{name:<22} {connections:>5} {result.requests_per_s:>12,.0f} "
-                f"{result.p50_ms:>8.3f} {result.p99_ms:>8.3f} {result.errors:>7}{every}"
+                f"{result.p50_ms:>8.3f} {result.p99_ms:>8.3f} {result.errors:>7}{cpu}{every}"
             )
         else:
             yield f"{name:<22} {connections:>5} {result:>12}"
@@ -902,6 +1026,13 @@ def _ratio_lines(report: Report, options: Options) -> Iterator[str]:
         for other, label in (("b", "1 worker"), ("c", "reference proxy"), ("d", "nginx proxy")):
             ratio = _fmt(_ratio(report, "e", other), ".2f")
             yield f"  e/{other} {f'{n} workers / {label}':<31} {ratio}"
+    if options.redis:
+        for top, bottom, label in (
+            ("g", "b", "limit in memory / no limit"),
+            ("h", "b", "limit in Redis / no limit"),
+            ("h", "g", "limit in Redis / in memory"),
+        ):
+            yield f"  {top}/{bottom} {label:<31} {_fmt(_ratio(report, top, bottom), '.2f')}"
     p99_added = _p99_added(report)
     yield f"p99 added over direct at {low} connections (b.p99 - a.p99): {_fmt(p99_added, '.3f')} ms"
     if p99_added is not None and p99_added < 0:
@@ -994,6 +1125,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="also measure token-proxy with TOKEN_PROXY_WORKERS=N, as case e of the same run",
     )
     parser.add_argument(
+        "--redis",
+        action="store_true",
+        help="also measure token-proxy with a rate limit counted in memory (case g) and in a "
+        "redis-server started on loopback (case h)",
+    )
+    parser.add_argument(
         "--stream-mib", type=int, default=1024, help="size of the streaming test (default 1024)"
     )
     parser.add_argument(
@@ -1032,6 +1169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         keep=args.keep,
         rounds=args.rounds,
         pin=args.pin,
+        redis=args.redis,
     )
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with `&`
     signal.signal(signal.SIGTERM, _exit_on_signal)

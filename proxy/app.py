@@ -34,9 +34,8 @@ from proxy.errors import (
 from proxy.flow import forward
 from proxy.inbound import ANONYMOUS
 from proxy.log import bind_request, get_logger, unbind_request
-from proxy.metrics import Metrics
-from proxy.runtime import Runtime
-from proxy.store import Store
+from proxy.metrics import Metrics, StoreMetrics
+from proxy.runtime import Runtime, StoreFactory
 
 METRICS = web.AppKey("metrics", Metrics)
 # The runtime requests start on: a reload replaces it with one assignment.
@@ -246,6 +245,8 @@ def _ready(runtime: Runtime, request_id: str) -> web.Response:
     states = {name: source.state() for name, source in sources.items()}
     waiting = sorted(name for name, state in states.items() if not state["ready"])
     shown: dict[str, object] = {"config_hash": runtime.config_hash, "credentials": states}
+    # Shown, never judged: a replica alone serves as well as one sharing.
+    shown["store"] = runtime.store.state()
     if runtime.cache is not None:
         shown["cache"] = runtime.cache.state()
     if not waiting:
@@ -272,6 +273,14 @@ def _ready(runtime: Runtime, request_id: str) -> web.Response:
     return problem_response(error, request_id=request_id, extra=shown)
 
 
+def _store_state(current: Current) -> dict[str, Any] | None:
+    """What the store of the current runtime says of itself, for the metrics at a scrape."""
+    try:
+        return current.runtime.store.state()
+    except RuntimeError:
+        return None  # not started yet
+
+
 def runtime_of(app: web.Application) -> Runtime:
     """The runtime requests to `app` start on now."""
     return app[RUNTIME].runtime
@@ -281,13 +290,14 @@ def create_app(
     settings: Settings,
     *,
     metrics: Metrics | None = None,
-    store: Store | None = None,
+    store_factory: StoreFactory | None = None,
     token_metrics: bool = True,
     config_hash: str | None = None,
 ) -> web.Application:
     """Build the proxy application; long-lived resources open and close in cleanup_ctx.
-    `store` keeps the tokens (None: a MemoryStore of this process; a worker's is the relay to
-    its supervisor, which counts the token metrics: `token_metrics` False); `config_hash`
+    `store_factory` builds the store of the tokens, limits and cache from the settings (None:
+    Redis when redis_url is set, else memory; a worker's is the relay to its supervisor, which
+    counts the token metrics: `token_metrics` False); `config_hash`
     names the configuration for /-/ready (a worker's is its group's, before it took its
     share). A reload replaces the runtime through app[RUNTIME].replace."""
     _name_the_server()
@@ -298,7 +308,10 @@ def create_app(
     )
     app[METRICS] = metrics if metrics is not None else Metrics()
     app[CUT_OFF] = asyncio.Event()
-    current = app[RUNTIME] = Current(metrics=app[METRICS], store=store, token_metrics=token_metrics)
+    current = app[RUNTIME] = Current(
+        metrics=app[METRICS], store_factory=store_factory, token_metrics=token_metrics
+    )
+    app[METRICS].include(StoreMetrics(lambda: _store_state(current)))
 
     async def runtime(app: web.Application) -> AsyncIterator[None]:
         await current.start(settings, config_hash=config_hash)

@@ -17,12 +17,15 @@ from proxy.config import Loaded, SecretFile, Settings, fingerprint, load
 from proxy.errors import ConfigError
 from proxy.log import get_logger, set_logging
 from proxy.metrics import ConfigReloads
+from proxy.store.build import STORE_SETTINGS
 from proxy.token_sources import identity_of
 
 log = get_logger("proxy.reload")
 
 # What a running process cannot change: its listeners, its processes, its upstream client.
 RESTART_ONLY = ("host", "port", "metrics_port", "workers", "upstream_client")
+# With workers, the store's settings too: the supervisor's token store is the group's.
+RESTART_ONLY_WITH_WORKERS = (*RESTART_ONLY, *STORE_SETTINGS)
 # The secret files are read this often. A poll, not inotify: Kubernetes updates a mounted
 # Secret by swapping the `..data` symlink of the volume, and external-secrets or Vault Agent
 # rename a new file over the old, so a watch on the file's inode never fires, and a watch on
@@ -214,7 +217,13 @@ class Reloader:
                 return False
         else:
             settings = _with_secrets(previous.settings, reread.changed)
-            loaded, fixed = Loaded(settings, reread.files, previous.toml), ()
+            fixed = ()
+            if "redis_url" in _restart_only(previous.settings) and (
+                settings.redis_url != previous.settings.redis_url
+            ):
+                fixed = ("redis_url",)
+                settings = settings.model_copy(update={"redis_url": previous.settings.redis_url})
+            loaded = Loaded(settings, reread.files, previous.toml)
         return await self._switch(ROTATION, loaded, needs_restart=fixed, otherwise=seen)
 
     def _read(self, table: Mapping[str, Any] | None) -> tuple[Loaded, tuple[str, ...]]:
@@ -223,7 +232,9 @@ class Reloader:
         running workers is checked too)."""
         running = self._loaded.settings
         loaded = self._source.load(table=table)
-        fixed = tuple(k for k in RESTART_ONLY if getattr(loaded.settings, k) != getattr(running, k))
+        fixed = tuple(
+            k for k in _restart_only(running) if getattr(loaded.settings, k) != getattr(running, k)
+        )
         if not fixed:
             return loaded, ()
         values = {key: getattr(running, key) for key in fixed}
@@ -308,3 +319,8 @@ def _with_secrets(settings: Settings, changed: Sequence[SecretFile]) -> Settings
         if name in credentials:
             credentials[name] = credentials[name].model_copy(update={"client_secret": file.value})
     return settings.model_copy(update={"credentials": credentials})
+
+
+def _restart_only(running: Settings) -> tuple[str, ...]:
+    """The settings that only a restart of `running` can change."""
+    return RESTART_ONLY_WITH_WORKERS if running.workers > 1 else RESTART_ONLY

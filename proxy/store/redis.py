@@ -24,7 +24,14 @@ from redis.exceptions import LockNotOwnedError
 
 from proxy.log import get_logger, redactor
 from proxy.refusals import RefusingPaths
-from proxy.store.base import CredentialIdentity, FetchFailure, SharedToken, TokenSnapshot
+from proxy.store.base import (
+    DEFAULT_REDIS_PREFIX,
+    DEFAULT_REDIS_TIMEOUT,
+    CredentialIdentity,
+    FetchFailure,
+    SharedToken,
+    TokenSnapshot,
+)
 from proxy.store.crypto import NONCE_BYTES, Sealer, version_of
 from proxy.store.memory import FAILURE_MEMORY
 from proxy.store.redis_calls import bounded
@@ -35,12 +42,8 @@ from proxy.store.redis_url import RedisTarget
 
 log = get_logger("proxy.store")
 
-DEFAULT_PREFIX = "token-proxy:"
-# Every Redis call gives up after this long. A healthy Redis answers in well under a
-# millisecond on a LAN and a few across zones or over TLS, so 250 ms only ever cuts off a Redis
-# that is gone or stalled; it is also the most any request waits on Redis before the fallback
-# store goes on alone, well below client timeouts and the one-second windows of rate limits.
-DEFAULT_TIMEOUT = 0.25
+DEFAULT_PREFIX = DEFAULT_REDIS_PREFIX
+DEFAULT_TIMEOUT = DEFAULT_REDIS_TIMEOUT
 # A waiter that hears no notification (pub/sub down, a lock that expired) looks this often.
 POLL_INTERVAL = 0.5
 

@@ -53,6 +53,12 @@ async def bounded(operation: Awaitable[T], timeout: float) -> T:  # noqa: ASYNC1
     A cancelled redis-py command disconnects its connection, so none is left half-read."""
     try:
         async with asyncio.timeout(timeout):
-            return await operation
+            result = await operation
     except (TimeoutError, redis_errors.RedisError, OSError) as exc:
         raise translate(exc, timeout) from exc
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        # Python 3.11's asyncio.wait_for, inside redis-py, can swallow a cancellation that
+        # came as the reply did: the caller was cancelled, so it must not go on as if not.
+        raise asyncio.CancelledError
+    return result

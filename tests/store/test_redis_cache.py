@@ -106,7 +106,7 @@ async def replica(
         probe_interval=0.1,
         presence_interval=0.2,
     )
-    app = create_app(settings, store=store)
+    app = create_app(settings, store_factory=lambda _: store)
     options = runner_options(settings)
     del options["handler_cancellation"]
     server = TestServer(app, host="127.0.0.1")
