@@ -310,15 +310,37 @@ class Reloader:
 
 
 def _with_secrets(settings: Settings, changed: Sequence[SecretFile]) -> Settings:
-    """`settings` with each credential's client_secret_file value as read again: no other
-    setting depends on a secret, so nothing else needs validating."""
+    """`settings` with each client_secret_file's and the redis_url_file's value as read
+    again: no other setting depends on a secret, so nothing else needs validating (a Redis
+    URL is checked as it was at start-up, by the store's parser)."""
     credentials = dict(settings.credentials)
+    update: dict[str, Any] = {}
     for file in changed:
+        if file.setting == ("redis_url_file",):
+            if _usable_redis_url(file):
+                update["redis_url"] = file.value
+            continue
         # credentials.NAME.client_secret_file, or the shorthand's client_secret_file.
         name = str(file.setting[1]) if file.setting[0] == "credentials" else "default"
         if name in credentials:
             credentials[name] = credentials[name].model_copy(update={"client_secret": file.value})
-    return settings.model_copy(update={"credentials": credentials})
+    return settings.model_copy(update={"credentials": credentials, **update})
+
+
+def _usable_redis_url(file: SecretFile) -> bool:
+    """Whether the Redis URL a rotated file holds can be used; one that cannot is logged (never
+    quoted) and the running one stays."""
+    from proxy.store.redis_url import parse_redis_url  # noqa: PLC0415  (loads redis-py)
+
+    try:
+        parse_redis_url(file.value)
+    except ValueError as exc:
+        log.warning(
+            "a secret file cannot be used; its last value stays in use",
+            problem=f"{file.where}: {exc}",
+        )
+        return False
+    return True
 
 
 def _restart_only(running: Settings) -> tuple[str, ...]:

@@ -118,6 +118,7 @@ async def start_replicas(
         top: Mapping[str, object] | None = None,
         env: Mapping[str, str] | None = None,
         names: Sequence[str] = ("bnet", "battlenet", "api"),
+        wait: str = "ready",
     ) -> list[Replica]:
         replicas = []
         for index in range(count):
@@ -155,7 +156,7 @@ async def start_replicas(
         workers = int((env or {}).get("TOKEN_PROXY_WORKERS", "1"))
         async with aiohttp.ClientSession() as session:
             for replica in replicas:
-                await _until_ready(replica, session, workers=workers)
+                await _until_ready(replica, session, workers=workers, path=_WAITS[wait])
         return replicas
 
     yield start
@@ -170,12 +171,18 @@ async def start_replicas(
         LEAKS.add(f"the log of replica {replica.process.pid}", replica.log_path.read_text())
 
 
-async def _until_ready(replica: Replica, session: aiohttp.ClientSession, *, workers: int) -> None:
-    """Until /-/ready answers 200 (and, for a group, every worker listens)."""
+# What start(wait=...) waits for: a token in every replica, or only that each one listens.
+_WAITS = {"ready": "/-/ready", "listening": "/-/healthy"}
+
+
+async def _until_ready(
+    replica: Replica, session: aiohttp.ClientSession, *, workers: int, path: str
+) -> None:
+    """Until `path` answers 200 (and, for a group, every worker listens)."""
     deadline = time.monotonic() + START_TIMEOUT
     while True:
         try:
-            async with session.get(replica.url + "/-/ready") as response:
+            async with session.get(replica.url + path) as response:
                 if response.status == 200 and (
                     workers == 1 or replica.said(f"started {workers} workers")
                 ):

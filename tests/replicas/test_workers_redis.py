@@ -1,5 +1,5 @@
-"""`--workers 2` with Redis: the workers share every limit whole through it, rather than each
-applying its half of it."""
+"""`--workers 2` with Redis: one token request for the group, and the workers share every
+limit whole through Redis, rather than each applying its half of it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import aiohttp
 import redis.asyncio as aioredis
 
 from proxy.store.redis_url import parse_redis_url
-from tests.conftest import FakeUpstream
+from tests.conftest import FakeTokenServer, FakeUpstream
 from tests.redis_server import RedisServer
 from tests.replicas.conftest import Arrivals, StartReplicas, most_in_any_window
 
@@ -18,8 +18,11 @@ LIMIT = 10
 REQUESTS = 30
 
 
-async def test_two_workers_share_each_limit_whole_through_redis(
-    redis_server: RedisServer, start_replicas: StartReplicas, upstream: FakeUpstream
+async def test_two_workers_make_one_token_request_and_share_each_limit_whole_through_redis(
+    redis_server: RedisServer,
+    start_replicas: StartReplicas,
+    upstream: FakeUpstream,
+    token_server: FakeTokenServer,
 ) -> None:
     arrivals = Arrivals()
     upstream.handlers["/api"] = arrivals
@@ -35,6 +38,7 @@ async def test_two_workers_share_each_limit_whole_through_redis(
         started = time.monotonic()
         statuses = await asyncio.gather(*(fetch(session, group.url, i) for i in range(REQUESTS)))
         seconds = time.monotonic() - started
+        store = (await group.ready(session))["store"]
     served_by = {
         int(event["worker"])
         for event in group.events()
@@ -50,9 +54,11 @@ async def test_two_workers_share_each_limit_whole_through_redis(
     print(
         f"\n--workers 2 with Redis, {LIMIT}/second: {REQUESTS} requests in {seconds:.2f} s, served "
         f"by workers {sorted(served_by)}, at most {most} in any sliding 1 s window, "
-        f"{counted} counted in Redis"
+        f"{counted} counted in Redis, {len(token_server.requests)} token request(s)"
     )
     assert statuses == [200] * REQUESTS
+    assert len(token_server.requests) == 1
+    assert (store["backend"], store["state"]) == ("redis", "shared")
     assert served_by == {1, 2}
     assert group.said("rate limits are shared whole by the workers, through Redis")
     assert counted == [REQUESTS]
