@@ -158,8 +158,8 @@ class Runtime:
         the store `store_factory` builds from `settings` (None: build_store; a worker's
         is its relay). `token_metrics` False: another
         process exports the token metrics (a worker's supervisor). With `previous`, the
-        runtime serving now, take over from it what did not change: the store, the token
-        session, the transport when its settings are the same, and the token source of each
+        runtime serving now, take over from it what did not change: the store when its settings
+        are the same (a new store gets the kept tokens), the token session, the transport when its settings are the same, and the token source of each
         credential whose identity is the same (its token stays; a changed secret is used at
         its next fetch)."""
         for client in settings.clients:
@@ -195,8 +195,7 @@ class Runtime:
         config_hash: str,
         taken: list[_Shared[Any]],
     ) -> Runtime:
-        keeps_store = previous is not None and same_store(previous.settings, settings)
-        if previous is not None and keeps_store:
+        if previous is not None and same_store(previous.settings, settings):
             shared_store = previous._store.share()
         else:
             own_store = (store_factory or build_store)(settings)
