@@ -155,13 +155,13 @@ class Runtime:
         config_hash: str | None = None,
     ) -> Runtime:
         """Build everything Settings describes and start it (the token fetches begin), on
-        the store `store_factory` builds from `settings` (None: build_store; a worker's
-        is its relay). `token_metrics` False: another
-        process exports the token metrics (a worker's supervisor). With `previous`, the
-        runtime serving now, take over from it what did not change: the store when its settings
-        are the same (a new store gets the kept tokens), the token session, the transport when its settings are the same, and the token source of each
-        credential whose identity is the same (its token stays; a changed secret is used at
-        its next fetch)."""
+        the store `store_factory` builds from `settings` (None: build_store; a worker's is its
+        relay). `token_metrics` False: another process exports the token metrics (a worker's
+        supervisor). With `previous`, the runtime serving now, take over from it what did not
+        change: the store when its settings are the same, the token session, the transport
+        when its settings are the same, and the token source of each credential whose
+        identity is the same (its token stays, and goes to a new store; a changed secret is
+        used at its next fetch)."""
         for client in settings.clients:
             if client.key is not None:
                 redactor.add_secret(client.key.get_secret_value())
