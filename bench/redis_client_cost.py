@@ -54,6 +54,7 @@ CASES: dict[str, str] = {
     "pool-conn": "lean, pool.get_connection(), send_command + read_response, pool.release()",
     "conn": "lean, one Connection: send_packed_command + read_response under an asyncio.Lock",
     "conn-pipelined": "lean, one Connection, pipelined: all write, replies read in order",
+    "store": "what the store does now: RedisCounters._script on redis_calls.lean_client",
     "wire": "proxy/store/redis_wire.Wire (the hand-written RESP client)",
 }
 NEEDS_HIREDIS = {
@@ -62,6 +63,7 @@ NEEDS_HIREDIS = {
     "script-lean",
     "evalsha-single",
     "pool-conn",
+    "store",
     "conn",
     "conn-pipelined",
 }
@@ -128,6 +130,22 @@ async def _case(  # noqa: PLR0915
     sha = await _load(port)
     call_args = [sha, len(KEYS), *KEYS, *ARGS]
 
+    if name == "store":
+        sys.path.insert(0, str(ROOT))
+        from proxy.store.redis_calls import lean_client  # noqa: PLC0415
+        from proxy.store.redis_events import Events  # noqa: PLC0415
+        from proxy.store.redis_limits import RedisCounters, Script  # noqa: PLC0415
+        from proxy.store.redis_url import parse_redis_url  # noqa: PLC0415
+
+        store_client = lean_client(parse_redis_url(f"redis://127.0.0.1:{port}/0"), timeout=TIMEOUT)
+        events = Events(store_client, "bench", timeout=TIMEOUT)
+        counters = RedisCounters(client=store_client, events=events, prefix="", timeout=TIMEOUT)
+        store_script = Script(LUA)
+
+        async def run_store() -> Any:
+            return await counters._script(store_script, KEYS, ARGS)
+
+        return run_store, store_client.aclose
     if name == "wire":
         sys.path.insert(0, str(ROOT))
         from proxy.store.redis_url import parse_redis_url  # noqa: PLC0415

@@ -34,7 +34,7 @@ from proxy.store.base import (
 )
 from proxy.store.crypto import NONCE_BYTES, Sealer, version_of
 from proxy.store.memory import FAILURE_MEMORY
-from proxy.store.redis_calls import bounded
+from proxy.store.redis_calls import bounded, lean_client
 from proxy.store.redis_events import Events
 from proxy.store.redis_limits import RedisCounters
 from proxy.store.redis_responses import RedisResponses
@@ -323,11 +323,13 @@ class RedisStore:
             redactor.add_secret(target.password.get_secret_value())
         self._clock = clock
         self.client = aioredis.Redis(**target.client_kwargs(timeout=timeout))
+        # The rate-limit scripts, two on every request's path, have a pool of their own.
+        self.scripts = lean_client(target, timeout=timeout)
         self.events = Events(self.client, prefix + "events", timeout=timeout)
         self._tokens: dict[tuple[str, str], RedisTokens] = {}
         self._responses: dict[tuple[str, str], RedisResponses] = {}
         self._counters = RedisCounters(
-            client=self.client, events=self.events, prefix=prefix, timeout=timeout
+            client=self.scripts, events=self.events, prefix=prefix, timeout=timeout
         )
         self._present = self.client.register_script(_PRESENT)
 
@@ -339,8 +341,9 @@ class RedisStore:
 
     async def close(self) -> None:
         await self.events.close()
-        with contextlib.suppress(Exception):
-            await bounded(self.client.aclose(), self.timeout)
+        for client in (self.scripts, self.client):
+            with contextlib.suppress(Exception):
+                await bounded(client.aclose(), self.timeout)
 
     def tokens(self, identity: CredentialIdentity, secret: str) -> RedisTokens:
         slot = (identity.digest, hashlib.sha256(secret.encode()).hexdigest())

@@ -9,7 +9,9 @@ two limits (100/second and 36000/hour) atomically; and its timestamps come from 
 clock. Here one script, stamped with Redis's own clock (TIME), checks every limit of every
 claim and the claims' pauses, and adds a pending entry to all of them or to none; settling
 stamps the entry again at the answer; a pending entry carries a deadline, so the entries of a
-replica that died mid-request stop counting. Two round trips per request: acquire, settle.
+replica that died mid-request stop counting. Two round trips per request: acquire, settle,
+both through redis_calls.lean_client (redis-py set up to spend the least CPU on a command),
+each an EVALSHA, and an EVAL of the whole script only when Redis does not know it.
 
 Requests that wait are served first come first served across replicas, not just within each:
 one refused with time to wait gets a ticket in the limiter's queue, stamped with Redis's clock,
@@ -22,11 +24,14 @@ by arrival) and `:leaves` (the same tickets scored by when they stop waiting).""
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from proxy.store.base import Admission, Claim, Slot
 from proxy.store.redis_calls import bounded
@@ -143,25 +148,54 @@ return left
 """
 
 
+class Script:
+    """A Lua script run by its SHA1 (EVALSHA), sent whole when Redis does not know it."""
+
+    __slots__ = ("sha", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.sha = hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
+
+
 class RedisCounters:
-    """Rate-limit counters and 429 pauses in Redis (see LimitStore, PauseStore)."""
+    """Rate-limit counters and 429 pauses in Redis (see LimitStore, PauseStore). `client`:
+    redis_calls.lean_client, since two of these scripts are on every request's path."""
 
     def __init__(
-        self,
-        *,
-        client: aioredis.Redis,
-        events: Events,
-        prefix: str,
-        timeout: float,
+        self, *, client: aioredis.Redis, events: Events, prefix: str, timeout: float
     ) -> None:
         self._client = client
         self._events = events
         self._prefix = prefix
         self._timeout = timeout
-        self._acquire = client.register_script(_ACQUIRE)
-        self._settle = client.register_script(_SETTLE)
-        self._release = client.register_script(_RELEASE)
-        self._pause = client.register_script(_PAUSE)
+        self._acquire = Script(_ACQUIRE)
+        self._settle = Script(_SETTLE)
+        self._release = Script(_RELEASE)
+        self._pause = Script(_PAUSE)
+
+    async def _script(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        """Run `script`, within one redis_timeout (StoreUnavailable otherwise)."""
+        return await bounded(self._evalsha(script, keys, args), self._timeout)
+
+    async def _evalsha(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        # A connection of the pool's, as Redis.execute_command takes one, without the rest of
+        # what it does per command (retries, which are off, and instrumentation): a sixth less
+        # CPU (bench/redis_client_cost.py, pool-conn against evalsha-lean). A call cut short
+        # disconnects its connection (redis-py does that on any interruption of a read or a
+        # write), so none goes back to the pool with a reply left in it.
+        pool = self._client.connection_pool
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await connection.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            try:
+                return await connection.read_response()
+            except NoScriptError:
+                # A Redis restarted, failed over or flushed: the whole text, which it keeps.
+                await connection.send_command("EVAL", script.text, len(keys), *keys, *args)
+                return await connection.read_response()
+        finally:
+            await pool.release(connection)
 
     def key(self, limiter: str, part: str) -> str:
         """The Redis key of one part (hits, pending, pause) of a limiter."""
@@ -191,7 +225,7 @@ class RedisCounters:
             args.append(len(claim.rates))
             for rate in claim.rates:
                 args += [rate.amount, max(1, int(rate.seconds * _MICRO))]
-        granted, wait, queued = await bounded(self._acquire(keys=keys, args=args), self._timeout)
+        granted, wait, queued = await self._script(self._acquire, keys, args)
         return bool(granted), int(wait) / _MICRO, bool(queued)
 
     async def acquire(
@@ -212,7 +246,7 @@ class RedisCounters:
 
     async def leave(self, claims: Sequence[Claim], ticket: str) -> None:
         keys = [self.key(claim.key, part) for claim in claims for part in ("queue", "leaves")]
-        await bounded(self._release(keys=keys, args=[ticket]), self._timeout)
+        await self._script(self._release, keys, [ticket])
 
     async def settle(self, slot: Slot, *, ago: float = 0.0) -> None:
         """See LimitStore.settle; `ago`: upstream answered that many seconds before (a slot
@@ -222,11 +256,11 @@ class RedisCounters:
         for claim in slot.claims:
             keys += [self.key(claim.key, "hits"), self.key(claim.key, "pending")]
             args.append(max(1, int(claim.longest * _MICRO)))
-        await bounded(self._settle(keys=keys, args=args), self._timeout)
+        await self._script(self._settle, keys, args)
 
     async def release(self, slot: Slot) -> None:
         keys = [self.key(claim.key, "pending") for claim in slot.claims]
-        await bounded(self._release(keys=keys, args=[slot.id]), self._timeout)
+        await self._script(self._release, keys, [slot.id])
 
     async def next_free(self, claims: Sequence[Claim]) -> float:
         _, wait, _ = await self._run("peek", claims)
@@ -234,12 +268,8 @@ class RedisCounters:
 
     async def pause(self, key: str, seconds: float) -> float:
         milliseconds = max(1, int(seconds * 1000))
-        left = await bounded(
-            self._pause(
-                keys=[self.key(key, "pause")],
-                args=[milliseconds, self._events.channel, key],
-            ),
-            self._timeout,
+        left = await self._script(
+            self._pause, [self.key(key, "pause")], [milliseconds, self._events.channel, key]
         )
         self._remember(key, int(left))
         return int(left) / 1000
