@@ -255,13 +255,15 @@ class FallbackTokens:
         self._shared = shared
         self._local = local
         self.paths = local.paths
+        # The token this replica fetched while alone: Redis gets it when it answers again.
+        self._alone: SharedToken | None = None
 
     async def load(self) -> TokenSnapshot:
         store = self._store
         if store.is_shared:
             epoch = store.epoch
             try:
-                snapshot = await self._shared.load()
+                snapshot = await self._carried(await self._shared.load())
             except StoreUnavailable as exc:
                 store.failed(exc)
             else:
@@ -270,6 +272,31 @@ class FallbackTokens:
         epoch = store.epoch
         snapshot = self._local.snapshot()
         return replace(snapshot, generation=(epoch << _EPOCH_SHIFT) | snapshot.generation)
+
+    async def _carried(self, snapshot: TokenSnapshot) -> TokenSnapshot:
+        """Redis's state, once it has the token fetched here while it was away, when that one
+        outlives what Redis holds (nothing, after a restart without persistence): sharing
+        resumes without a token request in each replica. Of replicas that come back together
+        the last to publish wins, and the others take its token."""
+        alone, self._alone = self._alone, None
+        if alone is None:
+            return snapshot
+        held = self._local.snapshot().token
+        if held is None or held.version != alone.version:
+            return snapshot  # dropped, or replaced, since
+        if snapshot.token is not None and snapshot.token.expires_at >= alone.expires_at:
+            return snapshot
+        try:
+            await self._shared.publish(
+                value=alone.value,
+                obtained_at=alone.obtained_at,
+                expires_at=alone.expires_at,
+                scope=alone.scope,
+            )
+            return await self._shared.load()
+        except StoreUnavailable:
+            self._alone = alone  # for the next time Redis answers
+            raise
 
     async def publish(
         self, *, value: str, obtained_at: float, expires_at: float, scope: str | None
@@ -282,9 +309,10 @@ class FallbackTokens:
             return token
 
         async def local() -> SharedToken:
-            return await self._local.publish(
+            token = self._alone = await self._local.publish(
                 value=value, obtained_at=obtained_at, expires_at=expires_at, scope=scope
             )
+            return token
 
         return await self._store.run(shared, local)
 

@@ -264,3 +264,32 @@ async def test_alone_a_replica_keeps_to_the_pauses_other_replicas_announced(
         refused = await two.counters.acquire(free, hold=5.0)
         assert refused.slot is None
         assert refused.wait > 20
+
+
+async def test_a_token_fetched_alone_goes_to_redis_when_it_answers_again(
+    redis_server: RedisServer,
+) -> None:
+    """Redis killed and started again empty: the token a replica published alone meanwhile is
+    the one Redis holds once the replica shares again, and another replica takes it, so that
+    sharing resumes without a token request in each. A token Redis holds that outlives it
+    stays; one dropped since is never published again."""
+    async with fallback_store(redis_server.url) as one, fallback_store(redis_server.url) as two:
+        await _publish(one, "before")
+        redis_server.kill()
+        await wait_until(lambda: one.state()["state"] == ALONE, timeout=5)
+        await one.tokens(IDENTITY, SECRET).load()  # fails over, if the probe was not first
+        alone = await _publish(one, "alone")
+        await redis_server.restart()
+        await wait_until(lambda: one.state()["state"] == SHARED, timeout=10)
+        snapshot = await one.tokens(IDENTITY, SECRET).load()
+        assert snapshot.token is not None
+        assert snapshot.token.value == alone
+        await wait_until(lambda: two.state()["state"] == SHARED, timeout=10)
+        taken = await two.tokens(IDENTITY, SECRET).load()
+        assert taken.token is not None
+        assert taken.token.value == alone
+        # Once Redis has it, it is not published again: a drop there is final.
+        tokens = one.tokens(IDENTITY, SECRET)
+        assert await tokens.drop(taken.token.version)
+        assert (await tokens.load()).token is None
+        assert (await two.tokens(IDENTITY, SECRET).load()).token is None
