@@ -32,7 +32,8 @@ from email.utils import parsedate_tz
 from uuid import uuid4
 
 import hishel
-from multidict import CIMultiDictProxy
+from aiohttp import hdrs
+from multidict import CIMultiDict, CIMultiDictProxy
 
 Items = Sequence[tuple[str, str]]
 # The primary key of a stored answer: credential, method, the full upstream URL as forwarded.
@@ -55,13 +56,19 @@ _SAME_WITHIN_CREDENTIAL = frozenset({"authorization", "host"})
 # Set-Cookie belongs to the client that got it; the cache is shared by the team.
 _NEVER_STORED = frozenset({"set-cookie"})
 # Preconditions the cache does not evaluate for a client (with a Range: partial answers).
-_NOT_EVALUATED = ("Range", "If-Range", "If-Match", "If-Unmodified-Since")
+# aiohttp's names are istr: a look-up with one skips folding the name's case on every request.
+_RANGE, _IF_RANGE, _IF_MATCH, _IF_UNMODIFIED_SINCE = (
+    hdrs.RANGE,
+    hdrs.IF_RANGE,
+    hdrs.IF_MATCH,
+    hdrs.IF_UNMODIFIED_SINCE,
+)
 # What a 304 to a client carries of the answer it stands for (RFC 9110 §15.4.5).
 _NOT_MODIFIED_FIELDS = frozenset(
     {"cache-control", "content-location", "date", "etag", "expires", "last-modified", "vary"}
 )
-ENTRY_OVERHEAD = 700  # bytes an entry costs beyond its body and fields (objects, key, index)
-FIELD_OVERHEAD = 160  # bytes a stored header field costs beyond its text (two str and a tuple)
+ENTRY_OVERHEAD = 1000  # bytes an entry costs beyond its body and fields (objects, key, index)
+FIELD_OVERHEAD = 250  # bytes a stored field costs beyond its text (str, tuple, answer_fields)
 
 
 def directives(values: Iterable[str]) -> dict[str, str | None]:
@@ -155,6 +162,9 @@ class Entry:
     etag: str | None
     last_modified: str | None
     size: int = field(init=False)
+    # The stored fields as the answer's headers start: a hit copies them (a copy of a
+    # multidict keeps its folded names) instead of folding every name again.
+    answer_fields: CIMultiDict[str] = field(init=False)
 
     def __post_init__(self) -> None:
         fields = sum(len(name) + len(value) for name, value in self.headers)
@@ -164,6 +174,7 @@ class Entry:
         self.size = (
             len(self.body) + fields + keys + ENTRY_OVERHEAD + FIELD_OVERHEAD * len(self.headers)
         )
+        self.answer_fields = CIMultiDict(self.headers)
 
     def age(self, now: float) -> float:
         """current_age of RFC 9111 §4.2.3."""
@@ -199,9 +210,12 @@ class Asked:
     def accepts(self, entry: Entry, now: float) -> bool:
         """Whether `entry` may answer this request without validation (RFC 9111 §4.2 and the
         request directives of §5.2.1)."""
+        return self.accepts_aged(entry, entry.age(now))
+
+    def accepts_aged(self, entry: Entry, age: float) -> bool:
+        """`accepts` for an entry whose current age is known (a hit says it in Age)."""
         if entry.no_cache or self.no_cache:
             return False
-        age = entry.age(now)
         left = entry.freshness_lifetime - age
         if left <= 0:
             return False
@@ -216,10 +230,15 @@ PLAIN = Asked()
 def asked(headers: CIMultiDictProxy[str]) -> Asked:
     """The request's view of the cache; PLAIN, allocated once, for a request that says
     nothing about it."""
-    control = headers.getall("Cache-Control", ())
-    inm = headers.get("If-None-Match")
-    ims = headers.get("If-Modified-Since")
-    evaluates = not any(name in headers for name in _NOT_EVALUATED)
+    control = headers.getall(hdrs.CACHE_CONTROL, ())
+    inm = headers.get(hdrs.IF_NONE_MATCH)
+    ims = headers.get(hdrs.IF_MODIFIED_SINCE)
+    evaluates = not (
+        _RANGE in headers
+        or _IF_RANGE in headers
+        or _IF_MATCH in headers
+        or _IF_UNMODIFIED_SINCE in headers
+    )
     if not control and inm is None and ims is None and evaluates:
         return PLAIN
     found = directives(control)

@@ -8,8 +8,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from aiohttp import web
-from multidict import CIMultiDictProxy
+from aiohttp import hdrs, web
+from multidict import CIMultiDictProxy, istr
 
 from proxy.cache import policy
 from proxy.cache.plan import BYPASS, HIT, MISS, Plan
@@ -26,6 +26,8 @@ _CACHED_METHODS = frozenset({"GET", "HEAD"})
 _GET_ONLY = ("GET",)
 _GET_THEN_HEAD = ("GET", "HEAD")
 _SAFE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+# The fields a stored answer gets (istr: added without folding their case each time).
+_AGE, _X_CACHE, _X_REQUEST_ID = hdrs.AGE, istr("X-Cache"), istr("X-Request-ID")
 
 
 class ResponseCache:
@@ -106,13 +108,15 @@ class ResponseCache:
         # A GET's answer answers a HEAD too (RFC 9110 §9.3.2), when it is fresh.
         primaries = _GET_ONLY if method == "GET" else _GET_THEN_HEAD
         entry = None
+        entries = self.entries
         for looked_for in primaries:
-            found = self.entries.find((credential, looked_for, url), headers)
-            if found is not None and asked.accepts(found, now):
-                self.entries.touch(found)
-                return self._hit(
-                    request, found, asked, now, route=route.prefix, request_id=request_id
-                )
+            found = entries.find((credential, looked_for, url), headers)
+            if found is not None:
+                age = found.age(now)
+                if asked.accepts_aged(found, age):
+                    entries.touch(found)
+                    self.metrics.cache_result(route.prefix, HIT)
+                    return self.answer(request, found, asked, HIT, age=age, request_id=request_id)
             if looked_for == method:
                 entry = found
         shared = self.shared.get(route.credential)
@@ -123,12 +127,12 @@ class ResponseCache:
                 found = await self._shared_find(shared, primary, headers, now)
                 if found is None:
                     continue
-                if asked.accepts(found, now):
+                age = found.age(now)
+                if asked.accepts_aged(found, age):
                     self.entries.put(found)
                     self._sizes()
-                    return self._hit(
-                        request, found, asked, now, route=route.prefix, request_id=request_id
-                    )
+                    self.metrics.cache_result(route.prefix, HIT)
+                    return self.answer(request, found, asked, HIT, age=age, request_id=request_id)
                 if looked_for == method and (entry is None or found.age(now) < entry.age(now)):
                     entry = found  # the one to revalidate: another replica's is younger
         if asked.only_if_cached:
@@ -144,19 +148,6 @@ class ResponseCache:
         return Plan(
             self, match, MISS, headers, primary=(credential, method, url), entry=stale, asked=asked
         )
-
-    def _hit(
-        self,
-        request: web.Request,
-        entry: Entry,
-        asked: Asked,
-        now: float,
-        *,
-        route: str,
-        request_id: str,
-    ) -> web.Response:
-        self.metrics.cache_result(route, HIT)
-        return self.answer(request, entry, asked, HIT, age=entry.age(now), request_id=request_id)
 
     async def _shared_find(
         self, shared: ResponseStore, primary: Primary, headers: CIMultiDictProxy[str], now: float
@@ -182,21 +173,26 @@ class ResponseCache:
         request_id: str,
     ) -> web.Response:
         """An answer from `entry`: 304 when the client's own validators match it."""
-        status = entry.status
         if asked.conditional and policy.not_modified(
-            asked, status=status, etag=entry.etag, last_modified=entry.last_modified
+            asked, status=entry.status, etag=entry.etag, last_modified=entry.last_modified
         ):
-            status = 304
-            headers = policy.not_modified_fields(entry.headers)
-        else:
-            headers = list(entry.headers)
-        headers += (("Age", str(int(age))), ("X-Cache", label), ("X-Request-ID", request_id))
-        if status == 304 or request.method == "HEAD":
-            response = web.Response(status=status, reason=entry.reason, headers=headers)
-            if status != 304 and policy.first(entry.headers, "content-length") is None:
-                response.headers["Content-Length"] = str(len(entry.body))
-            return response
-        return web.Response(status=status, reason=entry.reason, headers=headers, body=entry.body)
+            fields = policy.not_modified_fields(entry.headers)
+            fields += ((_AGE, str(int(age))), (_X_CACHE, label), (_X_REQUEST_ID, request_id))
+            return web.Response(status=304, reason=entry.reason, headers=fields)
+        head = request.method == "HEAD"
+        response = web.Response(
+            status=entry.status,
+            reason=entry.reason,
+            headers=entry.answer_fields,
+            body=None if head else entry.body,
+        )
+        headers = response.headers
+        headers.add(_AGE, str(int(age)))
+        headers.add(_X_CACHE, label)
+        headers.add(_X_REQUEST_ID, request_id)
+        if head and policy.first(entry.headers, "content-length") is None:
+            headers[hdrs.CONTENT_LENGTH] = str(len(entry.body))
+        return response
 
     async def store(self, entry: Entry, *, replacing: Entry | None = None) -> None:
         """Keep `entry` in memory, in place of `replacing`, and share it with the replicas."""
