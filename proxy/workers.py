@@ -209,6 +209,7 @@ class Supervisor:
         fetch), then every worker reloads, from the file's table as read here."""
         self._settings = loaded.settings
         self._relay.use(_identities(loaded.settings))
+        await self._relay.rekey(_identities(loaded.settings))
         table = loaded.toml if changes.trigger == SIGHUP else None
         self._tell(wire.reload(changes.trigger, table))
         if any(key.startswith(("credentials", "clients")) for key in changes.fields):

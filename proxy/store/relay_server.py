@@ -60,10 +60,40 @@ class RelayServer:
         for digest in self._tokens:
             self._start_watching(digest)
 
+    async def rekey(self, credentials: Iterable[tuple[CredentialIdentity, str]]) -> None:
+        """After a reload: a credential that stays with a new secret gets the token store that
+        secret keys (a shared store seals its token with it; memory's is the same one), and
+        the token in hand goes there, unless that store holds one already, so that the
+        group's token stays readable to replicas that have the new secret too."""
+        for identity, secret in credentials:
+            digest = identity.digest
+            known = self._tokens.get(digest)
+            tokens = self._store.tokens(identity, secret)
+            if known is None or known is tokens:
+                continue
+            with contextlib.suppress(StoreUnavailable):
+                held = (await known.load()).token
+                if held is not None and (await tokens.load()).token is None:
+                    await tokens.publish(
+                        value=held.value,
+                        obtained_at=held.obtained_at,
+                        expires_at=held.expires_at,
+                        scope=held.scope,
+                    )
+            self._tokens[digest] = tokens
+            watcher = self._watchers.pop(digest, None)
+            if watcher is not None:
+                watcher.cancel()
+                self._stopped.add(watcher)
+                watcher.add_done_callback(self._stopped.discard)
+            if self._started:
+                self._start_watching(digest)
+
     def use(self, credentials: Iterable[tuple[CredentialIdentity, str]]) -> None:
         """The group's credentials from now on (a reload): a new one is served, and its state
         told to every worker; one no longer configured is no longer watched, nor served to
-        a worker that still asks (its reload is on its way). One that stays keeps its state."""
+        a worker that still asks (its reload is on its way). One that stays keeps its state
+        (see rekey for a new secret)."""
         wanted = {identity.digest: (identity, secret) for identity, secret in credentials}
         for digest in [digest for digest in self._tokens if digest not in wanted]:
             del self._tokens[digest], self._figures[digest]

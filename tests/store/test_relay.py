@@ -16,12 +16,12 @@ from collections.abc import AsyncIterator
 import pytest
 
 from proxy.refusals import Evidence
-from proxy.store import CredentialIdentity, FetchFailure, MemoryStore, StoreUnavailable
+from proxy.store import CredentialIdentity, FetchFailure, MemoryStore, Store, StoreUnavailable
 from proxy.store import relay_wire as wire
 from proxy.store.relay import Relay, RelayTokens
 from proxy.store.relay_server import RelayServer
 from tests.conftest import LEAKS
-from tests.store.conftest import wait_until
+from tests.store.conftest import RedisServer, redis_store, wait_until
 
 SECRET = "Relay-Client-Secret-5be1"
 IDENTITY = CredentialIdentity.of(token_url="https://oauth.example.test/token", client_id="rl")
@@ -32,8 +32,8 @@ PATH = "https://api.example.test/profile/user/wow"
 class Group:
     """A supervisor's relay server and the relays of its workers, numbered from 1."""
 
-    def __init__(self) -> None:
-        self.store = MemoryStore()
+    def __init__(self, store: Store | None = None) -> None:
+        self.store = store if store is not None else MemoryStore()
         self.server = RelayServer(self.store, [(IDENTITY, SECRET)])
         self.relays: dict[int, Relay] = {}
         self._serving: dict[int, asyncio.Task[None]] = {}
@@ -73,8 +73,8 @@ class Group:
 
 
 @contextlib.asynccontextmanager
-async def group() -> AsyncIterator[Group]:
-    made = Group()
+async def group(store: Store | None = None) -> AsyncIterator[Group]:
+    made = Group(store)
     made.server.start()
     try:
         yield made
@@ -236,3 +236,34 @@ async def test_a_reload_and_the_reload_metrics_reach_the_worker_as_told() -> Non
     finally:
         await relay.close()
         writer.close()
+
+
+async def test_a_new_secret_takes_the_groups_token_to_what_that_secret_reads_in_redis(
+    redis_server: RedisServer,
+) -> None:
+    """Redis seals a token with a key from the secret: after a reload with a new secret, the
+    supervisor's token store is the one that secret keys, holding the token the group had, so
+    that a replica started with the new secret reads it instead of fetching its own, and the
+    workers keep it."""
+    new_secret = SECRET + "-rotated"
+    async with redis_store(redis_server.url, prefix="rekey:") as store, group(store) as workers:
+        one = await workers.add(1)
+        await _publish(one, "before-rotation")
+        held = (await one.load()).token
+        assert held is not None
+        async with redis_store(redis_server.url, prefix="rekey:") as replica:
+            assert (await replica.tokens(IDENTITY, new_secret).load()).token is None
+            workers.server.use([(IDENTITY, new_secret)])
+            await workers.server.rekey([(IDENTITY, new_secret)])
+            read = (await replica.tokens(IDENTITY, new_secret).load()).token
+            assert read is not None
+            assert read.value == held.value
+
+        def moved() -> bool:
+            token = one.current().token
+            return token is not None and token.version != held.version
+
+        await wait_until(moved)  # the workers are told of the token in its new store
+        kept = one.current().token
+        assert kept is not None
+        assert kept.value == held.value
