@@ -57,6 +57,7 @@ STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL
 STREAM_TIMEOUT = 300.0  # seconds for the whole streaming download
 SAMPLE_INTERVAL = 0.05  # seconds between two VmRSS readings
 LOG_TAIL_LINES = 20
+ICOUNT_TIMEOUT = 900.0  # seconds for bench/icount.py's whole table
 
 TARGET_VS_REFERENCE = 2.0  # b/c requests/s at 64 connections, at least
 TARGET_VS_NGINX = 0.40  # b/d requests/s at 64 connections, at least
@@ -462,6 +463,8 @@ class Report:
     load_hwm_kib: int | None = None
     stream: StreamResult | str | None = None
     loop: str = "unknown"
+    # bench/icount.py's table of instructions per request, or why it is missing.
+    counts: list[str] = field(default_factory=list)
 
 
 async def download(url: str) -> int:
@@ -523,6 +526,7 @@ class Options:
     keep: bool
     rounds: int = 1
     pin: bool = False
+    instructions: int = 0  # requests per case for bench/icount.py; 0: not counted
 
 
 def proxy_env(
@@ -612,19 +616,24 @@ class Bench:
         start_nginx(self.processes, nginx, directory, conf, self.upstream_port, cpus=self.load_cpus)
         return f"nginx, 1 worker, `return 200` of a {len(SMALL_BODY)}-byte JSON"
 
-    def start_proxy(self, workers: int | None = None) -> tuple[subprocess.Popen[bytes], int]:
-        """token-proxy with default settings (case b), or with `workers` (case e)."""
+    def start_token_server(self) -> int:
+        """The fake token endpoint, started once; its port."""
         if self.token_port is None:
             self.token_port = free_port()
             token_server = [str(HERE / "fake_token_server.py"), "--port", str(self.token_port)]
             self.start("fake token server", token_server, self.token_port, self.load_cpus)
+        return self.token_port
+
+    def start_proxy(self, workers: int | None = None) -> tuple[subprocess.Popen[bytes], int]:
+        """token-proxy with default settings (case b), or with `workers` (case e)."""
+        token_port = self.start_token_server()
         proxy_port = free_port()
         name = "token-proxy" if workers is None else f"token-proxy-{workers}-workers"
         secrets_dir = self.tmp / f"{name}-secrets"
         secrets_dir.mkdir()
         env = proxy_env(
             port=proxy_port,
-            token_port=self.token_port,
+            token_port=token_port,
             upstream_port=self.upstream_port,
             secrets_dir=secrets_dir,
             options=self.options,
@@ -657,6 +666,27 @@ class Bench:
         self.start("ceiling proxy", [*argv, "--upstream", upstream], ceiling_port, self.proxy_cpus)
         cases.append(Case("f", "ceiling, no features", ceiling_port))
         return cases
+
+    def count_instructions(self, requests: int) -> list[str]:
+        """bench/icount.py's table, against the same upstream and token server; its lines."""
+        argv = [
+            self.python,
+            str(HERE / "icount.py"),
+            f"--requests={requests}",
+            f"--upstream-port={self.upstream_port}",
+            f"--token-port={self.start_token_server()}",
+        ]
+        note(f"counting instructions under callgrind, {requests:,} requests per case")
+        try:
+            # A fixed argument list, no shell; icount.py stops what it started.
+            done = subprocess.run(  # noqa: S603
+                argv, capture_output=True, text=True, timeout=ICOUNT_TIMEOUT, check=False
+            )
+        except subprocess.TimeoutExpired:
+            return [f"instructions per request: not counted within {ICOUNT_TIMEOUT:g} s"]
+        if done.returncode != 0 and not done.stdout:
+            return [f"instructions per request: not counted ({done.stderr.strip()})"]
+        return done.stdout.splitlines()
 
     def measure(self, wrk: str, case: Case, connections: int, report: Report, pid: int) -> None:
         url = f"http://{LOOPBACK}:{case.port}{PATH}"
@@ -723,6 +753,8 @@ class Bench:
             note(f"streaming failed: {exc!r}")
             report.stream = "failed"
         report.loop = loop_from_log(self.proxy_log)
+        if self.options.instructions:
+            report.counts = self.count_instructions(self.options.instructions)
         return report
 
 
@@ -819,6 +851,8 @@ def render(report: Report, options: Options) -> Iterator[str]:
     vs_reference, vs_nginx = _ratio(report, "b", "c"), _ratio(report, "b", "d")
     p99_added = _p99_added(report)
     yield from _ratio_lines(report, options)
+    yield ""
+    yield from report.counts or ["instructions per request: not counted (--instructions 0)"]
     yield ""
     yield "token-proxy memory (MiB; VmRSS and VmHWM from /proc/PID/status)"
     idle_rss, idle_hwm = report.idle_kib
@@ -943,6 +977,16 @@ def _at_least_one(text: str) -> int:
     return value
 
 
+def _whole(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
+
+
 def _env_pair(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -1010,6 +1054,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="run each proxy under test alone on the first CPU, and wrk, the upstream and the "
         "token server on the others (taskset); workers (case e) are not pinned",
     )
+    parser.add_argument(
+        "--instructions",
+        type=_whole,
+        default=2000,
+        metavar="N",
+        help="count instructions per request under callgrind over N sequential requests per "
+        "case with bench/icount.py (default 2000, 0 for none; needs valgrind)",
+    )
     return parser.parse_args(argv)
 
 
@@ -1032,6 +1084,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         keep=args.keep,
         rounds=args.rounds,
         pin=args.pin,
+        instructions=args.instructions,
     )
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with `&`
     signal.signal(signal.SIGTERM, _exit_on_signal)
