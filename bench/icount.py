@@ -133,7 +133,14 @@ class Processes:
             self.stop(process)
 
 
-def proxies(python: str, *, upstream_port: int, token_port: int, tmp: Path) -> list[Proxy]:
+def proxies(
+    python: str,
+    *,
+    upstream_port: int,
+    token_port: int,
+    tmp: Path,
+    extra_env: dict[str, str] | None = None,
+) -> list[Proxy]:
     """token-proxy with its defaults (b), the reference proxy on asyncio's loop (c) and on
     uvloop (u), and the no-feature ceiling (f): the cases of bench/run's instruction table."""
     secrets_dir = tmp / "icount-secrets"
@@ -152,6 +159,7 @@ def proxies(python: str, *, upstream_port: int, token_port: int, tmp: Path) -> l
         "TOKEN_PROXY_UPSTREAM": f"http://{LOOPBACK}:{upstream_port}",
         "TOKEN_PROXY_LOG_FORMAT": "json",
         "TOKEN_PROXY_SECRETS_DIR": str(secrets_dir),
+        **(extra_env or {}),
     }
     upstream = f"http://{LOOPBACK}:{upstream_port}"
     reference = [python, str(HERE / "reference_proxy.py"), "--upstream", upstream]
@@ -374,6 +382,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--requests", type=_count, default=Plan.requests, help="default 2000")
     parser.add_argument("--baseline", type=_count, help="default a quarter of --requests")
     parser.add_argument("--warmup", type=_count, default=Plan.warmup, help="default 300")
+    parser.add_argument(
+        "--cases", default="bcuf", help="which of b, c, u, f to count (default all: bcuf)"
+    )
+    parser.add_argument(
+        "--proxy-env",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="extra environment for token-proxy (repeatable), e.g. TOKEN_PROXY_ACCESS_LOG=false",
+    )
     parser.add_argument("--parallel", type=_count, default=2, help="cases counted at once")
     parser.add_argument(
         "--upstream-port", type=int, help="a running upstream (bench/run's); default: start one"
@@ -394,7 +412,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         upstream_port, token_port = args.upstream_port, args.token_port
         if upstream_port is None or token_port is None:
             upstream_port, token_port = _servers(processes, python, tmp)
-        cases = proxies(python, upstream_port=upstream_port, token_port=token_port, tmp=tmp)
+        extra = dict(pair.partition("=")[::2] for pair in args.proxy_env)
+        cases = proxies(
+            python,
+            upstream_port=upstream_port,
+            token_port=token_port,
+            tmp=tmp,
+            extra_env=extra,
+        )
+        cases = [case for case in cases if case.key in args.cases]
         counts = count_all(cases, plan, processes=processes, tmp=tmp, parallel=args.parallel)
     except IcountError as exc:
         note(str(exc))
