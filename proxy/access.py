@@ -91,7 +91,7 @@ class AccessLog:
 
     def record(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         status: int,
         duration: float,
         exchange: Exchange,

@@ -28,7 +28,7 @@ class RequestBody:
 
     __slots__ = ("_limit", "_request", "bytes_in", "data", "overflow", "replayable")
 
-    def __init__(self, request: web.Request | None, *, limit: int | None) -> None:
+    def __init__(self, request: web.BaseRequest | None, *, limit: int | None) -> None:
         self._request = request
         self._limit = limit
         self.bytes_in = 0
@@ -71,7 +71,7 @@ class RequestBody:
 NO_BODY = RequestBody(None, limit=None)
 
 
-async def request_body(request: web.Request, *, limit: int | None) -> RequestBody:
+async def request_body(request: web.BaseRequest, *, limit: int | None) -> RequestBody:
     """The body step: the request's body, or NO_BODY when it has none."""
     if not request.body_exists:
         return NO_BODY
@@ -95,7 +95,7 @@ class Relayed:
 
 
 async def relay(
-    request: web.Request,
+    request: web.BaseRequest,
     response: UpstreamResponse,
     *,
     request_id: str,
@@ -152,7 +152,7 @@ async def relay(
         return Relayed(response=out, bytes_out=sent, outcome=outcome)
 
 
-def _close_client(request: web.Request) -> None:
+def _close_client(request: web.BaseRequest) -> None:
     """Close the client connection; aiohttp's own write_eof then fails quietly."""
     if request.transport is not None:
         request.transport.close()

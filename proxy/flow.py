@@ -37,7 +37,7 @@ class Sent:
 
 
 async def forward(
-    request: web.Request, runtime: Runtime, raw: str, *, request_id: str, record: Exchange
+    request: web.BaseRequest, runtime: Runtime, raw: str, *, request_id: str, record: Exchange
 ) -> web.StreamResponse:
     """Key check, route, then the exchange with upstream, answering the client."""
     # The key before the route: without one, every path gets the same 401, so nobody can
@@ -84,7 +84,7 @@ async def forward(
 
 
 async def send_replaying_once(
-    request: web.Request,
+    request: web.BaseRequest,
     runtime: Runtime,
     match: Match,
     *,
@@ -134,7 +134,7 @@ async def send_replaying_once(
 
 
 async def send_once(
-    request: web.Request,
+    request: web.BaseRequest,
     runtime: Runtime,
     match: Match,
     *,
