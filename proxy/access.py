@@ -119,4 +119,5 @@ class AccessLog:
         if self._debug:
             url = exchange.upstream_url
             fields["upstream_url"] = None if url is None else mask_query(url)
-        log_info_fast("proxy.access", "request", fields)
+        # Its own keys are harmless names and its values plain: no walk, only the search.
+        log_info_fast("proxy.access", "request", fields, plain=True)
