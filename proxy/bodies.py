@@ -3,7 +3,6 @@ streamed, within max_body_size) and the relay of upstream's answer to the client
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -105,7 +104,7 @@ async def relay(
     """The relay step: upstream's answer to the client, streamed, or in one write when it
     arrived whole. The cache adds its `extra` headers, and is given with `keep` every piece
     of the body once the client has it."""
-    with contextlib.closing(response):
+    try:
         headers = downstream_headers(response.header_items, request_id=request_id)
         if extra is not None:
             headers += extra
@@ -150,6 +149,8 @@ async def relay(
             outcome = "client_aborted"
             _close_client(request)
         return Relayed(response=out, bytes_out=sent, outcome=outcome)
+    finally:
+        response.close()
 
 
 def _close_client(request: web.BaseRequest) -> None:

@@ -88,7 +88,7 @@ def request_head(
         if len(name) == 14 and name.lower() == "content-length":
             has_length = True
         lines.append(f"{name}: {value}")
-    if isinstance(body, AsyncIterable):
+    if body is not None and not isinstance(body, bytes):  # a stream (no ABC check: see lean)
         if not has_length:
             lines.append("Transfer-Encoding: chunked")
     elif body and not has_length:
