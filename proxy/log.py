@@ -209,8 +209,8 @@ class _FastLines:
             self._second = second
             self._stamp = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
         micro = int((now - second) * 1_000_000)
-        # isoformat() leaves out a fraction of zero microseconds.
-        return f"{self._stamp}.{micro:06d}Z" if micro else f"{self._stamp}Z"
+        # isoformat() leaves out a fraction of zero microseconds. (zfill: cheaper than :06d.)
+        return f"{self._stamp}.{str(micro).zfill(6)}Z" if micro else self._stamp + "Z"
 
     def info(self, logger: str, event: str, fields: dict[str, Any], *, plain: bool = False) -> None:
         if _live.level > logging.INFO:
