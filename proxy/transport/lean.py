@@ -301,9 +301,12 @@ class LeanClient:
         self._busy.discard(conn)
         conn.expecting = False
         self._slots.give()
-        idle = self._idle.setdefault(conn.origin, [])
-        if reuse and not conn.closed and len(idle) < _MAX_IDLE_PER_ORIGIN:
-            conn.idle_since = time.monotonic()
-            idle.append(conn)
-        else:
-            conn.close()
+        if reuse and not conn.closed:
+            idle = self._idle.get(conn.origin)
+            if idle is None:
+                idle = self._idle[conn.origin] = []
+            if len(idle) < _MAX_IDLE_PER_ORIGIN:
+                conn.idle_since = time.monotonic()
+                idle.append(conn)
+                return
+        conn.close()
