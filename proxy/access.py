@@ -27,13 +27,17 @@ _SENSITIVE_PARAM = re.compile(
 # Parameter names come from clients: remember verdicts, but never an unbounded number of them.
 _MAX_REMEMBERED = 4096
 _verdicts: dict[str, bool] = {}
+# Whole queries found to hold nothing to mask: clients repeat the same few, and one lookup
+# then replaces the walk over their parameters. Bounded in number and in length.
+_MAX_REMEMBERED_QUERY = 256
+_plain_queries: set[str] = set()
 
 
 def mask_query(target: str) -> str:
     """`target` (a path with its query, or a URL) with sensitive parameter values masked."""
-    if "?" not in target:
-        return target  # the usual case costs one scan and no allocation
-    path, _, query = target.partition("?")
+    path, mark, query = target.partition("?")
+    if not mark or query in _plain_queries:
+        return target  # the usual cases cost a scan or a lookup, and no allocation
     params = query.split("&")
     masked = False
     for index, param in enumerate(params):
@@ -46,7 +50,11 @@ def mask_query(target: str) -> str:
         if verdict:
             params[index] = f"{name}={REDACTED}"
             masked = True
-    return f"{path}?{'&'.join(params)}" if masked else target
+    if masked:
+        return f"{path}?{'&'.join(params)}"
+    if len(query) <= _MAX_REMEMBERED_QUERY and len(_plain_queries) < _MAX_REMEMBERED:
+        _plain_queries.add(query)
+    return target
 
 
 def _sensitive(name: str) -> bool:
