@@ -49,3 +49,27 @@ def test_icount_prints_instructions_per_request_for_each_proxy() -> None:
     uvloop_row = next(line for line in done.stdout.splitlines() if line.startswith("  u "))
     assert uvloop_row.split()[-2] == "1.00"  # the ratios' denominator
     assert re.search(r"(PASS|MISS)  token-proxy / reference on uvloop <= 0\.75", done.stdout)
+
+
+def test_footprint_prints_start_up_and_idle_rss_with_targets() -> None:
+    """`bench/run footprint`: token-proxy's start-up to ready and its idle VmRSS measured on a
+    real run, beside the reference proxy's, each target with its verdict."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "bench.py"), "footprint", "--rounds=1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    startup = re.search(r"^  start-up to ready\s+([\d.]+) s", done.stdout, re.MULTILINE)
+    idle = re.search(r"^  idle VmRSS\s+([\d.]+) MiB", done.stdout, re.MULTILINE)
+    floor = re.search(r"^  reference proxy, uvloop, idle\s+([\d.]+) MiB", done.stdout, re.MULTILINE)
+    assert startup, done.stdout
+    assert idle, done.stdout
+    assert floor, done.stdout
+    assert 0 < float(startup[1]) < 20
+    # More than the Python interpreter alone, and more than a proxy with none of its features.
+    assert 15 < float(floor[1]) < float(idle[1]) < 200
+    assert re.search(r"(PASS|MISS)  idle RSS <= 45 MiB", done.stdout)
+    assert re.search(r"(PASS|MISS)  start-up to ready < 0.5 s", done.stdout)
