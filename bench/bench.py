@@ -12,6 +12,10 @@ Cases, each measured with wrk at 8 and 64 connections after a warm-up:
   e  through token-proxy with --workers N (only with `--workers N`), measured in the same run
   f  through bench/ceiling_proxy.py: aiohttp's server and token-proxy's lean client on uvloop
      with no feature at all, the most token-proxy could do on this machine
+  g  through token-proxy with a rate limit too high to hold anything back, counted in memory
+     (only with `--redis`)
+  h  the same, counted in a redis-server on loopback: two Redis round trips per request
+     (only with `--redis`)
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 
@@ -73,6 +77,7 @@ INSTALL_HINT = {
     "wrk": "install it with `sudo apt-get install wrk` (Debian/Ubuntu)",
     "nginx": "install it with `sudo apt-get install nginx-light` (Debian/Ubuntu) to add the "
     "nginx upstream and case d",
+    "redis-server": "install it with `sudo apt-get install redis-server` (Debian/Ubuntu)",
 }
 
 
@@ -204,6 +209,71 @@ def wait_ready(name: str, process: subprocess.Popen[bytes], port: int, log: Path
         time.sleep(READY_POLL)
 
 
+# --- --redis: cases g and h ------------------------------------------------------------------
+# What sharing a rate limit through Redis costs: one credential whose rate limit is too high to
+# hold anything back, so that only the bookkeeping is measured; g counts it in memory, h in a
+# redis-server this run starts on loopback (no persistence): two Redis round trips a request.
+
+# Far above what one machine can send: never waits, always counts.
+REDIS_CASE_RATE_LIMIT = "1000000/second"
+# Keys the shorthand sets, which the TOML credential replaces.
+_SHORTHAND = ("CLIENT_ID", "CLIENT_SECRET", "TOKEN_URL", "UPSTREAM")
+
+
+def redis_pings(port: int) -> bool:
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def start_redis(
+    start: Callable[..., subprocess.Popen[bytes]], directory: Path, port: int
+) -> subprocess.Popen[bytes]:
+    """redis-server on loopback `port`, without persistence, started by `start` (the run's
+    Processes.start, so that it is stopped with everything else); BenchError when there is none
+    on PATH or it does not answer."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise BenchError(f"--redis needs redis-server; {INSTALL_HINT['redis-server']}")
+    directory.mkdir(exist_ok=True)
+    argv = [binary, "--port", str(port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no"]
+    process = start("redis-server", [*argv, "--dir", str(directory)], log=directory / "redis.log")
+    deadline = time.monotonic() + START_TIMEOUT
+    while not redis_pings(port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise BenchError(f"redis-server did not answer PING on port {port}")
+        time.sleep(0.05)
+    return process
+
+
+def limited_env(
+    env: Mapping[str, str], *, config: Path, token_port: int, upstream_port: int, redis: int | None
+) -> dict[str, str]:
+    """`env` (case b's) with one credential limited to REDIS_CASE_RATE_LIMIT, written to
+    `config`, and with redis_url set when `redis` names a port."""
+    lines = [
+        "[credentials.bench]",
+        'client_id = "bench"',
+        'client_secret = "bench-secret"',
+        f'token_url = "http://{LOOPBACK}:{token_port}/token"',
+        f"rate_limit = {json.dumps([REDIS_CASE_RATE_LIMIT])}",
+        "[[routes]]",
+        'prefix = "/"',
+        f'upstream = "http://{LOOPBACK}:{upstream_port}"',
+        'credential = "bench"',
+    ]
+    config.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    dropped = {f"TOKEN_PROXY_{name}" for name in _SHORTHAND}
+    limited = {k: v for k, v in env.items() if k not in dropped}
+    limited["TOKEN_PROXY_CONFIG"] = str(config)
+    if redis is not None:
+        limited["TOKEN_PROXY_REDIS_URL"] = f"redis://{LOOPBACK}:{redis}/0"
+    return limited
+
+
 # --- memory ----------------------------------------------------------------------------------
 
 
@@ -216,6 +286,16 @@ def process_tree(pid: int) -> list[int]:
                 children = (task / "children").read_text().split()
                 found.extend(int(child) for child in children if int(child) not in found)
     return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of `pid` and its descendants so far."""
+    ticks = 0
+    for each in process_tree(pid):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def memory_kib(pid: int) -> tuple[int, int]:
@@ -270,6 +350,9 @@ class WrkResult:
     p99_ms: float
     requests: int
     errors: int  # non-2xx/3xx answers and socket errors
+    # CPU time of the processes measured (a proxy, and for case h redis-server too) per
+    # request, in microseconds: what a case costs, whatever else the machine runs.
+    cpu_us: tuple[float, ...] = ()
 
 
 _TIME_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
@@ -447,6 +530,7 @@ class Case:
     key: str
     name: str
     port: int
+    pids: tuple[int, ...] = ()  # whose CPU time to count per request
 
 
 @dataclass
@@ -542,6 +626,7 @@ class Options:
     rounds: int = 1
     pin: bool = False
     instructions: int = 0  # requests per case for bench/icount.py; 0: not counted
+    redis: bool = False
 
 
 def proxy_env(
@@ -591,6 +676,7 @@ class Bench:
         self.proxy_log = tmp / "token-proxy.log"
         self.token_port: int | None = None
         self.startup_s: float | None = None  # the last single-process token-proxy's start-up
+        self.redis_port: int | None = None
         # --pin: the proxy under test alone on the first CPU, the rest for wrk and upstream.
         self.proxy_cpus: str | None = None
         self.load_cpus: str | None = None
@@ -640,11 +726,16 @@ class Bench:
             self.start("fake token server", token_server, self.token_port, self.load_cpus)
         return self.token_port
 
-    def start_proxy(self, workers: int | None = None) -> tuple[subprocess.Popen[bytes], int]:
-        """token-proxy with default settings (case b), or with `workers` (case e)."""
+    def start_proxy(
+        self, workers: int | None = None, *, limit: str | None = None
+    ) -> tuple[subprocess.Popen[bytes], int]:
+        """token-proxy with default settings (case b), with `workers` (case e), or with a rate
+        limit counted in `limit`, "memory" (case g) or "redis" (case h)."""
         token_port = self.start_token_server()
         proxy_port = free_port()
         name = "token-proxy" if workers is None else f"token-proxy-{workers}-workers"
+        if limit is not None:
+            name = f"token-proxy-limit-in-{limit}"
         secrets_dir = self.tmp / f"{name}-secrets"
         secrets_dir.mkdir(exist_ok=True)
         env = proxy_env(
@@ -655,14 +746,22 @@ class Bench:
             options=self.options,
             workers=workers,
         )
-        log = self.proxy_log if workers is None else self.tmp / f"{name}.log"
+        if limit is not None:
+            env = limited_env(
+                env,
+                config=self.tmp / f"{name}.toml",
+                token_port=token_port,
+                upstream_port=self.upstream_port,
+                redis=self.redis_port if limit == "redis" else None,
+            )
+        log = self.proxy_log if workers is None and limit is None else self.tmp / f"{name}.log"
         # Workers are never pinned: they are there to use more than one CPU.
         cpus = self.proxy_cpus if workers is None else None
         argv = pinned([self.python, "-m", "proxy"], cpus)
         started = time.monotonic()
         proxy = self.processes.start(name, argv, log=log, env=env)
         wait_ready(name, proxy, proxy_port, log)
-        if workers is None:
+        if workers is None and limit is None:
             self.startup_s = time.monotonic() - started
         return proxy, proxy_port
 
@@ -714,6 +813,7 @@ class Bench:
         try:
             if self.options.warmup:
                 run_wrk(wrk, url, connections, self.options.warmup, self.load_cpus)
+            before = [cpu_seconds(pid) for pid in case.pids]
             if case.key == "b" and connections == max(CONNECTIONS):
                 with RssSampler(pid) as sampler:
                     result = run_wrk(wrk, url, connections, self.options.seconds, self.load_cpus)
@@ -721,6 +821,11 @@ class Bench:
                 report.load_hwm_kib = memory_kib(pid)[1]
             else:
                 result = run_wrk(wrk, url, connections, self.options.seconds)
+            if case.pids and result.requests:
+                spent = [
+                    cpu_seconds(each) - was for each, was in zip(case.pids, before, strict=True)
+                ]
+                result = replace(result, cpu_us=tuple(t * 1e6 / result.requests for t in spent))
         except (BenchError, subprocess.TimeoutExpired) as exc:
             note(f"{label}: {exc}")
             report.runs.setdefault((case.key, connections), [])
@@ -742,12 +847,19 @@ class Bench:
         proxy, proxy_port = self.start_proxy()
         cases = [
             Case("a", "direct to upstream", self.upstream_port),
-            Case("b", "token-proxy", proxy_port),
+            Case("b", "token-proxy", proxy_port, (proxy.pid,)),
             *self.start_references(nginx),
         ]
         if self.options.workers is not None:
             _, workers_port = self.start_proxy(self.options.workers)
             cases.append(Case("e", f"token-proxy {self.options.workers} workers", workers_port))
+        if self.options.redis:
+            self.redis_port = free_port()
+            redis = start_redis(self.processes.start, self.tmp / "redis", self.redis_port)
+            for key, limit in (("g", "memory"), ("h", "redis")):
+                limited, port = self.start_proxy(limit=limit)
+                pids = (limited.pid,) if limit == "memory" else (limited.pid, redis.pid)
+                cases.append(Case(key, f"token-proxy, rate limit in {limit}", port, pids))
         time.sleep(IDLE_SETTLE)
         report = Report(
             upstream=upstream,
@@ -855,6 +967,8 @@ CASE_NAMES = {
     "c": "c reference proxy",
     "d": "d nginx proxy",
     "f": "f no-feature ceiling",
+    "g": "g limit in memory",
+    "h": "h limit in Redis",
 }
 
 
@@ -888,10 +1002,17 @@ def render(report: Report, options: Options) -> Iterator[str]:
         )
     if options.workers is not None:
         yield f"case e: the same settings + TOKEN_PROXY_WORKERS={options.workers}"
+    if options.redis:
+        yield (
+            f"cases g, h: the same settings with one credential limited to "
+            f"{REDIS_CASE_RATE_LIMIT}, counted in memory (g) and in a local redis-server (h); "
+            "cpu us/req: token-proxy's CPU time per request (+ redis-server's for h)"
+        )
     yield ""
     spread = "  requests/s of every round" if options.rounds > 1 else ""
     yield (
         f"{'case':<22} {'conns':>5} {'requests/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"
+        + (f" {'cpu us/req':>11}" if options.redis else "")
         + spread
     )
     for (key, connections), result in report.results.items():
@@ -899,9 +1020,12 @@ def render(report: Report, options: Options) -> Iterator[str]:
         if isinstance(result, WrkResult):
             runs = report.runs.get((key, connections), [])
             every = "  " + " ".join(f"{run.requests_per_s:,.0f}" for run in runs) if spread else ""
+            cpu = ""
+            if options.redis:
+                cpu = " " + f"{'+'.join(f'{us:.0f}' for us in result.cpu_us) or '-':>11}"
             yield (
                 f"{name:<22} {connections:>5} {result.requests_per_s:>12,.0f} "
-                f"{result.p50_ms:>8.3f} {result.p99_ms:>8.3f} {result.errors:>7}{every}"
+                f"{result.p50_ms:>8.3f} {result.p99_ms:>8.3f} {result.errors:>7}{cpu}{every}"
             )
         else:
             yield f"{name:<22} {connections:>5} {result:>12}"
@@ -913,26 +1037,9 @@ def render(report: Report, options: Options) -> Iterator[str]:
     yield ""
     yield from report.counts or ["instructions per request: not counted (--instructions 0)"]
     yield ""
-    yield "token-proxy memory (MiB; VmRSS and VmHWM from /proc/PID/status)"
-    idle_rss, idle_hwm = report.idle_kib
-    yield f"  {'idle after start':<24}VmRSS {mib(idle_rss):.1f}, VmHWM {mib(idle_hwm):.1f}"
-    yield f"  {'start-up to ready':<24}{_fmt(report.startup_s, '.3f', ' s')}"
-    yield (
-        f"  {f'under load ({high} conns)':<24}VmRSS peak sampled "
-        f"{_fmt(_mib(report.load_rss_kib), '.1f')}"
-        f", VmHWM {_fmt(_mib(report.load_hwm_kib), '.1f')}"
-    )
-    stream, growth = report.stream, None
-    if isinstance(stream, StreamResult):
-        growth = stream.growth_mib
-        yield (
-            f"  {f'streaming {stream.size / MIB:g} MiB':<24}growth {growth:.1f} (VmHWM "
-            f"{mib(stream.hwm_before_kib):.1f} -> {mib(stream.hwm_after_kib):.1f}, VmRSS "
-            f"{mib(stream.rss_before_kib):.1f} -> peak {mib(stream.rss_peak_kib):.1f}); "
-            f"{stream.seconds:.1f} s, {stream.size / MIB / stream.seconds:,.0f} MiB/s"
-        )
-    else:
-        yield f"  {'streaming':<24}{stream or 'not run'}"
+    yield from _memory_lines(report, high)
+    idle_rss = report.idle_kib[0]
+    growth = report.stream.growth_mib if isinstance(report.stream, StreamResult) else None
     yield ""
     yield "targets"
     load_peak = max(report.load_hwm_kib or 0, report.load_rss_kib or 0) or None
@@ -981,6 +1088,29 @@ def render(report: Report, options: Options) -> Iterator[str]:
     yield f"  uvloop in use: {uvloop}"
 
 
+def _memory_lines(report: Report, high: int) -> Iterator[str]:
+    yield "token-proxy memory (MiB; VmRSS and VmHWM from /proc/PID/status)"
+    idle_rss, idle_hwm = report.idle_kib
+    yield f"  {'idle after start':<24}VmRSS {mib(idle_rss):.1f}, VmHWM {mib(idle_hwm):.1f}"
+    yield f"  {'start-up to ready':<24}{_fmt(report.startup_s, '.3f', ' s')}"
+    yield (
+        f"  {f'under load ({high} conns)':<24}VmRSS peak sampled "
+        f"{_fmt(_mib(report.load_rss_kib), '.1f')}"
+        f", VmHWM {_fmt(_mib(report.load_hwm_kib), '.1f')}"
+    )
+    stream = report.stream
+    if isinstance(stream, StreamResult):
+        growth = stream.growth_mib
+        yield (
+            f"  {f'streaming {stream.size / MIB:g} MiB':<24}growth {growth:.1f} (VmHWM "
+            f"{mib(stream.hwm_before_kib):.1f} -> {mib(stream.hwm_after_kib):.1f}, VmRSS "
+            f"{mib(stream.rss_before_kib):.1f} -> peak {mib(stream.rss_peak_kib):.1f}); "
+            f"{stream.seconds:.1f} s, {stream.size / MIB / stream.seconds:,.0f} MiB/s"
+        )
+    else:
+        yield f"  {'streaming':<24}{stream or 'not run'}"
+
+
 def footprint_targets(idle_mib: float | None, startup_s: float | None) -> tuple[Target, Target]:
     return (
         Target(
@@ -1016,6 +1146,13 @@ def _ratio_lines(report: Report, options: Options) -> Iterator[str]:
         for other, label in (("b", "1 worker"), ("c", "reference proxy"), ("d", "nginx proxy")):
             ratio = _fmt(_ratio(report, "e", other), ".2f")
             yield f"  e/{other} {f'{n} workers / {label}':<31} {ratio}"
+    if options.redis:
+        for top, bottom, label in (
+            ("g", "b", "limit in memory / no limit"),
+            ("h", "b", "limit in Redis / no limit"),
+            ("h", "g", "limit in Redis / in memory"),
+        ):
+            yield f"  {top}/{bottom} {label:<31} {_fmt(_ratio(report, top, bottom), '.2f')}"
     p99_added = _p99_added(report)
     yield f"p99 added over direct at {low} connections (b.p99 - a.p99): {_fmt(p99_added, '.3f')} ms"
     if p99_added is not None and p99_added < 0:
@@ -1137,6 +1274,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="also measure token-proxy with TOKEN_PROXY_WORKERS=N, as case e of the same run",
     )
     parser.add_argument(
+        "--redis",
+        action="store_true",
+        help="also measure token-proxy with a rate limit counted in memory (case g) and in a "
+        "redis-server started on loopback (case h)",
+    )
+    parser.add_argument(
         "--stream-mib", type=int, default=1024, help="size of the streaming test (default 1024)"
     )
     parser.add_argument(
@@ -1184,6 +1327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rounds=args.rounds,
         pin=args.pin,
         instructions=args.instructions,
+        redis=args.redis,
     )
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with `&`
     signal.signal(signal.SIGTERM, _exit_on_signal)

@@ -34,9 +34,8 @@ from proxy.errors import (
 from proxy.flow import forward
 from proxy.inbound import ANONYMOUS
 from proxy.log import bind_request, get_logger, unbind_request
-from proxy.metrics import Metrics
-from proxy.runtime import Runtime
-from proxy.store import Store
+from proxy.metrics import Metrics, StoreMetrics
+from proxy.runtime import Runtime, StoreFactory
 
 log = get_logger("proxy.app")
 
@@ -186,6 +185,8 @@ def _ready(runtime: Runtime, request_id: str) -> web.Response:
     states = {name: source.state() for name, source in sources.items()}
     waiting = sorted(name for name, state in states.items() if not state["ready"])
     shown: dict[str, object] = {"config_hash": runtime.config_hash, "credentials": states}
+    # Shown, never judged: a replica alone serves as well as one sharing.
+    shown["store"] = runtime.store.state()
     if runtime.cache is not None:
         shown["cache"] = runtime.cache.state()
     if not waiting:
@@ -212,6 +213,14 @@ def _ready(runtime: Runtime, request_id: str) -> web.Response:
     return problem_response(error, request_id=request_id, extra=shown)
 
 
+def _store_state(current: Current) -> dict[str, Any] | None:
+    """What the store of the current runtime says of itself, for the metrics at a scrape."""
+    try:
+        return current.runtime.store.state()
+    except RuntimeError:
+        return None  # not started yet
+
+
 class ProxyApp:
     """What every request is answered from: the metrics, the current runtime (a reload
     replaces it), and the cut-off at the shutdown deadline; `handle` is the one handler of
@@ -223,18 +232,22 @@ class ProxyApp:
         settings: Settings,
         *,
         metrics: Metrics | None = None,
-        store: Store | None = None,
+        store_factory: StoreFactory | None = None,
         token_metrics: bool = True,
         config_hash: str | None = None,
     ) -> None:
-        """`store` keeps the tokens (None: a MemoryStore of this process; a worker's is the
-        relay to its supervisor, which counts the token metrics: `token_metrics` False);
-        `config_hash` names the configuration for /-/ready (a worker's is its group's,
-        before it took its share). start() builds the runtime, close() closes it."""
+        """`store_factory` builds the store of the tokens, limits and cache from the settings
+        (None: Redis when redis_url is set, else memory; a worker's is the relay to its
+        supervisor, which counts the token metrics: `token_metrics` False); `config_hash`
+        names the configuration for /-/ready (a worker's is its group's, before it took its
+        share). start() builds the runtime, close() closes it."""
         _name_the_server()
         self.settings = settings
         self.metrics = metrics if metrics is not None else Metrics()
-        self.current = Current(metrics=self.metrics, store=store, token_metrics=token_metrics)
+        self.current = Current(
+            metrics=self.metrics, store_factory=store_factory, token_metrics=token_metrics
+        )
+        self.metrics.include(StoreMetrics(lambda: _store_state(self.current)))
         # Set when shutdown_timeout has run out and the server closes the connections still busy.
         self.cut_off = asyncio.Event()
         self._config_hash = config_hash

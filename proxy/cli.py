@@ -382,6 +382,9 @@ async def _check(settings: Settings) -> int:
         for route in settings.routes_by_length
     ]
     _print_table(("route", "upstream", "credential", "egress_proxy"), routes)
+    if settings.redis_url is not None:
+        print()
+        print(await _check_redis(settings))
     return EXIT_TOKEN_FAILED if failed else EXIT_OK
 
 
@@ -396,3 +399,34 @@ def _print_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> No
     for row in (header, *rows):
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
         print("  ".join([*cells, row[-1]]).rstrip())
+
+
+async def _check_redis(settings: Settings) -> str:
+    """Whether Redis answers, in one line that never names it (its URL holds a password).
+    Not a failure either way: a proxy whose Redis is away starts, alone."""
+    import time  # noqa: PLC0415
+
+    from proxy.store import StoreUnavailable  # noqa: PLC0415
+    from proxy.store.redis import RedisStore  # noqa: PLC0415
+    from proxy.store.redis_url import parse_redis_url  # noqa: PLC0415
+
+    url = settings.redis_url
+    if url is None:
+        return "redis: not configured"
+    redis = RedisStore(
+        parse_redis_url(url), timeout=settings.redis_timeout, prefix=settings.redis_key_prefix
+    )
+    started = time.perf_counter()
+    try:
+        await redis.ping()
+    except StoreUnavailable as exc:
+        return (
+            f"redis: FAILED ({exc.kind}): {exc.detail}; the proxy would start all the same, "
+            "each replica on its own, and share once Redis answers"
+        )
+    finally:
+        await redis.close()
+    return (
+        f"redis: ok, answered in {(time.perf_counter() - started) * 1000:.1f} ms; keys under "
+        f"{settings.redis_key_prefix!r}"
+    )

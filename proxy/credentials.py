@@ -78,6 +78,8 @@ class TokenManager:
         self._failure: FetchFailure | None = None
         # The version of the last token dropped here: the store may still hold it a moment.
         self._dropped = ""
+        # The token in hand when the store was replaced, for the new one (see use()).
+        self._carried: Token | None = None
         # What requests left for the background task to tell the store, in order.
         self._drops: list[tuple[Token, str]] = []
         self._refusing: list[str] = []
@@ -107,16 +109,27 @@ class TokenManager:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    def use(self, credential: Credential, *, request_timeout: float, wait_timeout: float) -> None:
+    def use(
+        self,
+        credential: Credential,
+        *,
+        request_timeout: float,
+        wait_timeout: float,
+        store: TokenStore | None = None,
+    ) -> None:
         """A reload's credential (same identity) and timeouts, from the next fetch on: the
         token in hand stays until its refresh; after a failed fetch (a refused secret, or one
-        backing off) a new secret is tried at once."""
+        backing off) a new secret is tried at once. `store`: the token store from now on (a
+        new Redis, or the same one keyed by a new secret), which gets the token in hand."""
         for form in secret_forms(credential):
             redactor.add_secret(form)
         changed = credential.client_secret != self._credential.client_secret
         self._credential = credential
         self._request_timeout = request_timeout
         self._wait_timeout = wait_timeout
+        if store is not None and store is not self._store:
+            self._store, self._paths, self._carried = store, store.paths, self._token
+            self._wake.set()
         if changed:
             self._retry, self._retry_from = True, self._failure
             self._wake.set()
@@ -235,6 +248,7 @@ class TokenManager:
         """Tell the store what requests learnt, take what it holds, and fetch if a token is
         due and nobody else is fetching it; else wait until something may have changed."""
         self._wake.clear()
+        await self._carry()
         await self._tell_store()
         snapshot = await self._store.load()
         self._take(snapshot)
@@ -253,6 +267,23 @@ class TokenManager:
         finally:
             with contextlib.suppress(StoreUnavailable):
                 await self._store.unlock(owner)
+
+    async def _carry(self) -> None:
+        """Give a new store the token in hand, unless it holds one already (another replica's):
+        a store that changed costs no token request."""
+        token = self._carried
+        if token is None:
+            return
+        snapshot = await self._store.load()
+        self._carried = None
+        if snapshot.token is None and token.usable(self._clock()) and self._token is token:
+            shared = await self._store.publish(
+                value=token.value,
+                obtained_at=token.stamp,
+                expires_at=token.stamp + token.lifetime,
+                scope=token.scope,
+            )
+            self._token = replace(token, version=shared.version)
 
     def _until_due(self) -> float:
         """Seconds until this manager should fetch: the refresh time of a usable token, or the

@@ -7,29 +7,28 @@ import asyncio
 
 from proxy.config import Settings
 from proxy.metrics import Metrics
-from proxy.runtime import Runtime
-from proxy.store.base import Store
+from proxy.runtime import Runtime, StoreFactory
 
 
 class Current:
     """The runtime that new requests start on; a reload replaces it with one assignment, and
     requests already running keep the one they took, which closes once they are done."""
 
-    __slots__ = ("_metrics", "_retiring", "_runtime", "_store", "_token_metrics")
+    __slots__ = ("_metrics", "_retiring", "_runtime", "_store_factory", "_token_metrics")
 
     def __init__(
         self,
         *,
         metrics: Metrics | None = None,
-        store: Store | None = None,
+        store_factory: StoreFactory | None = None,
         token_metrics: bool = True,
     ) -> None:
-        """`store` and `token_metrics`: those of the first runtime (see Runtime.open), which
-        hands its store on to the next."""
+        """`store_factory` and `token_metrics`: those of every runtime (see Runtime.open); a
+        runtime hands its store on to the next unless the store's settings changed."""
         self._runtime: Runtime | None = None
         self._retiring: dict[Runtime, asyncio.Task[None]] = {}
         self._metrics = metrics if metrics is not None else Metrics()
-        self._store = store
+        self._store_factory = store_factory
         self._token_metrics = token_metrics
 
     async def start(self, settings: Settings, *, config_hash: str | None = None) -> None:
@@ -37,7 +36,7 @@ class Current:
         self._runtime = await Runtime.open(
             settings,
             metrics=self._metrics,
-            store=self._store,
+            store_factory=self._store_factory,
             token_metrics=self._token_metrics,
             config_hash=config_hash,
         )
@@ -48,6 +47,7 @@ class Current:
         new = await Runtime.open(
             settings,
             metrics=self._metrics,
+            store_factory=self._store_factory,
             token_metrics=self._token_metrics,
             previous=self.runtime,
             config_hash=config_hash,

@@ -10,6 +10,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -221,6 +222,44 @@ class TokenMetricsCopy(Collector):
             expires_in.add_metric([name], seconds_left)
             failures.add_metric([name], figures.failures)
         yield from (fetches, expiry, expires_in, failures)
+
+
+STORE_ERROR_KINDS = ("timeout", "connection", "auth", "response", "other")
+
+
+class StoreMetrics(Collector):
+    """The shared store's figures, read from `state` (what the store's state() says) at each
+    scrape, so that requests pay nothing for them; none with the in-memory store."""
+
+    def __init__(self, state: Callable[[], Mapping[str, Any] | None]) -> None:
+        self._state = state
+
+    def collect(self) -> Iterator[Metric]:
+        state = self._state()
+        if state is None or state.get("backend") == "memory" or "state" not in state:
+            return
+        up = GaugeMetricFamily(
+            "token_proxy_store_up",
+            "1 while this process shares its state through the store (Redis), 0 while it goes "
+            "on alone because the store does not answer.",
+        )
+        up.add_metric([], 1.0 if state["state"] == "shared" else 0.0)
+        errors = CounterMetricFamily(
+            "token_proxy_store_errors",
+            "Calls to the store (Redis) that failed, by kind: timeout, connection, auth, "
+            "response, other.",
+            labels=["kind"],
+        )
+        counted: Mapping[str, int] = state.get("errors") or {}
+        for kind in (*STORE_ERROR_KINDS, *sorted(set(counted) - set(STORE_ERROR_KINDS))):
+            errors.add_metric([kind], float(counted.get(kind, 0)))
+        replicas = GaugeMetricFamily(
+            "token_proxy_store_replicas",
+            "Processes (replicas and workers) that shared the store when it last answered, "
+            "this one included; alone, each rate limit is divided by it.",
+        )
+        replicas.add_metric([], float(state.get("replicas") or 1))
+        yield from (up, errors, replicas)
 
 
 @dataclass(slots=True, eq=False)  # a registry keys its collectors by identity

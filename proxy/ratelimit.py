@@ -5,7 +5,6 @@ max wait, then get 429. An upstream 429 pauses the credential for its Retry-Afte
 from __future__ import annotations
 
 import asyncio
-import collections
 import email.utils
 import math
 import time
@@ -59,7 +58,10 @@ class RateLimiter:
 
     A request holds a pending slot in the store from the moment it is let through until
     upstream has answered (or failed), and only then is it counted, at that later time. So
-    however long connecting takes, no window of upstream arrivals holds more than the limit."""
+    however long connecting takes, no window of upstream arrivals holds more than the limit.
+    Requests that must wait hold a ticket in the store's queue, so that they are served in
+    the order they came across every replica that shares the store, not only within this one;
+    each sleeps until the store says a slot may be free for it, and asks again then."""
 
     def __init__(
         self,
@@ -76,84 +78,58 @@ class RateLimiter:
         self.kind = kind  # which limit this is, as its refusals are counted
         self.name = name
         self.claim = Claim(key=key, rates=tuple(Rate.parse(rate) for rate in rates))
+        self._claims = (self.claim,)
         self._max_wait = max_wait
         self._counters = counters
         self._hold = hold
         self._clock = clock
-        # Waiters for the turn, served in arrival order; `_busy` while someone holds it.
-        self._queue: collections.deque[asyncio.Future[None]] = collections.deque()
-        self._busy = False
-        self._settled: asyncio.Future[None] | None = None
-        # The end of an upstream 429 pause this limiter knows of, so that a limiter without
-        # rates answers idle() without asking the store.
-        self._paused_until = 0.0
+        # So that idle() sees at once a pause that another replica set.
+        counters.watch(key)
 
     async def acquire(self) -> Settle:
-        """Wait for a slot in every window, or raise RateLimited after max_wait. Returns the
-        callable to await once upstream has answered."""
+        """Wait for a slot in every window, or raise RateLimited once it is clear that none
+        frees up within max_wait. Returns the callable to await once upstream has answered."""
         if self.idle():
             return _nothing
-        deadline = self._clock() + self._max_wait
-        if not await self._take_turn(deadline):
-            raise await self._refusal()
+        clock = self._clock
+        deadline = clock() + self._max_wait
+        ticket: str | None = None
         try:
             while True:
-                admission = await self._counters.acquire((self.claim,), hold=self._hold)
+                admission = await self._counters.acquire(
+                    self._claims,
+                    hold=self._hold,
+                    queue=max(0.0, deadline - clock()),
+                    ticket=ticket,
+                )
+                ticket = admission.ticket
                 if admission.slot is not None:
                     return self._settler(admission.slot)
-                now = self._clock()
-                if now + admission.wait > deadline:
+                if clock() + admission.wait > deadline:
                     raise self._refused(admission.wait)
-                # A pending request that settles may free a slot before the window moves.
-                settled = self._settled
-                if settled is None or settled.done():
-                    settled = self._settled = asyncio.get_running_loop().create_future()
-                await self._clock.wait(settled, admission.wait)
+                # Nothing wakes this earlier: a settle never frees a slot before the window
+                # moves (the entry is counted from then on), and the store's wait is never later
+                # than the slot frees.
+                await clock.wait(asyncio.get_running_loop().create_future(), admission.wait)
         finally:
-            self._pass_turn()
+            if ticket is not None:
+                await self._counters.leave(self._claims, ticket)
 
     def idle(self) -> bool:
-        """No limits, and no upstream 429 pause in force: acquire would return at once."""
-        return not self.claim.rates and self._paused_until <= self._clock()
+        """No limits, and no upstream 429 pause in force (this replica's or another's, as the
+        store's local copy knows it): acquire would return at once. Asks nothing remote."""
+        return not self.claim.rates and self._counters.pause_seen(self.claim.key) <= 0.0
 
     async def pause(self, seconds: float) -> float:
         """Hold every request of this limiter back for `seconds` (an upstream 429); returns
         the pause in force, which a longer one already there may exceed."""
-        left = await self._counters.pause(self.claim.key, min(seconds, MAX_UPSTREAM_PAUSE))
-        self._paused_until = max(self._paused_until, self._clock() + left)
-        return left
+        return await self._counters.pause(self.claim.key, min(seconds, MAX_UPSTREAM_PAUSE))
 
     def _settler(self, slot: Slot) -> Settle:
         async def settle() -> None:
             await self._counters.settle(slot)
-            settled, self._settled = self._settled, None
-            if settled is not None and not settled.done():
-                settled.set_result(None)
 
         return settle
-
-    async def _take_turn(self, deadline: float) -> bool:
-        if not self._busy:
-            self._busy = True
-            return True
-        turn = asyncio.get_running_loop().create_future()
-        self._queue.append(turn)
-        if await self._clock.wait(turn, deadline - self._clock()):
-            return True
-        self._queue.remove(turn)
-        turn.cancel()
-        return False
-
-    def _pass_turn(self) -> None:
-        while self._queue:
-            turn = self._queue.popleft()
-            if not turn.done():
-                turn.set_result(None)
-                return
-        self._busy = False
-
-    async def _refusal(self) -> RateLimited:
-        return self._refused(await self._counters.next_free((self.claim,)))
 
     def _refused(self, wait: float) -> RateLimited:
         return RateLimited(

@@ -17,12 +17,15 @@ from proxy.config import Loaded, SecretFile, Settings, fingerprint, load
 from proxy.errors import ConfigError
 from proxy.log import get_logger, set_logging
 from proxy.metrics import ConfigReloads
+from proxy.store.build import STORE_SETTINGS
 from proxy.token_sources import identity_of
 
 log = get_logger("proxy.reload")
 
 # What a running process cannot change: its listeners, its processes, its upstream client.
 RESTART_ONLY = ("host", "port", "metrics_port", "workers", "upstream_client")
+# With workers, the store's settings too: the supervisor's token store is the group's.
+RESTART_ONLY_WITH_WORKERS = (*RESTART_ONLY, *STORE_SETTINGS)
 # The secret files are read this often. A poll, not inotify: Kubernetes updates a mounted
 # Secret by swapping the `..data` symlink of the volume, and external-secrets or Vault Agent
 # rename a new file over the old, so a watch on the file's inode never fires, and a watch on
@@ -214,7 +217,13 @@ class Reloader:
                 return False
         else:
             settings = _with_secrets(previous.settings, reread.changed)
-            loaded, fixed = Loaded(settings, reread.files, previous.toml), ()
+            fixed = ()
+            if "redis_url" in _restart_only(previous.settings) and (
+                settings.redis_url != previous.settings.redis_url
+            ):
+                fixed = ("redis_url",)
+                settings = settings.model_copy(update={"redis_url": previous.settings.redis_url})
+            loaded = Loaded(settings, reread.files, previous.toml)
         return await self._switch(ROTATION, loaded, needs_restart=fixed, otherwise=seen)
 
     def _read(self, table: Mapping[str, Any] | None) -> tuple[Loaded, tuple[str, ...]]:
@@ -223,7 +232,9 @@ class Reloader:
         running workers is checked too)."""
         running = self._loaded.settings
         loaded = self._source.load(table=table)
-        fixed = tuple(k for k in RESTART_ONLY if getattr(loaded.settings, k) != getattr(running, k))
+        fixed = tuple(
+            k for k in _restart_only(running) if getattr(loaded.settings, k) != getattr(running, k)
+        )
         if not fixed:
             return loaded, ()
         values = {key: getattr(running, key) for key in fixed}
@@ -299,12 +310,39 @@ class Reloader:
 
 
 def _with_secrets(settings: Settings, changed: Sequence[SecretFile]) -> Settings:
-    """`settings` with each credential's client_secret_file value as read again: no other
-    setting depends on a secret, so nothing else needs validating."""
+    """`settings` with each client_secret_file's and the redis_url_file's value as read
+    again: no other setting depends on a secret, so nothing else needs validating (a Redis
+    URL is checked as it was at start-up, by the store's parser)."""
     credentials = dict(settings.credentials)
+    update: dict[str, Any] = {}
     for file in changed:
+        if file.setting == ("redis_url_file",):
+            if _usable_redis_url(file):
+                update["redis_url"] = file.value
+            continue
         # credentials.NAME.client_secret_file, or the shorthand's client_secret_file.
         name = str(file.setting[1]) if file.setting[0] == "credentials" else "default"
         if name in credentials:
             credentials[name] = credentials[name].model_copy(update={"client_secret": file.value})
-    return settings.model_copy(update={"credentials": credentials})
+    return settings.model_copy(update={"credentials": credentials, **update})
+
+
+def _usable_redis_url(file: SecretFile) -> bool:
+    """Whether the Redis URL a rotated file holds can be used; one that cannot is logged (never
+    quoted) and the running one stays."""
+    from proxy.store.redis_url import parse_redis_url  # noqa: PLC0415  (loads redis-py)
+
+    try:
+        parse_redis_url(file.value)
+    except ValueError as exc:
+        log.warning(
+            "a secret file cannot be used; its last value stays in use",
+            problem=f"{file.where}: {exc}",
+        )
+        return False
+    return True
+
+
+def _restart_only(running: Settings) -> tuple[str, ...]:
+    """The settings that only a restart of `running` can change."""
+    return RESTART_ONLY_WITH_WORKERS if running.workers > 1 else RESTART_ONLY

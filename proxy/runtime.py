@@ -21,8 +21,8 @@ from proxy.metrics import Metrics
 from proxy.ratelimit import RateLimits
 from proxy.routing import RouteTable
 from proxy.store.base import Store
-from proxy.store.memory import MemoryStore
-from proxy.token_sources import build_token_source, identity_of, token_session
+from proxy.store.build import build_store, same_store
+from proxy.token_sources import build_token_source, identity_of, token_session, token_store
 from proxy.tokens import TokenSource
 from proxy.transport import Transports
 
@@ -32,6 +32,15 @@ if TYPE_CHECKING:
 # How long a rate-limit slot may stay pending beyond the upstream timeouts before the store
 # stops counting it (its holder died).
 SLOT_HOLD_MARGIN = 5.0
+# Builds the store a configuration asks for, not started.
+StoreFactory = Callable[[Settings], Store]
+
+
+def credential_key(credential: Credential) -> str:
+    """The rate-limit key of a credential: its identity, so that every replica naming the same
+    credential shares its limits and its 429 pause, whatever its name there."""
+    return "credential:" + identity_of(credential).digest
+
 
 T = TypeVar("T")
 
@@ -111,6 +120,10 @@ class Runtime:
             },
             counters=self.store.counters,
             hold=settings.connect_timeout + settings.read_timeout + SLOT_HOLD_MARGIN,
+            credential_keys={
+                name: credential_key(credential)
+                for name, credential in settings.credentials.items()
+            },
         )
         self.access = AccessLog(
             enabled=settings.access_log,
@@ -136,18 +149,19 @@ class Runtime:
         settings: Settings,
         *,
         metrics: Metrics,
-        store: Store | None = None,
+        store_factory: StoreFactory | None = None,
         token_metrics: bool = True,
         previous: Runtime | None = None,
         config_hash: str | None = None,
     ) -> Runtime:
         """Build everything Settings describes and start it (the token fetches begin), on
-        `store` (None: a MemoryStore; a worker's is its relay). `token_metrics` False: another
-        process exports the token metrics (a worker's supervisor). With `previous`, the
-        runtime serving now, take over from it what did not change: the store, the token
-        session, the transport when its settings are the same, and the token source of each
-        credential whose identity is the same (its token stays; a changed secret is used at
-        its next fetch)."""
+        the store `store_factory` builds from `settings` (None: build_store; a worker's is its
+        relay). `token_metrics` False: another process exports the token metrics (a worker's
+        supervisor). With `previous`, the runtime serving now, take over from it what did not
+        change: the store when its settings are the same, the token session, the transport
+        when its settings are the same, and the token source of each credential whose
+        identity is the same (its token stays, and goes to a new store; a changed secret is
+        used at its next fetch)."""
         for client in settings.clients:
             if client.key is not None:
                 redactor.add_secret(client.key.get_secret_value())
@@ -157,7 +171,7 @@ class Runtime:
             return await cls._open(
                 settings,
                 metrics=metrics,
-                store=store,
+                store_factory=store_factory,
                 token_metrics=token_metrics,
                 previous=previous,
                 config_hash=config_hash or fingerprint(settings),
@@ -175,16 +189,16 @@ class Runtime:
         settings: Settings,
         *,
         metrics: Metrics,
-        store: Store | None,
+        store_factory: StoreFactory | None,
         token_metrics: bool,
         previous: Runtime | None,
         config_hash: str,
         taken: list[_Shared[Any]],
     ) -> Runtime:
-        if previous is not None:
+        if previous is not None and same_store(previous.settings, settings):
             shared_store = previous._store.share()
         else:
-            own_store = store if store is not None else MemoryStore()
+            own_store = (store_factory or build_store)(settings)
             await own_store.start()
             shared_store = _Shared(own_store, own_store.close)
         taken.append(shared_store)
@@ -247,6 +261,7 @@ class Runtime:
                 credential,
                 request_timeout=settings.token_timeout,
                 wait_timeout=settings.token_wait_timeout,
+                store=token_store(shared_store.value, credential),
             )
         for source in new:
             source.start()

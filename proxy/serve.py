@@ -37,7 +37,7 @@ async def serve(loaded: Loaded, source: ConfigSource, worker: WorkerLink | None 
         app = ProxyApp(
             settings,
             metrics=worker.metrics,
-            store=worker.store,
+            store_factory=worker.store_for,
             token_metrics=False,
             config_hash=fingerprint(loaded.settings),
         )

@@ -10,7 +10,7 @@ import aiohttp
 from proxy.config import Credential, Settings
 from proxy.credentials import TokenManager
 from proxy.metrics import Metrics
-from proxy.store import CredentialIdentity, Store
+from proxy.store import CredentialIdentity, Store, TokenStore
 
 
 def identity_of(credential: Credential) -> CredentialIdentity:
@@ -23,6 +23,11 @@ def identity_of(credential: Credential) -> CredentialIdentity:
         extra_params=credential.extra_params,
         auth_method=credential.auth_method,
     )
+
+
+def token_store(store: Store, credential: Credential) -> TokenStore:
+    """The store of `credential`'s token in `store`: keyed by its identity and its secret."""
+    return store.tokens(identity_of(credential), credential.client_secret.get_secret_value())
 
 
 def token_session() -> aiohttp.ClientSession:
@@ -49,7 +54,7 @@ def build_token_source(
         name=name,
         credential=credential,
         session=session,
-        store=store.tokens(identity_of(credential), credential.client_secret.get_secret_value()),
+        store=token_store(store, credential),
         metrics=metrics,
         request_timeout=settings.token_timeout,
         wait_timeout=settings.token_wait_timeout,

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 from proxy.config import Credential
 from proxy.errors import ClientRejected, TokenUnavailable
 from proxy.oauth import oauth_error
-from proxy.store import FetchFailure, SharedToken
+from proxy.store import FetchFailure, SharedToken, TokenStore
 
 REFRESH_FRACTION = 0.8
 SAFETY_MARGIN_CAP = 30.0
@@ -174,8 +174,16 @@ class TokenSource(Protocol):
 
     def replayed(self, path: str, *, rejected: bool) -> None: ...
 
-    def use(self, credential: Credential, *, request_timeout: float, wait_timeout: float) -> None:
-        """A reload kept this source: the same credential, perhaps with a new secret."""
+    def use(
+        self,
+        credential: Credential,
+        *,
+        request_timeout: float,
+        wait_timeout: float,
+        store: TokenStore | None = None,
+    ) -> None:
+        """A reload kept this source: the same credential, perhaps with a new secret, and
+        perhaps a new `store` of its token (see TokenManager.use)."""
         ...
 
     async def wait_changed(self) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 from proxy.config import Settings
 from proxy.metrics import Metrics, TokenFigures, TokenMetricsCopy
 from proxy.store import relay_wire as wire
+from proxy.store.build import build_store
 from proxy.store.relay import Relay, RelayStore
 from proxy.token_sources import identity_of
 
@@ -87,7 +88,6 @@ class WorkerLink:
         self._digests: dict[str, str] = {}
         self._track(settings)
         self.relay = Relay(on_group=self._told)
-        self.store = RelayStore(self.relay)
         self.lost = self.relay.lost
         # The supervisor's word to reload with the group, and one that came before this
         # worker listened for it.
@@ -95,6 +95,12 @@ class WorkerLink:
         self._missed_reload: tuple[str, Mapping[str, Any] | None] | None = None
         self.metrics = Metrics(multiprocess_dir=directory)
         self.metrics.include(TokenMetricsCopy(self._figures))
+
+    def store_for(self, settings: Settings) -> RelayStore:
+        """This worker's store for `settings`: tokens through the relay; limits, pauses and
+        cached answers in Redis when redis_url is set (shared whole), else its own memory."""
+        local = build_store(settings) if settings.redis_url is not None else None
+        return RelayStore(self.relay, local=local)
 
     async def connect(self) -> None:
         await self.relay.connect(socket.socket(fileno=self.spec.fd))

@@ -29,8 +29,9 @@ from proxy.egress import register_secrets as register_egress_secrets
 from proxy.log import get_logger
 from proxy.metrics import ConfigReloads
 from proxy.reload import SIGHUP, Changes, ConfigSource, Reloader
-from proxy.store import CredentialIdentity, MemoryStore
+from proxy.store import CredentialIdentity
 from proxy.store import relay_wire as wire
+from proxy.store.build import build_store
 from proxy.store.relay_server import RelayServer
 from proxy.token_sources import identity_of
 from proxy.worker import MULTIPROC_ENV, WorkerSpec
@@ -91,7 +92,9 @@ class Supervisor:
         self.failure: str | None = None
         self._held: list[socket.socket] = []
         self._workers: dict[int, _Worker] = {}
-        self._relay = RelayServer(MemoryStore(), _identities(settings))
+        # The group's token store: Redis (behind its fallback) with redis_url, else memory.
+        self._store = build_store(settings)
+        self._relay = RelayServer(self._store, _identities(settings))
         # The group's reload metrics, which every worker exports.
         self._reloads = ConfigReloads()
         self._directory = ""
@@ -157,6 +160,7 @@ class Supervisor:
         if not self._directory:
             self.make_metrics_directory()
         register_egress_secrets(settings)
+        await self._store.start()
         self._relay.start()
         reloader = None
         if reloading is not None:
@@ -183,6 +187,7 @@ class Supervisor:
                 await asyncio.gather(reloader, return_exceptions=True)
             await self._stop_workers()
             await self._relay.close()
+            await self._store.close()
             shutil.rmtree(self._directory, ignore_errors=True)
             self.release_ports()
         log.info("stopped")
@@ -220,6 +225,9 @@ class Supervisor:
 
     def _log_split(self) -> None:
         settings = self._settings
+        if settings.limits_shared:
+            log.info("rate limits are shared whole by the workers, through Redis")
+            return
         credentials, clients = settings.split_limits()
         shares = {
             f"credential {name}": list(credential.rate_limits)

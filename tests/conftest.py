@@ -1,5 +1,6 @@
 """Shared fixtures: a fake OAuth token server and a fake upstream API on loopback, settings
-that point at them, and the proxy itself in-process or as a real subprocess."""
+that point at them, the proxy itself in-process or as a real subprocess, and a real
+redis-server."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ from proxy.app import ProxyApp
 from proxy.config import Settings
 from proxy.credentials import TokenManager
 from proxy.log import configure_logging, redactor
+from tests.redis_server import PASSWORD as REDIS_PASSWORD
+from tests.redis_server import RedisServer, redis_binary
 
 TEST_CLIENT_ID = "test-client-id"
 TEST_SECRET = "Sup3r-S3cret-Value-Never-Logged-7f3a"
@@ -68,7 +71,11 @@ class LeakWatch:
 
     def _needles(self) -> dict[str, str]:
         basic = base64.b64encode(f"{TEST_CLIENT_ID}:{TEST_SECRET}".encode()).decode()
-        needles = {"the test secret": TEST_SECRET, "the Basic credentials": basic}
+        needles = {
+            "the test secret": TEST_SECRET,
+            "the Basic credentials": basic,
+            "the Redis password": REDIS_PASSWORD,
+        }
         needles.update({f"token {token[:6]}…": token for token in self.tokens})
         return needles
 
@@ -162,6 +169,7 @@ class TokenRequest:
 
     headers: dict[str, str]
     form: dict[str, str]
+    at: float = field(default_factory=time.monotonic)  # when it arrived
 
     @property
     def basic_credentials(self) -> tuple[str, str] | None:
@@ -623,3 +631,25 @@ async def proxy_process(
             proxy.process.kill()
             proxy.process.wait()
         LEAKS.add(f"the log of proxy process {proxy.pid}", proxy.log_text())
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A running redis-server of this test's own; fails (never skips) when there is none."""
+    server = RedisServer(redis_binary(), tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture
+def redis_server_with_password(tmp_path: Path) -> Iterator[RedisServer]:
+    """As redis_server, with `requirepass` set."""
+    server = RedisServer(redis_binary(), tmp_path, password=REDIS_PASSWORD)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()

@@ -216,6 +216,60 @@ async def test_limiter_serves_waiters_first_come_first_served() -> None:
     assert admitted == [0, 1, 2, 3, 4]
 
 
+async def test_waiters_of_replicas_sharing_a_store_are_served_in_arrival_order() -> None:
+    """Two limiters on one store (two replicas of one credential) serve their waiters in the
+    order they came, across both: a replica's second waiter goes before the other replica's
+    later one, even though that one was first to ask when the window moved."""
+    clock = FakeClock()
+    counters = MemoryCounters(clock=clock)
+
+    def replica() -> RateLimiter:
+        return RateLimiter(
+            kind="credential",
+            name="credential 'c'",
+            key="credential:c",
+            rates=["1/second"],
+            max_wait=10,
+            counters=counters,
+            hold=HOLD,
+            clock=clock,
+        )
+
+    one, two = replica(), replica()
+    await answered(one)
+    admitted: list[str] = []
+
+    async def take(limiter_: RateLimiter, name: str) -> None:
+        await answered(limiter_)
+        admitted.append(name)
+
+    tasks = []
+    for limiter_, name in ((one, "one-a"), (one, "one-b"), (two, "two-c")):
+        tasks.append(asyncio.create_task(take(limiter_, name)))
+        await let_run()
+    for _ in range(4):
+        await clock.advance(1.01)
+    await asyncio.gather(*tasks)
+    assert admitted == ["one-a", "one-b", "two-c"]
+
+
+async def test_a_waiter_that_gives_up_leaves_the_queue() -> None:
+    """A request cancelled while it waits (its client left) gives its place to the next."""
+    clock = FakeClock()
+    one = limiter(["1/second"], max_wait=10, clock=clock)
+    await answered(one)
+    leaving = asyncio.create_task(answered(one))
+    await let_run()
+    staying = asyncio.create_task(answered(one))
+    await let_run()
+    leaving.cancel()
+    await let_run()
+    await clock.advance(1.01)
+    await clock.advance(0.01)
+    assert staying.done()
+    await staying
+
+
 async def test_limiter_every_rate_counts() -> None:
     """With 10/second and 3/minute, the fourth request is refused for about a minute."""
     both = limiter(["10/second", "3/minute"], max_wait=0.1)

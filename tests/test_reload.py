@@ -467,3 +467,60 @@ def test_load_with_a_table_reads_no_file(tmp_path: Path) -> None:
     loaded = load(config_file=config, table=table)
     assert loaded.settings.client_id == "x"
     assert loaded.toml == table
+
+
+async def test_with_workers_the_redis_settings_need_a_restart_by_file_or_rotation(
+    tmp_path: Path,
+) -> None:
+    """A group's supervisor holds the group's tokens in its store: with workers, a changed
+    redis_url (in the file, or in a rotated redis_url_file) keeps its running value and is
+    named as needing a restart; a single process takes it live."""
+    secret = tmp_path / "secret"
+    secret.write_text(TEST_SECRET)
+    redis_file = tmp_path / "redis-url"
+    redis_file.write_text("redis://127.0.0.1:6390/0\n")
+    config = tmp_path / "proxy.toml"
+
+    def write(*, workers: int, prefix: str) -> None:
+        write_config(config, secret=secret)
+        with config.open("r+") as file:
+            text = file.read()
+            file.seek(0)
+            file.write(
+                f'workers = {workers}\nredis_url_file = "{redis_file}"\n'
+                f'redis_key_prefix = "{prefix}"\n' + text
+            )
+
+    write(workers=2, prefix="a:")
+    applied = Applied()
+    reloader = reloader_for(ConfigSource(config_file=config), applied)
+    write(workers=2, prefix="b:")
+    assert await reloader.reload()
+    loaded, changes = applied.calls[-1]
+    assert loaded.settings.redis_key_prefix == "a:"
+    assert changes.needs_restart == ("redis_key_prefix",)
+    redis_file.write_text("redis://127.0.0.1:6391/0\n")
+    assert await reloader.check_secrets() is True
+    loaded, changes = applied.calls[-1]
+    assert loaded.settings.redis_url is not None
+    assert loaded.settings.redis_url.get_secret_value() == "redis://127.0.0.1:6390/0"
+    assert changes.needs_restart == ("redis_url",)
+
+    write(workers=1, prefix="a:")
+    single = Applied()
+    reloader = reloader_for(ConfigSource(config_file=config), single)
+    write(workers=1, prefix="b:")
+    redis_file.write_text("redis://127.0.0.1:6392/0\n")
+    assert await reloader.reload()
+    loaded, changes = single.calls[-1]
+    assert loaded.settings.redis_key_prefix == "b:"
+    assert loaded.settings.redis_url is not None
+    assert loaded.settings.redis_url.get_secret_value() == "redis://127.0.0.1:6392/0"
+    assert changes.needs_restart == ()
+    # A rotated URL that cannot be read keeps the running one; it never reaches a secret.
+    redis_file.write_text("http://127.0.0.1:6393/0\n")
+    await reloader.check_secrets()
+    assert reloader.loaded.settings.redis_url is not None
+    assert reloader.loaded.settings.redis_url.get_secret_value() == "redis://127.0.0.1:6392/0"
+    credential = reloader.loaded.settings.credentials["api"]
+    assert credential.client_secret.get_secret_value() == TEST_SECRET

@@ -23,8 +23,10 @@ from proxy.config.battlenet import RegionName
 from proxy.config.egress import Egress, ProxyEnvironment, check_proxy_url, egress_of
 from proxy.config.expand import expand
 from proxy.config.messages import ENV_PREFIX, Problem, Problems, Schema, problems_of
+from proxy.config.sources import read_secret_file
 from proxy.config.tables import AuthMethod, Client, Credential, Route
-from proxy.config.values import is_loopback_host, split_rate_limits
+from proxy.config.values import check_key_prefix, is_loopback_host, split_rate_limits
+from proxy.store.base import DEFAULT_REDIS_PREFIX, DEFAULT_REDIS_TIMEOUT
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
@@ -57,7 +59,8 @@ class Settings(BaseSettings):
     workers: int = Field(
         default=1,
         description="processes serving the port together (SO_REUSEPORT), 1 to "
-        f"{MAX_WORKERS}; tokens are still fetched once, rate limits split between them",
+        f"{MAX_WORKERS}; tokens are still fetched once, rate limits split between them (shared "
+        "through Redis with `redis_url`)",
     )
     client_id: str | None = Field(
         default=None,
@@ -167,6 +170,28 @@ class Settings(BaseSettings):
         le=65535,
         description="serve `/-/metrics` on this port of `host` instead of the main port",
     )
+    redis_url: SecretStr | None = Field(
+        default=None,
+        description="Redis or Valkey shared by every replica and worker: one token fetch, one "
+        "quota, one 429 pause; `redis://`, `rediss://` (TLS, verified) or `unix://`; its "
+        "password is a secret",
+        json_schema_extra={"shown_default": "unset (each process on its own)"},
+    )
+    redis_url_file: Path | None = Field(
+        default=None,
+        description="file holding `redis_url` (with its password); a trailing newline is stripped",
+    )
+    redis_timeout: float = Field(
+        default=DEFAULT_REDIS_TIMEOUT,
+        gt=0,
+        le=10,
+        description="seconds one Redis call may take; a replica whose Redis is slower or gone "
+        "goes on alone, and no request waits on Redis longer",
+    )
+    redis_key_prefix: str = Field(
+        default=DEFAULT_REDIS_PREFIX,
+        description="prefix of every key in Redis, so that several teams can share one",
+    )
     allow_anonymous_remote: bool = Field(
         default=False,
         description="allow a non-loopback `host` without `[[clients]]`: anyone who reaches "
@@ -207,6 +232,26 @@ class Settings(BaseSettings):
             check_proxy_url(value.get_secret_value())
         return value
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        # Imported here: redis-py loads in a fifth of a second, which `health` need not pay.
+        from proxy.store.redis_url import parse_redis_url  # noqa: PLC0415
+
+        try:
+            parse_redis_url(value)
+        except ValueError as exc:
+            # The message names the setting already; the problem's place says it again.
+            raise ValueError(str(exc).split(": ", 1)[-1]) from None
+        return value
+
+    @field_validator("redis_key_prefix")
+    @classmethod
+    def _redis_key_prefix(cls, value: str) -> str:
+        return check_key_prefix(value)
+
     @field_validator("workers")
     @classmethod
     def _workers(cls, value: int) -> int:
@@ -225,7 +270,10 @@ class Settings(BaseSettings):
         configuration as a whole, found on the values as given, with those of each setting."""
         if not isinstance(data, dict) or _expanding.get():
             return handler(data)
+        from_file = data.get("redis_url_file") is not None and data.get("redis_url") is None
+        data, found_file = _read_redis_url_file(data)
         expanded = expand(data, fields=cls.model_fields)
+        expanded.problems[:0] = found_file
         # model_validate goes through BaseSettings.__init__, which validates the expanded
         # data once more: that pass must not expand it again.
         reset = _expanding.set(True)
@@ -233,6 +281,8 @@ class Settings(BaseSettings):
             settings = handler(expanded.data)
         except ValidationError as exc:
             found = [expanded.relocate(p) for p in problems_of(exc, schema=SCHEMA)]
+            if from_file:
+                found = [_in_redis_url_file(p) for p in found]
             raise Problems([*expanded.problems, *found]) from exc
         finally:
             _expanding.reset(reset)
@@ -246,7 +296,7 @@ class Settings(BaseSettings):
         digests = [client.digest for client in self.clients]
         if len(set(digests)) != len(digests):
             problems.append(Problem(("clients",), "two clients share one key; give each its own"))
-        if self.workers > 1:
+        if self.workers > 1 and not self.limits_shared:
             problems += self._split_limit_problems()
         problems += self._egress_problems()
         entry_bound_set = "cache_max_entry_bytes" in self.model_fields_set
@@ -328,9 +378,18 @@ class Settings(BaseSettings):
             environment=self._proxy_environment,
         )
 
+    @property
+    def limits_shared(self) -> bool:
+        """Whether rate limits are counted in Redis, where every worker and replica shares
+        them whole, rather than in each process."""
+        return self.redis_url is not None
+
     def split_limits(self) -> tuple[dict[str, Credential], tuple[Client, ...]]:
         """The credentials and clients with every rate limit divided between the workers
-        (rounded down, so that together they never exceed it): one worker's share."""
+        (rounded down, so that together they never exceed it): one worker's share. Limits
+        counted in Redis stay whole."""
+        if self.limits_shared:
+            return dict(self.credentials), self.clients
         ways = self.workers
         credentials = {
             name: credential.model_copy(
@@ -364,6 +423,29 @@ class Settings(BaseSettings):
     def routes_by_length(self) -> tuple[Route, ...]:
         """Routes with the longest prefix first, the order in which they are matched."""
         return tuple(sorted(self.routes, key=lambda r: len(r.match_prefix), reverse=True))
+
+
+def _in_redis_url_file(problem: Problem) -> Problem:
+    """A problem of the redis_url read from redis_url_file, told at the file's setting."""
+    if problem.loc != ("redis_url",):
+        return problem
+    return Problem(("redis_url_file",), f"the URL it holds: {problem.message}")
+
+
+def _read_redis_url_file(data: dict[str, Any]) -> tuple[dict[str, Any], list[Problem]]:
+    """The settings with redis_url read from redis_url_file, or the problem with the file."""
+    path = data.get("redis_url_file")
+    if path is None:
+        return data, []
+    if data.get("redis_url") is not None:
+        return data, [Problem(("redis_url_file",), "is set and so is redis_url; keep only one")]
+    if not isinstance(path, str | Path):
+        return data, []  # pydantic says what it should be
+    try:
+        url = read_secret_file(Path(path), what="the Redis URL")
+    except ValueError as exc:
+        return data, [Problem(("redis_url_file",), str(exc))]
+    return {**data, "redis_url": url}, []
 
 
 SCHEMA = Schema(

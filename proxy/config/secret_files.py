@@ -30,7 +30,8 @@ class SecretFile:
     def read(self) -> SecretStr:
         """The file's value now, or ValueError saying why it cannot be used (empty included)."""
         if not self.in_secrets_dir:
-            return SecretStr(read_secret_file(self.path))
+            what = "the Redis URL" if self.setting[-1] == "redis_url_file" else "the client secret"
+            return SecretStr(read_secret_file(self.path, what=what))
         value = read_secrets_entry(self.path, inside=self.path.parent.resolve())
         if not value:
             raise ValueError("is empty; write the value in it")
@@ -84,6 +85,11 @@ class SecretFiles:
             where = origins.where(loc)
             files.append(
                 SecretFile(loc, credential.client_secret_file, where, credential.client_secret)
+            )
+        if settings.redis_url_file is not None and settings.redis_url is not None:
+            loc = ("redis_url_file",)
+            files.append(
+                SecretFile(loc, settings.redis_url_file, origins.where(loc), settings.redis_url)
             )
         for setting, path in scan.files.items():
             where = f"secrets file {path}"

@@ -175,8 +175,9 @@ def read_secrets_entry(entry: Path, *, inside: Path) -> str:
 # --- the files named by *_file settings --------------------------------------------------------
 
 
-def read_secret_file(path: Path) -> str:
-    """The secret a client_secret_file holds, its trailing newline stripped."""
+def read_secret_file(path: Path, *, what: str = "the client secret") -> str:
+    """The secret a client_secret_file (or redis_url_file) holds, its trailing newline
+    stripped; `what` names the value an empty file lacks."""
     try:
         secret = path.read_text(encoding="utf-8").rstrip("\r\n")
     except OSError as exc:
@@ -185,7 +186,7 @@ def read_secret_file(path: Path) -> str:
         # Not kept as the cause: the decode error holds the secret's bytes and quotes one.
         raise ValueError(f"{str(path)!r} is not UTF-8 text") from None
     if not secret:
-        raise ValueError(f"{str(path)!r} is empty; write the client secret in it")
+        raise ValueError(f"{str(path)!r} is empty; write {what} in it")
     return secret
 
 
@@ -323,14 +324,16 @@ class Loading:
 loading: ContextVar[Loading] = ContextVar("loading", default=Loading(toml={}))  # noqa: B039  (read-only default)
 
 
-_SECRET_KEYS = ("client_secret", "client_secret_file")
+# Each secret and the setting naming the file that holds it: one of a pair may be given.
+_SECRET_PAIRS = (("client_secret", "client_secret_file"), ("redis_url", "redis_url_file"))
 
 
 def _give_way(data: dict[str, Any], higher: Mapping[str, Any]) -> dict[str, Any]:
-    """A source's values without its secret (value or file) when a higher source gives one, so
-    that a secret in the environment replaces a client_secret_file in the TOML file."""
-    if any(higher.get(key) is not None for key in _SECRET_KEYS):
-        return {key: value for key, value in data.items() if key not in _SECRET_KEYS}
+    """A source's values without a secret (value or file) that a higher source gives, so that
+    a secret in the environment replaces a client_secret_file in the TOML file."""
+    for pair in _SECRET_PAIRS:
+        if any(higher.get(key) is not None for key in pair):
+            data = {key: value for key, value in data.items() if key not in pair}
     return data
 
 

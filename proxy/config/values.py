@@ -69,3 +69,18 @@ def split_rate_limits(values: tuple[str, ...], ways: int) -> tuple[str, ...]:
     return tuple(
         f"{item.amount // ways} per {item.multiples} {item.GRANULARITY.name}" for item in items
     )
+
+
+def check_key_prefix(value: str) -> str:
+    """A prefix for Redis keys: printable ASCII without blanks or braces (braces would choose
+    the hash slot of every key), up to 64 characters."""
+    if not value:
+        raise ValueError(
+            'is empty; give every key a prefix of its own, e.g. "token-proxy:" or "team-a:"'
+        )
+    if len(value) > 64 or not all(33 <= ord(c) <= 126 and c not in "{}" for c in value):
+        raise ValueError(
+            "must be up to 64 printable ASCII characters without blanks, { or }; "
+            'e.g. "token-proxy:" or "team-a:"'
+        )
+    return value

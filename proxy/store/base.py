@@ -14,6 +14,15 @@ from proxy.refusals import RefusingPaths
 SHARED = "shared"
 ALONE = "alone"
 
+# The defaults of redis_key_prefix and redis_timeout, here so that the settings need not
+# import redis-py to know them.
+DEFAULT_REDIS_PREFIX = "token-proxy:"
+# Every Redis call gives up after this long. A healthy Redis answers in well under a
+# millisecond on a LAN and a few across zones or over TLS, so 250 ms only ever cuts off a Redis
+# that is gone or stalled; it is also the most any request waits on Redis before the fallback
+# store goes on alone, well below client timeouts and the one-second windows of rate limits.
+DEFAULT_REDIS_TIMEOUT = 0.25
+
 
 @dataclass(frozen=True, slots=True)
 class CredentialIdentity:
@@ -191,20 +200,40 @@ class Slot:
 @dataclass(frozen=True, slots=True)
 class Admission:
     """What an acquire got: a slot, or none and the seconds until one may be free. Waits are
-    relative, so that replicas whose clocks differ from the store's wait the same."""
+    relative, so that replicas whose clocks differ from the store's wait the same. `ticket`:
+    the place in the queue a request got that may wait (pass it to its next acquire)."""
 
     slot: Slot | None
     wait: float
+    ticket: str | None = None
 
 
 class LimitStore(Protocol):
     """Rate-limit counters that hold every window at its limit, counting a request at the time
-    upstream answered it. FIFO among waiters is the caller's job; acquire never over-admits."""
+    upstream answered it, and the queue of requests waiting for a slot, first come first
+    served across every process that shares the store. acquire never over-admits."""
 
-    async def acquire(self, claims: Sequence[Claim], *, hold: float) -> Admission:
+    async def acquire(
+        self,
+        claims: Sequence[Claim],
+        *,
+        hold: float,
+        queue: float = 0.0,
+        ticket: str | None = None,
+    ) -> Admission:
         """A pending slot in every limit of every claim at once, or none. A slot not settled
         or released within `hold` seconds (its replica died) stops counting. A claim whose key
-        is paused (see PauseStore) gets no slot before the pause ends."""
+        is paused (see PauseStore) gets no slot before the pause ends.
+
+        Requests queued before this one are served first: a slot goes to a request only when
+        there is room for it and for every live ticket ahead of it; `wait` counts them too.
+        Refused with `queue` > 0 and no `ticket`, a request takes its place at the back of the
+        queue for that many seconds (the Admission's ticket); with its ticket it keeps its
+        place. A ticket the store no longer knows (it ran out) queues again at the back."""
+        ...
+
+    async def leave(self, claims: Sequence[Claim], ticket: str) -> None:
+        """Give up a place in the queue (the request stopped waiting)."""
         ...
 
     async def settle(self, slot: Slot) -> None:
@@ -231,6 +260,17 @@ class PauseStore(Protocol):
     async def pause_left(self, key: str) -> float:
         """Seconds left of the pause of `key` (0.0 when none); cheap enough to ask on every
         request: implementations answer from a local copy."""
+        ...
+
+    def pause_seen(self, key: str) -> float:
+        """Seconds left of the pause of `key` as this process knows it now, without a wait:
+        its own pauses and those other replicas announced (a shared store keeps that copy
+        current in the background). 0.0 when none is known."""
+        ...
+
+    def watch(self, key: str) -> None:
+        """Keep `key`'s pause in the local copy that pause_seen reads, including a pause set
+        before this process started or while it was not listening."""
         ...
 
 

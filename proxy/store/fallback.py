@@ -7,7 +7,7 @@ into memory), and counts each rate limit in memory at its share of it: the limit
 the number of replicas that were sharing when Redis was last seen (rounded down, at least 1),
 so that together they still keep to the quota. Redis is asked nothing on the request path
 then; it is pinged every probe interval, and sharing resumes when it answers. Slots taken in
-Redis before it went away are not settled there: their pending entries expire by themselves."""
+Redis and finished while it was away are settled there then (fallback_limits.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import contextlib
 import secrets
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -26,20 +26,15 @@ from proxy.log import get_logger
 from proxy.store.base import (
     ALONE,
     SHARED,
-    Admission,
-    Claim,
     CredentialIdentity,
     FetchFailure,
-    Rate,
     SharedToken,
-    Slot,
     TokenSnapshot,
 )
-from proxy.store.memory import MemoryCounters, MemoryStore, MemoryTokens
+from proxy.store.fallback_limits import FallbackCounters
+from proxy.store.memory import MemoryStore, MemoryTokens
 from proxy.store.redis import RedisStore, RedisTokens
 from proxy.store.redis_calls import stop_task
-from proxy.store.redis_limits import ORIGIN as REDIS_ORIGIN
-from proxy.store.redis_limits import RedisCounters
 from proxy.store.redis_responses import FallbackResponses
 
 log = get_logger("proxy.store")
@@ -207,6 +202,7 @@ class FallbackStore:
             if self._said_alone:
                 self._said_alone = False
                 log.info("Redis answers again; sharing resumed", replicas=self._replicas)
+            await self._counters.resume()
 
     async def _monitor(self) -> None:
         while True:
@@ -259,13 +255,15 @@ class FallbackTokens:
         self._shared = shared
         self._local = local
         self.paths = local.paths
+        # The token this replica fetched while alone: Redis gets it when it answers again.
+        self._alone: SharedToken | None = None
 
     async def load(self) -> TokenSnapshot:
         store = self._store
         if store.is_shared:
             epoch = store.epoch
             try:
-                snapshot = await self._shared.load()
+                snapshot = await self._carried(await self._shared.load())
             except StoreUnavailable as exc:
                 store.failed(exc)
             else:
@@ -274,6 +272,31 @@ class FallbackTokens:
         epoch = store.epoch
         snapshot = self._local.snapshot()
         return replace(snapshot, generation=(epoch << _EPOCH_SHIFT) | snapshot.generation)
+
+    async def _carried(self, snapshot: TokenSnapshot) -> TokenSnapshot:
+        """Redis's state, once it has the token fetched here while it was away, when that one
+        outlives what Redis holds (nothing, after a restart without persistence): sharing
+        resumes without a token request in each replica. Of replicas that come back together
+        the last to publish wins, and the others take its token."""
+        alone, self._alone = self._alone, None
+        if alone is None:
+            return snapshot
+        held = self._local.snapshot().token
+        if held is None or held.version != alone.version:
+            return snapshot  # dropped, or replaced, since
+        if snapshot.token is not None and snapshot.token.expires_at >= alone.expires_at:
+            return snapshot
+        try:
+            await self._shared.publish(
+                value=alone.value,
+                obtained_at=alone.obtained_at,
+                expires_at=alone.expires_at,
+                scope=alone.scope,
+            )
+            return await self._shared.load()
+        except StoreUnavailable:
+            self._alone = alone  # for the next time Redis answers
+            raise
 
     async def publish(
         self, *, value: str, obtained_at: float, expires_at: float, scope: str | None
@@ -286,9 +309,10 @@ class FallbackTokens:
             return token
 
         async def local() -> SharedToken:
-            return await self._local.publish(
+            token = self._alone = await self._local.publish(
                 value=value, obtained_at=obtained_at, expires_at=expires_at, scope=scope
             )
+            return token
 
         return await self._store.run(shared, local)
 
@@ -352,77 +376,3 @@ class FallbackTokens:
 
 async def _nothing() -> None:
     return None
-
-
-class FallbackCounters:
-    """Rate limits and pauses: Redis's, or memory's at this replica's share while alone."""
-
-    def __init__(self, store: FallbackStore) -> None:
-        self._store = store
-        self._shares: dict[tuple[Claim, int], Claim] = {}
-
-    @property
-    def _shared(self) -> RedisCounters:
-        return self._store.shared_store.counters
-
-    @property
-    def _local(self) -> MemoryCounters:
-        return self._store.local_store.counters
-
-    def share(self, claims: Sequence[Claim]) -> list[Claim]:
-        """This replica's share of each claim while alone."""
-        ways = self._store.replicas
-        if ways <= 1:
-            return list(claims)
-        shares = []
-        for claim in claims:
-            share = self._shares.get((claim, ways))
-            if share is None:
-                rates = tuple(
-                    Rate(max(1, rate.amount // ways), rate.seconds) for rate in claim.rates
-                )
-                share = self._shares[(claim, ways)] = Claim(key=claim.key, rates=rates)
-            shares.append(share)
-        return shares
-
-    async def acquire(self, claims: Sequence[Claim], *, hold: float) -> Admission:
-        return await self._store.run(
-            lambda: self._shared.acquire(claims, hold=hold),
-            lambda: self._local.acquire(self.share(claims), hold=hold),
-        )
-
-    async def _finish(self, slot: Slot, *, settle: bool) -> None:
-        if slot.origin != REDIS_ORIGIN:
-            await (self._local.settle(slot) if settle else self._local.release(slot))
-            return
-        if not self._store.is_shared:
-            return  # its pending entry expires in Redis by itself
-        try:
-            await (self._shared.settle(slot) if settle else self._shared.release(slot))
-        except StoreUnavailable as exc:
-            self._store.failed(exc)
-
-    async def settle(self, slot: Slot) -> None:
-        await self._finish(slot, settle=True)
-
-    async def release(self, slot: Slot) -> None:
-        await self._finish(slot, settle=False)
-
-    async def next_free(self, claims: Sequence[Claim]) -> float:
-        return await self._store.run(
-            lambda: self._shared.next_free(claims),
-            lambda: self._local.next_free(self.share(claims)),
-        )
-
-    async def pause(self, key: str, seconds: float) -> float:
-        async def shared() -> float:
-            left: float = await self._shared.pause(key, seconds)
-            self._local.install_pause(key, left)
-            return left
-
-        return await self._store.run(shared, lambda: self._local.pause(key, seconds))
-
-    async def pause_left(self, key: str) -> float:
-        return await self._store.run(
-            lambda: self._shared.pause_left(key), lambda: self._local.pause_left(key)
-        )

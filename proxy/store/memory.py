@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import math
 import secrets
 import time
 from collections import deque
@@ -150,14 +151,16 @@ class MemoryTokens:
 
 
 class _Window:
-    """The settled entries of one limiter (their times, oldest first) and its pending ones
-    (their ids and the times they stop counting)."""
+    """The settled entries of one limiter (their times, oldest first), its pending ones
+    (their ids and the times they stop counting) and its queue of waiting requests (their
+    tickets in arrival order, and the times they stop waiting)."""
 
-    __slots__ = ("counted", "pending")
+    __slots__ = ("counted", "pending", "queue")
 
     def __init__(self) -> None:
         self.counted: deque[float] = deque()
         self.pending: dict[str, float] = {}
+        self.queue: dict[str, float] = {}
 
     def expire(self, now: float, longest: float) -> None:
         counted = self.counted
@@ -165,14 +168,26 @@ class _Window:
             counted.popleft()
         for entry in [entry for entry, until in self.pending.items() if until <= now]:
             del self.pending[entry]
+        if self.queue:
+            for ticket in [ticket for ticket, until in self.queue.items() if until <= now]:
+                del self.queue[ticket]
 
-    def free_at(self, claim: Claim, now: float) -> float:
-        """When this limiter has room for one more (now if it has): an entry counts while its
-        time is at least now - window, as in the `limits` library's moving window."""
+    def ahead(self, ticket: str | None) -> int:
+        """The live tickets queued before `ticket` (all of them for a request without one)."""
+        if ticket is None or ticket not in self.queue:
+            return len(self.queue)
+        return list(self.queue).index(ticket)
+
+    def free_at(self, claim: Claim, now: float, ahead: int = 0) -> float:
+        """When this limiter has room for one more after `ahead` others (now if it has): an
+        entry counts while its time is at least now - window, as in the `limits` library's
+        moving window."""
         free_at = now
         counted = self.counted
-        pending = len(self.pending)
+        pending = len(self.pending) + ahead
         for rate in claim.rates:
+            if len(counted) + pending < rate.amount:
+                continue  # room even if every entry kept were in this window
             start = bisect.bisect_left(counted, now - rate.seconds)
             in_window = len(counted) - start
             over = in_window + pending + 1 - rate.amount
@@ -182,9 +197,11 @@ class _Window:
                 leaves = counted[start + over - 1] + rate.seconds
                 free_at = max(free_at, _after(leaves))
             else:
-                # Pending entries fill it: they are counted when they settle, at now at the
-                # earliest, and leave one window after that.
-                free_at = max(free_at, now + rate.seconds)
+                # Pending entries (and those queued ahead) fill it: they are counted when they
+                # settle, at now at the earliest, and leave one window after that; each window
+                # after that frees `amount` places at most.
+                windows = math.ceil((over - in_window) / rate.amount)
+                free_at = max(free_at, now + rate.seconds * windows)
         return free_at
 
 
@@ -209,22 +226,44 @@ class MemoryCounters:
         window.expire(now, claim.longest)
         return window
 
-    def _free_at(self, claims: Sequence[Claim], now: float) -> float:
+    def _free_at(self, claims: Sequence[Claim], now: float, ticket: str | None = None) -> float:
         free_at = now
         for claim in claims:
+            window = self._window(claim, now)
             free_at = max(free_at, self._paused.get(claim.key, 0.0))
-            free_at = max(free_at, self._window(claim, now).free_at(claim, now))
+            free_at = max(free_at, window.free_at(claim, now, window.ahead(ticket)))
         return free_at
 
-    async def acquire(self, claims: Sequence[Claim], *, hold: float) -> Admission:
+    async def acquire(
+        self,
+        claims: Sequence[Claim],
+        *,
+        hold: float,
+        queue: float = 0.0,
+        ticket: str | None = None,
+    ) -> Admission:
         now = self._clock()
-        free_at = self._free_at(claims, now)
+        free_at = self._free_at(claims, now, ticket)
         if free_at > now:
-            return Admission(slot=None, wait=free_at - now)
-        entry = secrets.token_hex(8)
+            if ticket is None and queue > 0:
+                ticket = secrets.token_hex(8)
+            if ticket is not None:
+                for claim in claims:
+                    # A ticket that ran out queues again, at the back.
+                    self._windows[claim.key].queue.setdefault(ticket, now + queue)
+            return Admission(slot=None, wait=free_at - now, ticket=ticket)
+        entry = ticket if ticket is not None else secrets.token_hex(8)
         for claim in claims:
-            self._windows[claim.key].pending[entry] = now + hold
+            window = self._windows[claim.key]
+            window.queue.pop(entry, None)
+            window.pending[entry] = now + hold
         return Admission(slot=Slot(id=entry, claims=tuple(claims), origin=ORIGIN), wait=0.0)
+
+    async def leave(self, claims: Sequence[Claim], ticket: str) -> None:
+        for claim in claims:
+            window = self._windows.get(claim.key)
+            if window is not None:
+                window.queue.pop(ticket, None)
 
     async def settle(self, slot: Slot) -> None:
         now = self._clock()
@@ -256,7 +295,14 @@ class MemoryCounters:
         return until - now
 
     async def pause_left(self, key: str) -> float:
-        return max(0.0, self._paused.get(key, 0.0) - self._clock())
+        return self.pause_seen(key)
+
+    def pause_seen(self, key: str) -> float:
+        until = self._paused.get(key)
+        return 0.0 if until is None else max(0.0, until - self._clock())
+
+    def watch(self, key: str) -> None:
+        """Every pause of this store is its own: nothing to watch."""
 
     def counted(self, key: str) -> list[float]:
         """The times at which the settled entries of `key` were counted (for tests)."""

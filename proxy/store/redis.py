@@ -24,10 +24,17 @@ from redis.exceptions import LockNotOwnedError
 
 from proxy.log import get_logger, redactor
 from proxy.refusals import RefusingPaths
-from proxy.store.base import CredentialIdentity, FetchFailure, SharedToken, TokenSnapshot
+from proxy.store.base import (
+    DEFAULT_REDIS_PREFIX,
+    DEFAULT_REDIS_TIMEOUT,
+    CredentialIdentity,
+    FetchFailure,
+    SharedToken,
+    TokenSnapshot,
+)
 from proxy.store.crypto import NONCE_BYTES, Sealer, version_of
 from proxy.store.memory import FAILURE_MEMORY
-from proxy.store.redis_calls import bounded
+from proxy.store.redis_calls import bounded, lean_client
 from proxy.store.redis_events import Events
 from proxy.store.redis_limits import RedisCounters
 from proxy.store.redis_responses import RedisResponses
@@ -35,12 +42,8 @@ from proxy.store.redis_url import RedisTarget
 
 log = get_logger("proxy.store")
 
-DEFAULT_PREFIX = "token-proxy:"
-# Every Redis call gives up after this long. A healthy Redis answers in well under a
-# millisecond on a LAN and a few across zones or over TLS, so 250 ms only ever cuts off a Redis
-# that is gone or stalled; it is also the most any request waits on Redis before the fallback
-# store goes on alone, well below client timeouts and the one-second windows of rate limits.
-DEFAULT_TIMEOUT = 0.25
+DEFAULT_PREFIX = DEFAULT_REDIS_PREFIX
+DEFAULT_TIMEOUT = DEFAULT_REDIS_TIMEOUT
 # A waiter that hears no notification (pub/sub down, a lock that expired) looks this often.
 POLL_INTERVAL = 0.5
 
@@ -320,11 +323,13 @@ class RedisStore:
             redactor.add_secret(target.password.get_secret_value())
         self._clock = clock
         self.client = aioredis.Redis(**target.client_kwargs(timeout=timeout))
+        # The rate-limit scripts, two on every request's path, have a pool of their own.
+        self.scripts = lean_client(target, timeout=timeout)
         self.events = Events(self.client, prefix + "events", timeout=timeout)
         self._tokens: dict[tuple[str, str], RedisTokens] = {}
         self._responses: dict[tuple[str, str], RedisResponses] = {}
         self._counters = RedisCounters(
-            client=self.client, events=self.events, prefix=prefix, timeout=timeout
+            client=self.scripts, events=self.events, prefix=prefix, timeout=timeout
         )
         self._present = self.client.register_script(_PRESENT)
 
@@ -336,8 +341,9 @@ class RedisStore:
 
     async def close(self) -> None:
         await self.events.close()
-        with contextlib.suppress(Exception):
-            await bounded(self.client.aclose(), self.timeout)
+        for client in (self.scripts, self.client):
+            with contextlib.suppress(Exception):
+                await bounded(client.aclose(), self.timeout)
 
     def tokens(self, identity: CredentialIdentity, secret: str) -> RedisTokens:
         slot = (identity.digest, hashlib.sha256(secret.encode()).hexdigest())

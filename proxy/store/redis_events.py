@@ -1,5 +1,6 @@
 """The Redis store's one pub/sub subscription: it wakes the token waiters of this process when
-another replica changes a credential's state, and keeps the local copy of the 429 pauses."""
+another replica changes a credential's state, and keeps the local copy of the 429 pauses that
+requests read without a wait."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 
 import redis.asyncio as aioredis
 
+from proxy.errors import StoreUnavailable
 from proxy.log import get_logger
 from proxy.store.redis_calls import bounded, stop_task
 
@@ -30,6 +32,10 @@ class Events:
         self._waiters: dict[str, asyncio.Event] = {}
         self.pauses: dict[str, float] = {}  # key -> monotonic end
         self.known: set[str] = set()  # pause keys read since the last (re)subscription
+        # Pause keys kept current (name -> Redis key), and those to read (again) because they
+        # are new or the subscription was lost, which is when a pause may have been missed.
+        self._watched: dict[str, str] = {}
+        self._unread: set[str] = set()
         self.subscribed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -43,6 +49,29 @@ class Events:
             await stop_task(task)
             if not task.cancelled() and task.exception() is not None:
                 log.error("a background task of the store had failed", error=repr(task.exception()))
+
+    def watch(self, name: str, redis_key: str) -> None:
+        """Keep the pause of `name` (stored at `redis_key`) in `pauses`: read once after each
+        subscription, then from what is announced."""
+        if name not in self._watched:
+            self._watched[name] = redis_key
+            self._unread.add(name)
+
+    async def _read_pauses(self) -> None:
+        names = sorted(self._unread)
+        pipe = self._client.pipeline(transaction=False)
+        for name in names:
+            pipe.pttl(self._watched[name])
+        try:
+            lefts = await bounded(pipe.execute(), self._timeout)
+        except StoreUnavailable:
+            return  # read on the next round
+        now = time.monotonic()
+        for name, left in zip(names, lefts, strict=True):
+            if int(left) > 0:
+                self.pauses[name] = max(now + int(left) / 1000, self.pauses.get(name, 0.0))
+            self.known.add(name)
+            self._unread.discard(name)
 
     def waiter(self, digest: str) -> asyncio.Event:
         event = self._waiters.get(digest)
@@ -80,9 +109,12 @@ class Events:
                 await bounded(pubsub.subscribe(self.channel), self._timeout)
                 # Whatever was said while we were not listening is lost: read again.
                 self.known.clear()
+                self._unread.update(self._watched)
                 self.subscribed.set()
                 self._wake_all()
                 while True:
+                    if self._unread:
+                        await self._read_pauses()
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if message is not None and message.get("type") == "message":
                         self._apply(message["data"])

@@ -9,18 +9,29 @@ two limits (100/second and 36000/hour) atomically; and its timestamps come from 
 clock. Here one script, stamped with Redis's own clock (TIME), checks every limit of every
 claim and the claims' pauses, and adds a pending entry to all of them or to none; settling
 stamps the entry again at the answer; a pending entry carries a deadline, so the entries of a
-replica that died mid-request stop counting. Two round trips per request: acquire, settle.
+replica that died mid-request stop counting. Two round trips per request: acquire, settle,
+both through redis_calls.lean_client (redis-py set up to spend the least CPU on a command),
+each an EVALSHA, and an EVAL of the whole script only when Redis does not know it.
+
+Requests that wait are served first come first served across replicas, not just within each:
+one refused with time to wait gets a ticket in the limiter's queue, stamped with Redis's clock,
+and a slot goes to a request only when there is room for it and every live ticket before it.
+A ticket runs out with its holder's max wait, so a replica that died holds no place for long.
 
 Keys per limiter key K: `{prefix}{rl:K}:hits` (counted, scored by time in microseconds),
-`:pending` (scored by deadline), `:pause` (PX = the pause's length)."""
+`:pending` (scored by deadline), `:pause` (PX = the pause's length), `:queue` (tickets scored
+by arrival) and `:leaves` (the same tickets scored by when they stop waiting)."""
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from proxy.store.base import Admission, Claim, Slot
 from proxy.store.redis_calls import bounded
@@ -28,18 +39,34 @@ from proxy.store.redis_events import Events
 
 ORIGIN = "redis"
 _MICRO = 1_000_000
+_PARTS = ("hits", "pending", "pause", "queue", "leaves")
 
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local free_at = now
-local arg = 5
-for c = 0, tonumber(ARGV[4]) - 1 do
-  local hits, pending, pause = KEYS[3 * c + 1], KEYS[3 * c + 2], KEYS[3 * c + 3]
+local entry, hold, claims, wait = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local has_ticket = ARGV[6] == '1'
+local queued_everywhere = true
+local arg = 7
+for c = 0, claims - 1 do
+  local hits, pending, pause = KEYS[5 * c + 1], KEYS[5 * c + 2], KEYS[5 * c + 3]
+  local queue, leaves = KEYS[5 * c + 4], KEYS[5 * c + 5]
   local paused = redis.call('PTTL', pause)
   if paused > 0 then free_at = math.max(free_at, now + paused * 1000) end
   redis.call('ZREMRANGEBYSCORE', pending, '-inf', now)
-  local in_flight = redis.call('ZCARD', pending)
+  for _, gone in ipairs(redis.call('ZRANGEBYSCORE', leaves, '-inf', now)) do
+    redis.call('ZREM', leaves, gone)
+    redis.call('ZREM', queue, gone)
+  end
+  -- Those queued before this request are served first: it needs room for them too.
+  local ahead = false
+  if has_ticket then ahead = redis.call('ZRANK', queue, entry) end
+  if not ahead then
+    ahead = redis.call('ZCARD', queue)
+    queued_everywhere = false
+  end
+  local in_flight = redis.call('ZCARD', pending) + ahead
   local longest = 0
   local rates = tonumber(ARGV[arg])
   arg = arg + 1
@@ -56,34 +83,55 @@ for c = 0, tonumber(ARGV[4]) - 1 do
                                    'WITHSCORES', 'LIMIT', over - 1, 1)
         free_at = math.max(free_at, tonumber(leaving[2]) + window + 1)
       else
-        -- Pending entries fill it: counted when they settle, at now at the earliest.
-        free_at = math.max(free_at, now + window)
+        -- Pending entries (and tickets ahead) fill it: counted when they settle, at now at the
+        -- earliest; each window after that frees `amount` places at most.
+        free_at = math.max(free_at, now + window * math.ceil((over - counted) / amount))
       end
     end
   end
   if longest > 0 then redis.call('ZREMRANGEBYSCORE', hits, '-inf', now - longest - 1) end
 end
-if free_at > now or ARGV[1] ~= 'take' then return {0, free_at - now} end
-local hold = tonumber(ARGV[3])
+if ARGV[1] ~= 'take' then return {0, free_at - now, 0} end
+if free_at > now then
+  if queued_everywhere then return {0, free_at - now, 1} end
+  if wait <= 0 then return {0, free_at - now, 0} end
+  -- Into the queue, at the back, or where the ticket still is.
+  local ttl = math.floor(wait / 1000) + 1000
+  for c = 0, claims - 1 do
+    local queue, leaves = KEYS[5 * c + 4], KEYS[5 * c + 5]
+    if redis.call('ZADD', queue, 'NX', now, entry) == 1 then
+      redis.call('ZADD', leaves, now + wait, entry)
+    end
+    for _, key in ipairs({queue, leaves}) do
+      if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+    end
+  end
+  return {0, free_at - now, 1}
+end
 local ttl = math.floor(hold / 1000) + 1000
-for c = 0, tonumber(ARGV[4]) - 1 do
-  local pending = KEYS[3 * c + 2]
-  redis.call('ZADD', pending, now + hold, ARGV[2])
+for c = 0, claims - 1 do
+  local pending = KEYS[5 * c + 2]
+  redis.call('ZREM', KEYS[5 * c + 4], entry)
+  redis.call('ZREM', KEYS[5 * c + 5], entry)
+  redis.call('ZADD', pending, now + hold, entry)
   if redis.call('PTTL', pending) < ttl then redis.call('PEXPIRE', pending, ttl) end
 end
-return {1, 0}
+return {1, 0, 0}
 """
+# ARGV[2]: how long ago upstream answered (0 but for a slot settled late, after Redis was away).
 _SETTLE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local at = now - tonumber(ARGV[2])
 for c = 0, #KEYS / 2 - 1 do
   local hits = KEYS[2 * c + 1]
   redis.call('ZREM', KEYS[2 * c + 2], ARGV[1])
-  redis.call('ZADD', hits, now, ARGV[1])
-  redis.call('PEXPIRE', hits, math.floor(tonumber(ARGV[c + 2]) / 1000) + 1000)
+  redis.call('ZADD', hits, at, ARGV[1])
+  redis.call('PEXPIRE', hits, math.floor(tonumber(ARGV[c + 3]) / 1000) + 1000)
 end
-return now
+return at
 """
+# Also how a request leaves the queue: its ticket out of `:queue` and `:leaves`.
 _RELEASE = """
 for c = 1, #KEYS do redis.call('ZREM', KEYS[c], ARGV[1]) end
 return 1
@@ -100,8 +148,19 @@ return left
 """
 
 
+class Script:
+    """A Lua script run by its SHA1 (EVALSHA), sent whole when Redis does not know it."""
+
+    __slots__ = ("sha", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.sha = hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
+
+
 class RedisCounters:
-    """Rate-limit counters and 429 pauses in Redis (see LimitStore, PauseStore)."""
+    """Rate-limit counters and 429 pauses in Redis (see LimitStore, PauseStore). `client`:
+    redis_calls.lean_client, since two of these scripts are on every request's path."""
 
     def __init__(
         self, *, client: aioredis.Redis, events: Events, prefix: str, timeout: float
@@ -110,59 +169,107 @@ class RedisCounters:
         self._events = events
         self._prefix = prefix
         self._timeout = timeout
-        self._acquire = client.register_script(_ACQUIRE)
-        self._settle = client.register_script(_SETTLE)
-        self._release = client.register_script(_RELEASE)
-        self._pause = client.register_script(_PAUSE)
+        self._acquire = Script(_ACQUIRE)
+        self._settle = Script(_SETTLE)
+        self._release = Script(_RELEASE)
+        self._pause = Script(_PAUSE)
+
+    async def _script(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        """Run `script`, within one redis_timeout (StoreUnavailable otherwise)."""
+        return await bounded(self._evalsha(script, keys, args), self._timeout)
+
+    async def _evalsha(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        # A connection of the pool's, as Redis.execute_command takes one, without the rest of
+        # what it does per command (retries, which are off, and instrumentation): a sixth less
+        # CPU (bench/redis_client_cost.py, pool-conn against evalsha-lean). A call cut short
+        # disconnects its connection (redis-py does that on any interruption of a read or a
+        # write), so none goes back to the pool with a reply left in it.
+        pool = self._client.connection_pool
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await connection.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            try:
+                return await connection.read_response()
+            except NoScriptError:
+                # A Redis restarted, failed over or flushed: the whole text, which it keeps.
+                await connection.send_command("EVAL", script.text, len(keys), *keys, *args)
+                return await connection.read_response()
+        finally:
+            await pool.release(connection)
 
     def key(self, limiter: str, part: str) -> str:
         """The Redis key of one part (hits, pending, pause) of a limiter."""
         return f"{self._prefix}{{rl:{limiter}}}:{part}"
 
     async def _run(
-        self, mode: str, entry: str, claims: Sequence[Claim], hold: float
-    ) -> tuple[bool, float]:
+        self,
+        mode: str,
+        claims: Sequence[Claim],
+        *,
+        entry: str = "",
+        hold: float = 0.0,
+        queue: float = 0.0,
+        ticket: bool = False,
+    ) -> tuple[bool, float, bool]:
         keys: list[str] = []
-        args: list[str | int] = [mode, entry, max(1, int(hold * _MICRO)), len(claims)]
+        args: list[str | int] = [
+            mode,
+            entry,
+            max(1, int(hold * _MICRO)),
+            len(claims),
+            max(0, int(queue * _MICRO)),
+            "1" if ticket else "0",
+        ]
         for claim in claims:
-            keys += [self.key(claim.key, part) for part in ("hits", "pending", "pause")]
+            keys += [self.key(claim.key, part) for part in _PARTS]
             args.append(len(claim.rates))
             for rate in claim.rates:
                 args += [rate.amount, max(1, int(rate.seconds * _MICRO))]
-        granted, wait = await bounded(self._acquire(keys=keys, args=args), self._timeout)
-        return bool(granted), int(wait) / _MICRO
+        granted, wait, queued = await self._script(self._acquire, keys, args)
+        return bool(granted), int(wait) / _MICRO, bool(queued)
 
-    async def acquire(self, claims: Sequence[Claim], *, hold: float) -> Admission:
-        entry = secrets.token_hex(8)
-        granted, wait = await self._run("take", entry, claims, hold)
+    async def acquire(
+        self,
+        claims: Sequence[Claim],
+        *,
+        hold: float,
+        queue: float = 0.0,
+        ticket: str | None = None,
+    ) -> Admission:
+        entry = ticket if ticket is not None else secrets.token_hex(8)
+        granted, wait, queued = await self._run(
+            "take", claims, entry=entry, hold=hold, queue=queue, ticket=ticket is not None
+        )
         if not granted:
-            return Admission(slot=None, wait=wait)
+            return Admission(slot=None, wait=wait, ticket=entry if queued else None)
         return Admission(slot=Slot(id=entry, claims=tuple(claims), origin=ORIGIN), wait=0.0)
 
-    async def settle(self, slot: Slot) -> None:
+    async def leave(self, claims: Sequence[Claim], ticket: str) -> None:
+        keys = [self.key(claim.key, part) for claim in claims for part in ("queue", "leaves")]
+        await self._script(self._release, keys, [ticket])
+
+    async def settle(self, slot: Slot, *, ago: float = 0.0) -> None:
+        """See LimitStore.settle; `ago`: upstream answered that many seconds before (a slot
+        whose settle could not reach Redis then is counted at the time it should have been)."""
         keys: list[str] = []
-        args: list[str | int] = [slot.id]
+        args: list[str | int] = [slot.id, max(0, int(ago * _MICRO))]
         for claim in slot.claims:
             keys += [self.key(claim.key, "hits"), self.key(claim.key, "pending")]
             args.append(max(1, int(claim.longest * _MICRO)))
-        await bounded(self._settle(keys=keys, args=args), self._timeout)
+        await self._script(self._settle, keys, args)
 
     async def release(self, slot: Slot) -> None:
         keys = [self.key(claim.key, "pending") for claim in slot.claims]
-        await bounded(self._release(keys=keys, args=[slot.id]), self._timeout)
+        await self._script(self._release, keys, [slot.id])
 
     async def next_free(self, claims: Sequence[Claim]) -> float:
-        _, wait = await self._run("peek", "", claims, 0.0)
+        _, wait, _ = await self._run("peek", claims)
         return wait
 
     async def pause(self, key: str, seconds: float) -> float:
         milliseconds = max(1, int(seconds * 1000))
-        left = await bounded(
-            self._pause(
-                keys=[self.key(key, "pause")],
-                args=[milliseconds, self._events.channel, key],
-            ),
-            self._timeout,
+        left = await self._script(
+            self._pause, [self.key(key, "pause")], [milliseconds, self._events.channel, key]
         )
         self._remember(key, int(left))
         return int(left) / 1000
@@ -172,6 +279,12 @@ class RedisCounters:
         until = time.monotonic() + max(0, milliseconds) / 1000
         events.pauses[key] = max(until, events.pauses.get(key, 0.0))
         events.known.add(key)
+
+    def pause_seen(self, key: str) -> float:
+        return max(0.0, self._events.pauses.get(key, 0.0) - time.monotonic())
+
+    def watch(self, key: str) -> None:
+        self._events.watch(key, self.key(key, "pause"))
 
     async def pause_left(self, key: str) -> float:
         events = self._events

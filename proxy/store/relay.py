@@ -23,8 +23,16 @@ from proxy.log import get_logger
 from proxy.metrics import TokenFigures
 from proxy.refusals import Refusal, RefusingPaths
 from proxy.store import relay_wire as wire
-from proxy.store.base import CredentialIdentity, FetchFailure, SharedToken, TokenSnapshot
-from proxy.store.memory import MemoryCounters, MemoryStore
+from proxy.store.base import (
+    Counters,
+    CredentialIdentity,
+    FetchFailure,
+    ResponseStore,
+    SharedToken,
+    Store,
+    TokenSnapshot,
+)
+from proxy.store.memory import MemoryStore
 
 log = get_logger("proxy.workers")
 
@@ -210,14 +218,15 @@ class RelayTokens:
 
 
 class RelayStore:
-    """A worker's store (see Store): token state through the relay; rate-limit counters and
-    pauses of this worker's own, as each worker applies its share of every limit."""
+    """A worker's store (see Store): token state through the relay; rate-limit counters,
+    pauses and cached answers in `local`: this worker's own memory, where each worker applies
+    its share of every limit, or Redis, where the workers share each limit whole."""
 
     backend = "relay"
 
-    def __init__(self, relay: Relay, local: MemoryStore | None = None) -> None:
+    def __init__(self, relay: Relay, local: Store | None = None) -> None:
         self.relay = relay
-        self._local = local if local is not None else MemoryStore()
+        self._local: Store = local if local is not None else MemoryStore()
 
     async def start(self) -> None:
         await self._local.start()
@@ -229,12 +238,15 @@ class RelayStore:
         return self.relay.tokens(identity.digest)
 
     @property
-    def counters(self) -> MemoryCounters:
+    def counters(self) -> Counters:
         return self._local.counters
 
-    def responses(self, identity: CredentialIdentity, secret: str) -> None:
-        """None: each worker's response cache keeps its entries in its own memory."""
+    def responses(self, identity: CredentialIdentity, secret: str) -> ResponseStore | None:
+        """None in memory: each worker's response cache keeps its entries itself."""
         return self._local.responses(identity, secret)
 
     def state(self) -> dict[str, Any]:
-        return {"backend": self.backend}
+        """Redis's state when the limits go through it (the tokens do too, by the supervisor)."""
+        if self._local.backend == "memory":
+            return {"backend": self.backend}
+        return self._local.state()

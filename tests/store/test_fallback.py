@@ -8,6 +8,7 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
+from typing import cast
 
 from proxy.store.base import ALONE, SHARED, Claim, CredentialIdentity, Rate
 from proxy.store.fallback import FallbackStore
@@ -204,3 +205,91 @@ async def test_alone_each_replica_keeps_to_its_share_of_a_limit(
         assert one.state()["state"] == ALONE
         assert admitted == 5
         assert await one.counters.next_free(limit) > 0
+
+
+async def test_slots_finished_while_redis_was_away_are_settled_there_when_it_answers(
+    redis_server: RedisServer,
+) -> None:
+    """A request let through by Redis whose answer came while Redis was stopped does not hold
+    its place there for its whole hold: once Redis answers, it is counted there, at the time
+    upstream answered it."""
+    limit = [Claim(key="late", rates=(Rate(5, 60.0),))]
+    async with fallback_store(redis_server.url, prefix="late:") as store:
+        slots = [(await store.counters.acquire(limit, hold=600.0)).slot for _ in range(2)]
+        assert all(slot is not None and slot.origin == "redis" for slot in slots)
+        redis_server.stop()
+        answered_at = time.time()
+        for slot in slots:
+            assert slot is not None
+            await store.counters.settle(slot)  # the first times out; both are kept
+        assert store.state()["state"] == ALONE
+        redis_server.cont()
+        await wait_until(lambda: store.state()["state"] == SHARED, timeout=10)
+        shared = store.shared_store
+        await wait_until(
+            lambda: _zcard(shared, shared.counters.key("late", "pending"), 0), timeout=5
+        )
+        stamps = cast(
+            list[tuple[bytes, float]],
+            await shared.client.zrange(shared.counters.key("late", "hits"), 0, -1, withscores=True),
+        )
+        assert len(stamps) == 2
+        for _, micros in stamps:
+            assert abs(micros / 1_000_000 - answered_at) < 0.5
+        # Three places are left of five, not one.
+        admitted = 0
+        while (await store.counters.acquire(limit, hold=600.0)).slot is not None:
+            admitted += 1
+        assert admitted == 3
+
+
+async def _zcard(store: RedisStore, key: str, expected: int) -> bool:
+    return int(await store.client.zcard(key)) == expected
+
+
+async def test_alone_a_replica_keeps_to_the_pauses_other_replicas_announced(
+    redis_server: RedisServer,
+) -> None:
+    free = [Claim(key="paused", rates=())]
+    async with (
+        fallback_store(redis_server.url, prefix="pause:") as one,
+        fallback_store(redis_server.url, prefix="pause:") as two,
+    ):
+        two.counters.watch("paused")
+        await one.counters.pause("paused", 30.0)
+        await wait_until(lambda: two.counters.pause_seen("paused") > 20, timeout=2)
+        redis_server.kill()
+        refused = await two.counters.acquire(free, hold=5.0)  # finds Redis gone: alone
+        assert two.state()["state"] == ALONE
+        refused = await two.counters.acquire(free, hold=5.0)
+        assert refused.slot is None
+        assert refused.wait > 20
+
+
+async def test_a_token_fetched_alone_goes_to_redis_when_it_answers_again(
+    redis_server: RedisServer,
+) -> None:
+    """Redis killed and started again empty: the token a replica published alone meanwhile is
+    the one Redis holds once the replica shares again, and another replica takes it, so that
+    sharing resumes without a token request in each. A token Redis holds that outlives it
+    stays; one dropped since is never published again."""
+    async with fallback_store(redis_server.url) as one, fallback_store(redis_server.url) as two:
+        await _publish(one, "before")
+        redis_server.kill()
+        await wait_until(lambda: one.state()["state"] == ALONE, timeout=5)
+        await one.tokens(IDENTITY, SECRET).load()  # fails over, if the probe was not first
+        alone = await _publish(one, "alone")
+        await redis_server.restart()
+        await wait_until(lambda: one.state()["state"] == SHARED, timeout=10)
+        snapshot = await one.tokens(IDENTITY, SECRET).load()
+        assert snapshot.token is not None
+        assert snapshot.token.value == alone
+        await wait_until(lambda: two.state()["state"] == SHARED, timeout=10)
+        taken = await two.tokens(IDENTITY, SECRET).load()
+        assert taken.token is not None
+        assert taken.token.value == alone
+        # Once Redis has it, it is not published again: a drop there is final.
+        tokens = one.tokens(IDENTITY, SECRET)
+        assert await tokens.drop(taken.token.version)
+        assert (await tokens.load()).token is None
+        assert (await two.tokens(IDENTITY, SECRET).load()).token is None

@@ -108,7 +108,8 @@ async def replica(settings: Settings, redis_url: str, prefix: str) -> AsyncItera
         presence_interval=0.2,
     )
     client: Client = TestClient(
-        ProxyTestServer(ProxyApp(settings, store=store)), connector=aiohttp.TCPConnector(limit=0)
+        ProxyTestServer(ProxyApp(settings, store_factory=lambda _: store)),
+        connector=aiohttp.TCPConnector(limit=0),
     )
     await client.start_server()
     try:

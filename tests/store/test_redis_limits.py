@@ -183,3 +183,20 @@ async def test_an_upstream_429_pauses_every_replica(redis_server: RedisServer) -
 
 async def _paused(store: RedisStore, key: str, at_least: float) -> bool:
     return await store.counters.pause_left(key) > at_least
+
+
+async def test_a_watched_pause_is_seen_without_a_wait_set_before_or_after_subscribing(
+    redis_server: RedisServer,
+) -> None:
+    """pause_seen answers from the local copy: a pause set by another replica before this one
+    started is read once it subscribes, and one set after arrives through the subscription."""
+    async with redis_store(redis_server.url, prefix=PREFIX) as one:
+        await one.counters.pause("early", 2.0)
+        async with redis_store(redis_server.url, prefix=PREFIX) as two:
+            two.counters.watch("early")
+            two.counters.watch("late")
+            assert two.counters.pause_seen("late") == 0.0
+            await wait_until(lambda: two.counters.pause_seen("early") > 1.0, timeout=2)
+            await one.counters.pause("late", 1.0)
+            await wait_until(lambda: two.counters.pause_seen("late") > 0.5, timeout=2)
+            assert two.counters.pause_seen("unwatched") == 0.0
