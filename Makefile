@@ -54,11 +54,12 @@ lint: $(DEV_STAMP)
 typecheck: $(DEV_STAMP)
 	$(BIN)/mypy
 
-# The store tests start a real redis-server, the egress tests a real tinyproxy: Debian's
-# packages are installed when they are missing.
+# The store tests start a real redis-server, the egress tests a real tinyproxy, the bench test
+# valgrind: Debian's packages are installed when they are missing.
 test: $(DEV_STAMP) lint typecheck
 	scripts/ensure-redis-server
 	scripts/ensure-tinyproxy
+	scripts/ensure-valgrind
 	$(BIN)/pytest
 	$(BIN)/pytest -q tests/functional --upstream-client aiohttp
 

@@ -60,13 +60,18 @@ START_TIMEOUT = 20.0  # seconds for a server to accept connections (token-proxy:
 STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL
 STREAM_TIMEOUT = 300.0  # seconds for the whole streaming download
 SAMPLE_INTERVAL = 0.05  # seconds between two VmRSS readings
+READY_POLL = 0.01  # seconds between two /-/ready probes: the start-up time's resolution
+IDLE_SETTLE = 1.0  # seconds after ready before the idle VmRSS is read
 LOG_TAIL_LINES = 20
+ICOUNT_TIMEOUT = 900.0  # seconds for bench/icount.py's whole table
 
 TARGET_VS_REFERENCE = 2.0  # b/c requests/s at 64 connections, at least
 TARGET_VS_NGINX = 0.40  # b/d requests/s at 64 connections, at least
 TARGET_P99_ADDED_MS = 1.0  # b.p99 - a.p99 at 8 connections, at most
 TARGET_RSS_MIB = 80.0  # token-proxy peak RSS under load, at most
 TARGET_STREAM_GROWTH_MIB = 32.0  # token-proxy RSS growth while streaming 1 GiB, at most
+TARGET_IDLE_RSS_MIB = 45.0  # token-proxy VmRSS idle after start, at most
+TARGET_STARTUP_S = 0.5  # token-proxy from exec to its first 200 on /-/ready, less than
 
 INSTALL_HINT = {
     "wrk": "install it with `sudo apt-get install wrk` (Debian/Ubuntu)",
@@ -110,6 +115,16 @@ class Processes:
             )
         self._started.append((name, process))
         return process
+
+    def stop(self, process: subprocess.Popen[bytes]) -> None:
+        """End one process started here (SIGTERM, then SIGKILL), and its group."""
+        _signal_group(process, signal.SIGTERM)
+        try:
+            process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            _signal_group(process, signal.SIGKILL)
+            process.wait()
+        self._started = [(name, each) for name, each in self._started if each is not process]
 
     def stop_all(self) -> None:
         for _, process in reversed(self._started):
@@ -191,7 +206,7 @@ def wait_ready(name: str, process: subprocess.Popen[bytes], port: int, log: Path
                 f"{name} was not ready within {START_TIMEOUT:g} s (last /-/ready: {status}); "
                 f"the end of its log ({log}):\n{log_tail(log)}"
             )
-        time.sleep(0.1)
+        time.sleep(READY_POLL)
 
 
 # --- --redis: cases g and h ------------------------------------------------------------------
@@ -546,6 +561,9 @@ class Report:
     load_hwm_kib: int | None = None
     stream: StreamResult | str | None = None
     loop: str = "unknown"
+    startup_s: float | None = None  # token-proxy's exec to its first 200 on /-/ready
+    # bench/icount.py's table of instructions per request, or why it is missing.
+    counts: list[str] = field(default_factory=list)
 
 
 async def download(url: str) -> int:
@@ -607,6 +625,7 @@ class Options:
     keep: bool
     rounds: int = 1
     pin: bool = False
+    instructions: int = 0  # requests per case for bench/icount.py; 0: not counted
     redis: bool = False
 
 
@@ -656,6 +675,7 @@ class Bench:
         self.upstream_port = free_port()
         self.proxy_log = tmp / "token-proxy.log"
         self.token_port: int | None = None
+        self.startup_s: float | None = None  # the last single-process token-proxy's start-up
         self.redis_port: int | None = None
         # --pin: the proxy under test alone on the first CPU, the rest for wrk and upstream.
         self.proxy_cpus: str | None = None
@@ -698,24 +718,29 @@ class Bench:
         start_nginx(self.processes, nginx, directory, conf, self.upstream_port, cpus=self.load_cpus)
         return f"nginx, 1 worker, `return 200` of a {len(SMALL_BODY)}-byte JSON"
 
+    def start_token_server(self) -> int:
+        """The fake token endpoint, started once; its port."""
+        if self.token_port is None:
+            self.token_port = free_port()
+            token_server = [str(HERE / "fake_token_server.py"), "--port", str(self.token_port)]
+            self.start("fake token server", token_server, self.token_port, self.load_cpus)
+        return self.token_port
+
     def start_proxy(
         self, workers: int | None = None, *, limit: str | None = None
     ) -> tuple[subprocess.Popen[bytes], int]:
         """token-proxy with default settings (case b), with `workers` (case e), or with a rate
         limit counted in `limit`, "memory" (case g) or "redis" (case h)."""
-        if self.token_port is None:
-            self.token_port = free_port()
-            token_server = [str(HERE / "fake_token_server.py"), "--port", str(self.token_port)]
-            self.start("fake token server", token_server, self.token_port, self.load_cpus)
+        token_port = self.start_token_server()
         proxy_port = free_port()
         name = "token-proxy" if workers is None else f"token-proxy-{workers}-workers"
         if limit is not None:
             name = f"token-proxy-limit-in-{limit}"
         secrets_dir = self.tmp / f"{name}-secrets"
-        secrets_dir.mkdir()
+        secrets_dir.mkdir(exist_ok=True)
         env = proxy_env(
             port=proxy_port,
-            token_port=self.token_port,
+            token_port=token_port,
             upstream_port=self.upstream_port,
             secrets_dir=secrets_dir,
             options=self.options,
@@ -725,7 +750,7 @@ class Bench:
             env = limited_env(
                 env,
                 config=self.tmp / f"{name}.toml",
-                token_port=self.token_port,
+                token_port=token_port,
                 upstream_port=self.upstream_port,
                 redis=self.redis_port if limit == "redis" else None,
             )
@@ -733,8 +758,11 @@ class Bench:
         # Workers are never pinned: they are there to use more than one CPU.
         cpus = self.proxy_cpus if workers is None else None
         argv = pinned([self.python, "-m", "proxy"], cpus)
+        started = time.monotonic()
         proxy = self.processes.start(name, argv, log=log, env=env)
         wait_ready(name, proxy, proxy_port, log)
+        if workers is None and limit is None:
+            self.startup_s = time.monotonic() - started
         return proxy, proxy_port
 
     def start_references(self, nginx: str | None) -> list[Case]:
@@ -756,6 +784,27 @@ class Bench:
         self.start("ceiling proxy", [*argv, "--upstream", upstream], ceiling_port, self.proxy_cpus)
         cases.append(Case("f", "ceiling, no features", ceiling_port))
         return cases
+
+    def count_instructions(self, requests: int) -> list[str]:
+        """bench/icount.py's table, against the same upstream and token server; its lines."""
+        argv = [
+            self.python,
+            str(HERE / "icount.py"),
+            f"--requests={requests}",
+            f"--upstream-port={self.upstream_port}",
+            f"--token-port={self.start_token_server()}",
+        ]
+        note(f"counting instructions under callgrind, {requests:,} requests per case")
+        try:
+            # A fixed argument list, no shell; icount.py stops what it started.
+            done = subprocess.run(  # noqa: S603
+                argv, capture_output=True, text=True, timeout=ICOUNT_TIMEOUT, check=False
+            )
+        except subprocess.TimeoutExpired:
+            return [f"instructions per request: not counted within {ICOUNT_TIMEOUT:g} s"]
+        if done.returncode != 0 and not done.stdout:
+            return [f"instructions per request: not counted ({done.stderr.strip()})"]
+        return done.stdout.splitlines()
 
     def measure(self, wrk: str, case: Case, connections: int, report: Report, pid: int) -> None:
         url = f"http://{LOOPBACK}:{case.port}{PATH}"
@@ -811,9 +860,13 @@ class Bench:
                 limited, port = self.start_proxy(limit=limit)
                 pids = (limited.pid,) if limit == "memory" else (limited.pid, redis.pid)
                 cases.append(Case(key, f"token-proxy, rate limit in {limit}", port, pids))
-        time.sleep(1.0)
+        time.sleep(IDLE_SETTLE)
         report = Report(
-            upstream=upstream, results={}, idle_kib=memory_kib(proxy.pid), load_before=load_before
+            upstream=upstream,
+            results={},
+            idle_kib=memory_kib(proxy.pid),
+            load_before=load_before,
+            startup_s=self.startup_s,
         )
         rounds = self.options.rounds
         for number in range(1, rounds + 1):
@@ -835,7 +888,45 @@ class Bench:
             note(f"streaming failed: {exc!r}")
             report.stream = "failed"
         report.loop = loop_from_log(self.proxy_log)
+        if self.options.instructions:
+            report.counts = self.count_instructions(self.options.instructions)
         return report
+
+
+def footprint(options: Options, processes: Processes, tmp: Path, rounds: int) -> Iterator[str]:
+    """`bench/run footprint`: token-proxy's start-up to ready and idle VmRSS, `rounds` times
+    (medians), beside the idle VmRSS of the reference proxy on uvloop, the least an aiohttp
+    proxy on uvloop weighs."""
+    bench = Bench(options, processes, tmp)
+    bench.start_upstream(None)
+    startups, idles = [], []
+    for number in range(1, rounds + 1):
+        note(f"footprint round {number} of {rounds}")
+        proxy, _ = bench.start_proxy()
+        time.sleep(IDLE_SETTLE)
+        idles.append(mib(memory_kib(proxy.pid)[0]))
+        startups.append(bench.startup_s or 0.0)  # set by every start_proxy()
+        processes.stop(proxy)
+    port = free_port()
+    reference = [str(HERE / "reference_proxy.py"), "--port", str(port), "--loop", "uvloop"]
+    upstream = ["--upstream", f"http://{LOOPBACK}:{bench.upstream_port}"]
+    process = bench.start("reference proxy uvloop", [*reference, *upstream], port)
+    time.sleep(IDLE_SETTLE)
+    floor = mib(memory_kib(process.pid)[0])
+    startup, idle = sorted(startups)[(rounds - 1) // 2], sorted(idles)[(rounds - 1) // 2]
+    extra = [f"{k}={v}" for k, v in options.proxy_env.items()]
+    yield (
+        f"token-proxy footprint: settings defaults{' + ' + ' '.join(extra) if extra else ''}, "
+        f"{rounds} round{'s' if rounds > 1 else ''} (median)"
+    )
+    every = " ".join(f"{value:.3f}" for value in startups)
+    yield f"  {'start-up to ready':<30}{startup:.3f} s   ({every})"
+    every = " ".join(f"{value:.1f}" for value in idles)
+    yield f"  {'idle VmRSS':<30}{idle:.1f} MiB  ({every})"
+    yield f"  {'reference proxy, uvloop, idle':<30}{floor:.1f} MiB  (aiohttp and uvloop alone)"
+    yield "targets"
+    for target in footprint_targets(idle, startup):
+        yield target.line()
 
 
 # --- the report ------------------------------------------------------------------------------
@@ -944,25 +1035,11 @@ def render(report: Report, options: Options) -> Iterator[str]:
     p99_added = _p99_added(report)
     yield from _ratio_lines(report, options)
     yield ""
-    yield "token-proxy memory (MiB; VmRSS and VmHWM from /proc/PID/status)"
-    idle_rss, idle_hwm = report.idle_kib
-    yield f"  {'idle after start':<24}VmRSS {mib(idle_rss):.1f}, VmHWM {mib(idle_hwm):.1f}"
-    yield (
-        f"  {f'under load ({high} conns)':<24}VmRSS peak sampled "
-        f"{_fmt(_mib(report.load_rss_kib), '.1f')}"
-        f", VmHWM {_fmt(_mib(report.load_hwm_kib), '.1f')}"
-    )
-    stream, growth = report.stream, None
-    if isinstance(stream, StreamResult):
-        growth = stream.growth_mib
-        yield (
-            f"  {f'streaming {stream.size / MIB:g} MiB':<24}growth {growth:.1f} (VmHWM "
-            f"{mib(stream.hwm_before_kib):.1f} -> {mib(stream.hwm_after_kib):.1f}, VmRSS "
-            f"{mib(stream.rss_before_kib):.1f} -> peak {mib(stream.rss_peak_kib):.1f}); "
-            f"{stream.seconds:.1f} s, {stream.size / MIB / stream.seconds:,.0f} MiB/s"
-        )
-    else:
-        yield f"  {'streaming':<24}{stream or 'not run'}"
+    yield from report.counts or ["instructions per request: not counted (--instructions 0)"]
+    yield ""
+    yield from _memory_lines(report, high)
+    idle_rss = report.idle_kib[0]
+    growth = report.stream.growth_mib if isinstance(report.stream, StreamResult) else None
     yield ""
     yield "targets"
     load_peak = max(report.load_hwm_kib or 0, report.load_rss_kib or 0) or None
@@ -993,6 +1070,7 @@ def render(report: Report, options: Options) -> Iterator[str]:
             ".1f",
             " MiB",
         ),
+        *footprint_targets(_mib(idle_rss) if idle_rss else None, report.startup_s),
         Target(
             f"streaming growth <= {TARGET_STREAM_GROWTH_MIB:g} MiB",
             growth,
@@ -1008,6 +1086,48 @@ def render(report: Report, options: Options) -> Iterator[str]:
     else:
         uvloop = f"{'yes' if 'uvloop' in report.loop.lower() else 'no'} (loop={report.loop})"
     yield f"  uvloop in use: {uvloop}"
+
+
+def _memory_lines(report: Report, high: int) -> Iterator[str]:
+    yield "token-proxy memory (MiB; VmRSS and VmHWM from /proc/PID/status)"
+    idle_rss, idle_hwm = report.idle_kib
+    yield f"  {'idle after start':<24}VmRSS {mib(idle_rss):.1f}, VmHWM {mib(idle_hwm):.1f}"
+    yield f"  {'start-up to ready':<24}{_fmt(report.startup_s, '.3f', ' s')}"
+    yield (
+        f"  {f'under load ({high} conns)':<24}VmRSS peak sampled "
+        f"{_fmt(_mib(report.load_rss_kib), '.1f')}"
+        f", VmHWM {_fmt(_mib(report.load_hwm_kib), '.1f')}"
+    )
+    stream = report.stream
+    if isinstance(stream, StreamResult):
+        growth = stream.growth_mib
+        yield (
+            f"  {f'streaming {stream.size / MIB:g} MiB':<24}growth {growth:.1f} (VmHWM "
+            f"{mib(stream.hwm_before_kib):.1f} -> {mib(stream.hwm_after_kib):.1f}, VmRSS "
+            f"{mib(stream.rss_before_kib):.1f} -> peak {mib(stream.rss_peak_kib):.1f}); "
+            f"{stream.seconds:.1f} s, {stream.size / MIB / stream.seconds:,.0f} MiB/s"
+        )
+    else:
+        yield f"  {'streaming':<24}{stream or 'not run'}"
+
+
+def footprint_targets(idle_mib: float | None, startup_s: float | None) -> tuple[Target, Target]:
+    return (
+        Target(
+            f"idle RSS <= {TARGET_IDLE_RSS_MIB:g} MiB",
+            idle_mib,
+            lambda v: v <= TARGET_IDLE_RSS_MIB,
+            ".1f",
+            " MiB",
+        ),
+        Target(
+            f"start-up to ready < {TARGET_STARTUP_S:g} s",
+            startup_s,
+            lambda v: v < TARGET_STARTUP_S,
+            ".3f",
+            " s",
+        ),
+    )
 
 
 def _ratio_lines(report: Report, options: Options) -> Iterator[str]:
@@ -1074,6 +1194,16 @@ def _at_least_one(text: str) -> int:
     return value
 
 
+def _whole(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
+
+
 def _env_pair(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -1091,6 +1221,25 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     serve = sub.add_parser("serve-upstream", help="(internal) the aiohttp upstream")
     serve.add_argument("--port", type=int, required=True)
     serve.add_argument("--big-size", type=int, required=True)
+    weigh = sub.add_parser(
+        "footprint", help="token-proxy's start-up to ready and idle VmRSS only (a few seconds)"
+    )
+    weigh.add_argument(
+        "--rounds",
+        dest="footprint_rounds",
+        type=_at_least_one,
+        default=3,
+        help="default 3 (medians)",
+    )
+    weigh.add_argument(
+        "--proxy-env",
+        dest="footprint_env",
+        metavar="KEY=VALUE",
+        type=_env_pair,
+        action="append",
+        default=[],
+        help="extra environment for token-proxy (repeatable)",
+    )
     parser.add_argument(
         "--duration",
         type=_seconds(1),
@@ -1147,6 +1296,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="run each proxy under test alone on the first CPU, and wrk, the upstream and the "
         "token server on the others (taskset); workers (case e) are not pinned",
     )
+    parser.add_argument(
+        "--instructions",
+        type=_whole,
+        default=2000,
+        metavar="N",
+        help="count instructions per request under callgrind over N sequential requests per "
+        "case with bench/icount.py (default 2000, 0 for none; needs valgrind)",
+    )
     return parser.parse_args(argv)
 
 
@@ -1164,11 +1321,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         warmup=args.warmup,
         stream_size=args.stream_mib * MIB,
         use_nginx=not args.no_nginx,
-        proxy_env=dict(args.proxy_env),
+        proxy_env=dict(args.footprint_env if args.command == "footprint" else args.proxy_env),
         workers=args.workers,
         keep=args.keep,
         rounds=args.rounds,
         pin=args.pin,
+        instructions=args.instructions,
         redis=args.redis,
     )
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with `&`
@@ -1178,7 +1336,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="token-proxy-bench-"))
     tmp.chmod(0o755)  # nginx workers run as another user when started by root
     try:
-        report = Bench(options, processes, tmp).run()
+        if args.command == "footprint":
+            lines = list(footprint(options, processes, tmp, args.footprint_rounds))
+        else:
+            lines = list(render(Bench(options, processes, tmp).run(), options))
     except BenchError as exc:
         note(str(exc))
         return 1
@@ -1192,7 +1353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             note(f"logs kept in {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    print("\n".join(render(report, options)), flush=True)
+    print("\n".join(lines), flush=True)
     return 0
 
 

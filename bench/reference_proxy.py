@@ -2,6 +2,8 @@
 
 One ClientSession; method, path and query (byte for byte), headers and body forwarded with a
 static `Authorization: Bearer static`; the answer streamed back. No token, no logs, no metrics.
+On asyncio's own loop by default (bench/run's case c); `--loop uvloop` runs it on uvloop, the
+loop token-proxy uses, so that an instruction count compares features, not event loops.
 
     .venv/bin/python bench/reference_proxy.py --port 8081 --upstream http://127.0.0.1:8082
 """
@@ -48,12 +50,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="e.g. http://127.0.0.1:8082")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     args = parser.parse_args()
+    loop = None
+    if args.loop == "uvloop":
+        import uvloop  # noqa: PLC0415  (only for --loop uvloop)
+
+        loop = uvloop.new_event_loop()
     app = web.Application()
     app[UPSTREAM] = args.upstream.rstrip("/")
     app.cleanup_ctx.append(session)
     app.router.add_route("*", "/{tail:.*}", forward)
-    web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None)
+    web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None, loop=loop)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""create_app(settings): the aiohttp application, its reserved /-/ paths, problem+json errors,
-the access line of each request, and the long-lived resources in cleanup_ctx."""
+"""ProxyApp: the one handler aiohttp's low-level server runs for every request (its reserved /-/
+paths, problem+json errors, the access line of each request) and what it answers from."""
 
 from __future__ import annotations
 
@@ -9,13 +9,12 @@ import math
 import random
 import re
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import aiohttp.web_response
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.web_protocol import _RequestHandler
 from multidict import CIMultiDictProxy
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -26,6 +25,7 @@ from proxy.current import Current
 from proxy.errors import (
     BadRequest,
     ClientRejected,
+    ExpectationFailed,
     MethodNotAllowed,
     NoRoute,
     ProxyError,
@@ -36,12 +36,6 @@ from proxy.inbound import ANONYMOUS
 from proxy.log import bind_request, get_logger, unbind_request
 from proxy.metrics import Metrics, StoreMetrics
 from proxy.runtime import Runtime, StoreFactory
-
-METRICS = web.AppKey("metrics", Metrics)
-# The runtime requests start on: a reload replaces it with one assignment.
-RUNTIME = web.AppKey("runtime", Current)
-# Set when shutdown_timeout has run out and the server closes the connections still busy.
-CUT_OFF = web.AppKey("cut_off", asyncio.Event)
 
 log = get_logger("proxy.app")
 
@@ -80,76 +74,16 @@ def problem_response(
     )
 
 
-def request_id_of(request: web.Request) -> str:
+def request_id_of(request: web.BaseRequest) -> str:
     """The client's X-Request-ID when it is short and plain, else a new one."""
     given = request.headers.get("X-Request-ID")
     if given is not None and _REQUEST_ID.fullmatch(given):
         return given
     # Unique enough to find a request in the logs; nothing depends on it being unguessable.
-    return f"{random.getrandbits(128):032x}"
+    return "%032x" % random.getrandbits(128)  # noqa: UP031  (cheaper than an f-string spec)
 
 
-async def handle(request: web.Request) -> web.StreamResponse:
-    """Every request enters here: reserved paths, or routing and forwarding."""
-    app = request.app
-    metrics = app[METRICS]
-    runtime = app[RUNTIME].runtime  # kept to the end of this request, whatever replaces it
-    started = time.perf_counter()
-    request_id = request_id_of(request)
-    raw = request.raw_path
-    reserved = raw.startswith("/-/")
-    exchange = Exchange(route="-" if reserved else "none")
-    status = CLIENT_CLOSED_REQUEST
-    metrics.request_started()
-    bound = bind_request(request_id=request_id, client=ANONYMOUS)
-    runtime.begin()  # a replaced runtime closes once every request it began has ended
-    try:
-        if reserved:
-            response = await _reserved(request, runtime, raw, request_id)
-        else:
-            _check_framing(request)
-            response = await forward(request, runtime, raw, request_id=request_id, record=exchange)
-    except ProxyError as exc:
-        response = problem_response(exc, request_id=request_id)
-        exchange.bytes_out = response.content_length or 0
-        if exc.status in {400, 413}:
-            # The rest of an unread or unsafe body must not be taken for the next request.
-            response.force_close()
-        if exc.status >= 500:
-            log.warning("request failed", status=exc.status, detail=exc.detail)
-    except asyncio.CancelledError:
-        # The client went away; aiohttp cancels the handler and with it the upstream call.
-        exchange.outcome = "client_aborted"
-        raise
-    except Exception:
-        log.exception("unexpected error while handling a request")
-        error = ProxyError("the proxy failed unexpectedly; see its log for this request id")
-        response = problem_response(error, request_id=request_id)
-        exchange.bytes_out = response.content_length or 0
-    finally:
-        metrics.request_finished()
-        runtime.end()  # its close, once replaced, waits for the loop: the line below still runs
-        if exchange.outcome != "client_aborted":
-            status = response.status
-        elif app[CUT_OFF].is_set():
-            # It was the server that closed the connection, at the shutdown deadline.
-            exchange.outcome = "shutdown"
-            status = CUT_OFF_BY_SHUTDOWN
-        duration = time.perf_counter() - started
-        metrics.observe_request(
-            route=exchange.route,
-            method=Metrics.method_label(request.method),
-            status=status,
-            client=exchange.client,
-            seconds=duration,
-        )
-        if not reserved:
-            runtime.access.record(request, status, duration, exchange)
-        unbind_request(bound)
-    return response
-
-
-def _check_framing(request: web.Request) -> None:
+def _check_framing(request: web.BaseRequest) -> None:
     """Refuse what could make the proxy and upstream disagree on where a request ends
     (RFC 9112 6.1-6.3): such a request is never forwarded, and its connection is closed."""
     headers = request.headers
@@ -175,25 +109,31 @@ def _check_body_framing(headers: CIMultiDictProxy[str]) -> None:
             )
 
 
-@web.middleware
-async def _every_request(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Send every request to `handle`, whatever the router thinks of its target (CONNECT,
-    OPTIONS *, absolute-form): the route table, not aiohttp's router, decides."""
-    return await handle(request)
+# How aiohttp's server must run the handler: our own access line, the request bodies forwarded as
+# they came (never decompressed on the way in), and handlers cancelled when their client
+# disconnects so that the upstream request is cancelled too.
+SERVER_OPTIONS: dict[str, Any] = {
+    "access_log": None,
+    "handler_cancellation": True,
+    "max_field_size": 8190,
+    "max_line_size": 8190,
+    "auto_decompress": False,
+}
 
 
-def runner_options(settings: Settings) -> dict[str, Any]:
-    """How a server must run this app: our own access line, and handlers cancelled when
-    their client disconnects so that the upstream request is cancelled too."""
-    return {
-        "access_log": None,
-        "handler_cancellation": True,
-        "shutdown_timeout": settings.shutdown_timeout,
-    }
+async def _expect(request: web.BaseRequest) -> None:
+    """What aiohttp's Application did for a request with an Expect header, before its handler:
+    `100 Continue` so that the client sends the body, else 417."""
+    expect = request.headers.get("Expect", "")
+    if expect.lower() == "100-continue" and request.version == aiohttp.HttpVersion11:
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the answer itself has not started
+    elif expect:
+        raise ExpectationFailed(f"Expect: {expect!r} is not supported; only 100-continue is")
 
 
 async def _reserved(
-    request: web.Request, runtime: Runtime, raw: str, request_id: str
+    request: web.BaseRequest, metrics: Metrics, runtime: Runtime, raw: str, request_id: str
 ) -> web.StreamResponse:
     path = raw.partition("?")[0]
     if request.method not in {"GET", "HEAD"}:
@@ -204,7 +144,7 @@ async def _reserved(
     elif path == "/-/ready":
         response = _ready(runtime, request_id)
     elif path == "/-/metrics" and runtime.settings.metrics_port is None:
-        response = metrics_response(request.app[METRICS])
+        response = metrics_response(metrics)
     else:
         raise NoRoute(
             f"{path} is not an endpoint of the proxy; see /-/healthy, /-/ready, /-/metrics"
@@ -281,47 +221,114 @@ def _store_state(current: Current) -> dict[str, Any] | None:
         return None  # not started yet
 
 
-def runtime_of(app: web.Application) -> Runtime:
-    """The runtime requests to `app` start on now."""
-    return app[RUNTIME].runtime
+class ProxyApp:
+    """What every request is answered from: the metrics, the current runtime (a reload
+    replaces it), and the cut-off at the shutdown deadline; `handle` is the one handler of
+    aiohttp's low-level server (`server()`), which spares each request a router and
+    middleware: the route table, not aiohttp's, decides, CONNECT and `OPTIONS *` included."""
 
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        metrics: Metrics | None = None,
+        store_factory: StoreFactory | None = None,
+        token_metrics: bool = True,
+        config_hash: str | None = None,
+    ) -> None:
+        """`store_factory` builds the store of the tokens, limits and cache from the settings
+        (None: Redis when redis_url is set, else memory; a worker's is the relay to its
+        supervisor, which counts the token metrics: `token_metrics` False); `config_hash`
+        names the configuration for /-/ready (a worker's is its group's, before it took its
+        share). start() builds the runtime, close() closes it."""
+        _name_the_server()
+        self.settings = settings
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.current = Current(
+            metrics=self.metrics, store_factory=store_factory, token_metrics=token_metrics
+        )
+        self.metrics.include(StoreMetrics(lambda: _store_state(self.current)))
+        # Set when shutdown_timeout has run out and the server closes the connections still busy.
+        self.cut_off = asyncio.Event()
+        self._config_hash = config_hash
+        self._started = False
 
-def create_app(
-    settings: Settings,
-    *,
-    metrics: Metrics | None = None,
-    store_factory: StoreFactory | None = None,
-    token_metrics: bool = True,
-    config_hash: str | None = None,
-) -> web.Application:
-    """Build the proxy application; long-lived resources open and close in cleanup_ctx.
-    `store_factory` builds the store of the tokens, limits and cache from the settings (None:
-    Redis when redis_url is set, else memory; a worker's is the relay to its supervisor, which
-    counts the token metrics: `token_metrics` False); `config_hash`
-    names the configuration for /-/ready (a worker's is its group's, before it took its
-    share). A reload replaces the runtime through app[RUNTIME].replace."""
-    _name_the_server()
-    app = web.Application(
-        middlewares=[_every_request],
-        # Request bodies are forwarded as they came: never decompressed on the way in.
-        handler_args={"max_field_size": 8190, "max_line_size": 8190, "auto_decompress": False},
-    )
-    app[METRICS] = metrics if metrics is not None else Metrics()
-    app[CUT_OFF] = asyncio.Event()
-    current = app[RUNTIME] = Current(
-        metrics=app[METRICS], store_factory=store_factory, token_metrics=token_metrics
-    )
-    app[METRICS].include(StoreMetrics(lambda: _store_state(current)))
+    @property
+    def runtime(self) -> Runtime:
+        """The runtime requests start on now."""
+        return self.current.runtime
 
-    async def runtime(app: web.Application) -> AsyncIterator[None]:
-        await current.start(settings, config_hash=config_hash)
+    async def start(self) -> None:
+        await self.current.start(self.settings, config_hash=self._config_hash)
+        self._started = True
+
+    async def close(self) -> None:
+        if self._started:
+            self._started = False
+            await self.current.close()
+
+    def server(self, handler: _RequestHandler | None = None) -> web.Server:
+        """aiohttp's low-level server running `handler` (`handle`; a test may wrap it)."""
+        return web.Server(handler or self.handle, **SERVER_OPTIONS)
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Every request enters here: reserved paths, or routing and forwarding."""
+        metrics = self.metrics
+        runtime = self.current.runtime  # kept to the end of this request, whatever replaces it
+        started = time.perf_counter()
+        request_id = request_id_of(request)
+        raw = request.raw_path
+        reserved = raw.startswith("/-/")
+        exchange = Exchange(route="-" if reserved else "none")
+        status = CLIENT_CLOSED_REQUEST
+        metrics.request_started()
+        bound = bind_request(request_id=request_id, client=ANONYMOUS)
+        runtime.begin()  # a replaced runtime closes once every request it began has ended
         try:
-            yield
+            if "Expect" in request.headers:
+                await _expect(request)
+            if reserved:
+                response = await _reserved(request, metrics, runtime, raw, request_id)
+            else:
+                _check_framing(request)
+                response = await forward(
+                    request, runtime, raw, request_id=request_id, record=exchange
+                )
+        except ProxyError as exc:
+            response = problem_response(exc, request_id=request_id)
+            exchange.bytes_out = response.content_length or 0
+            if exc.status in {400, 413, 417}:
+                # The rest of an unread or unsafe body must not be taken for the next request.
+                response.force_close()
+            if exc.status >= 500:
+                log.warning("request failed", status=exc.status, detail=exc.detail)
+        except asyncio.CancelledError:
+            # The client went away; aiohttp cancels the handler and with it the upstream call.
+            exchange.outcome = "client_aborted"
+            raise
+        except Exception:
+            log.exception("unexpected error while handling a request")
+            error = ProxyError("the proxy failed unexpectedly; see its log for this request id")
+            response = problem_response(error, request_id=request_id)
+            exchange.bytes_out = response.content_length or 0
         finally:
-            await current.close()
-
-    app.cleanup_ctx.append(runtime)
-    # The middleware sends every request to `handle`; this route only spares the router the
-    # cost of building a 404 for targets it cannot match.
-    app.router.add_route("*", "/{tail:.*}", handle)
-    return app
+            metrics.request_finished()
+            runtime.end()  # its close, once replaced, waits for the loop: the lines below still run
+            if exchange.outcome != "client_aborted":
+                status = response.status
+            elif self.cut_off.is_set():
+                # It was the server that closed the connection, at the shutdown deadline.
+                exchange.outcome = "shutdown"
+                status = CUT_OFF_BY_SHUTDOWN
+            duration = time.perf_counter() - started
+            metrics.observe_request(
+                route=exchange.route,
+                method=Metrics.method_label(request.method),
+                status=status,
+                client=exchange.client,
+                seconds=duration,
+            )
+            if not reserved:
+                runtime.access.record(request, status, duration, exchange)
+            unbind_request(bound)
+        return response

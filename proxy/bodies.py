@@ -3,7 +3,6 @@ streamed, within max_body_size) and the relay of upstream's answer to the client
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -28,7 +27,7 @@ class RequestBody:
 
     __slots__ = ("_limit", "_request", "bytes_in", "data", "overflow", "replayable")
 
-    def __init__(self, request: web.Request | None, *, limit: int | None) -> None:
+    def __init__(self, request: web.BaseRequest | None, *, limit: int | None) -> None:
         self._request = request
         self._limit = limit
         self.bytes_in = 0
@@ -71,7 +70,7 @@ class RequestBody:
 NO_BODY = RequestBody(None, limit=None)
 
 
-async def request_body(request: web.Request, *, limit: int | None) -> RequestBody:
+async def request_body(request: web.BaseRequest, *, limit: int | None) -> RequestBody:
     """The body step: the request's body, or NO_BODY when it has none."""
     if not request.body_exists:
         return NO_BODY
@@ -95,7 +94,7 @@ class Relayed:
 
 
 async def relay(
-    request: web.Request,
+    request: web.BaseRequest,
     response: UpstreamResponse,
     *,
     request_id: str,
@@ -105,7 +104,7 @@ async def relay(
     """The relay step: upstream's answer to the client, streamed, or in one write when it
     arrived whole. The cache adds its `extra` headers, and is given with `keep` every piece
     of the body once the client has it."""
-    with contextlib.closing(response):
+    try:
         headers = downstream_headers(response.header_items, request_id=request_id)
         if extra is not None:
             headers += extra
@@ -150,9 +149,11 @@ async def relay(
             outcome = "client_aborted"
             _close_client(request)
         return Relayed(response=out, bytes_out=sent, outcome=outcome)
+    finally:
+        response.close()
 
 
-def _close_client(request: web.Request) -> None:
+def _close_client(request: web.BaseRequest) -> None:
     """Close the client connection; aiohttp's own write_eof then fails quietly."""
     if request.transport is not None:
         request.transport.close()

@@ -96,6 +96,14 @@ class MethodNotAllowed(ProxyError):
         return {"Allow": self.allow}
 
 
+class ExpectationFailed(ProxyError):
+    """An Expect header other than 100-continue (RFC 9110 10.1.1)."""
+
+    status = 417
+    title = "Expectation failed"
+    type_slug = "expectation-failed"
+
+
 class PayloadTooLarge(ProxyError):
     status = 413
     title = "Request body too large"

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from proxy.access import Exchange
-from proxy.bodies import RequestBody, relay, request_body
+from proxy.bodies import NO_BODY, RequestBody, relay, request_body
 from proxy.errors import RateLimited, UpstreamError
 from proxy.headers import client_headers, upstream_headers
 from proxy.log import bind_request_more, get_logger
@@ -37,7 +37,7 @@ class Sent:
 
 
 async def forward(
-    request: web.Request, runtime: Runtime, raw: str, *, request_id: str, record: Exchange
+    request: web.BaseRequest, runtime: Runtime, raw: str, *, request_id: str, record: Exchange
 ) -> web.StreamResponse:
     """Key check, route, then the exchange with upstream, answering the client."""
     # The key before the route: without one, every path gets the same 401, so nobody can
@@ -58,7 +58,13 @@ async def forward(
             record.bytes_out = looked.content_length or 0
             return looked
         plan = looked
-    body = await request_body(request, limit=runtime.settings.max_body_size)
+    # The body and the 429 steps are awaited only when there is something to do: a coroutine
+    # on every request costs more than the test.
+    body = (
+        await request_body(request, limit=runtime.settings.max_body_size)
+        if request.body_exists
+        else NO_BODY
+    )
     try:
         sent = await send_replaying_once(
             request,
@@ -70,7 +76,8 @@ async def forward(
             record=record,
             incoming=None if plan is None else plan.upstream_items(),
         )
-        await upstream_said(runtime, match, sent.response)
+        if sent.response.status == 429:
+            await upstream_said(runtime, match, sent.response)
         if plan is None:
             relayed = await relay(request, sent.response, request_id=request_id)
         else:
@@ -84,7 +91,7 @@ async def forward(
 
 
 async def send_replaying_once(
-    request: web.Request,
+    request: web.BaseRequest,
     runtime: Runtime,
     match: Match,
     *,
@@ -134,7 +141,7 @@ async def send_replaying_once(
 
 
 async def send_once(
-    request: web.Request,
+    request: web.BaseRequest,
     runtime: Runtime,
     match: Match,
     *,
@@ -192,8 +199,6 @@ def current_token(tokens: TokenSource) -> Token | None:
 async def upstream_said(runtime: Runtime, match: Match, response: UpstreamResponse) -> None:
     """The rate-limit step's second half: an upstream 429 pauses the credential for its
     Retry-After."""
-    if response.status != 429:
-        return
     credential = match.route.credential
     runtime.metrics.rate_limited.labels(credential, "upstream").inc()
     paused = await runtime.limits.upstream_said_slow_down(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import contextlib
 import json
 import logging
 import sys
@@ -92,8 +91,11 @@ class LineWriter:
                 return
             loop = None
             if self._buffered:
-                with contextlib.suppress(RuntimeError):
+                # try, not contextlib.suppress: this runs for every line, the access line's too.
+                try:
                     loop = asyncio.get_running_loop()
+                except RuntimeError:  # no loop in this thread: written at once below
+                    loop = None
             if loop is not None:
                 self._scheduled = True
                 loop.call_soon(self.flush)
@@ -177,13 +179,15 @@ class InfoLines(Protocol):
     """How log_info_fast writes a line: _FastLines in JSON mode, else structlog's chain. A
     test renders the same events both ways and compares the text (tests/test_log.py)."""
 
-    def info(self, logger: str, event: str, fields: dict[str, Any]) -> None: ...
+    def info(
+        self, logger: str, event: str, fields: dict[str, Any], *, plain: bool = False
+    ) -> None: ...
 
 
 class _ChainLines:
     """structlog's own chain: the console renderer's way, and the reference of _FastLines."""
 
-    def info(self, logger: str, event: str, fields: dict[str, Any]) -> None:
+    def info(self, logger: str, event: str, fields: dict[str, Any], *, plain: bool = False) -> None:
         get_logger(logger).info(event, **fields)
 
 
@@ -205,10 +209,10 @@ class _FastLines:
             self._second = second
             self._stamp = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
         micro = int((now - second) * 1_000_000)
-        # isoformat() leaves out a fraction of zero microseconds.
-        return f"{self._stamp}.{micro:06d}Z" if micro else f"{self._stamp}Z"
+        # isoformat() leaves out a fraction of zero microseconds. (zfill: cheaper than :06d.)
+        return f"{self._stamp}.{str(micro).zfill(6)}Z" if micro else self._stamp + "Z"
 
-    def info(self, logger: str, event: str, fields: dict[str, Any]) -> None:
+    def info(self, logger: str, event: str, fields: dict[str, Any], *, plain: bool = False) -> None:
         if _live.level > logging.INFO:
             return
         fields["event"] = event
@@ -219,7 +223,7 @@ class _FastLines:
         # One search of the rendered line for every live secret and token replaces the walk
         # over each value; the redactor itself runs only on a hit, or first when it could
         # change more than a secret (a sensitive key, a value other than a plain one).
-        if redactor.needs_walk(fields):
+        if not plain and redactor.needs_walk(fields):
             line = _dumps(redactor(None, "info", fields))
         else:
             line = _dumps(fields)
@@ -231,10 +235,13 @@ class _FastLines:
 _lines: InfoLines = _ChainLines()
 
 
-def log_info_fast(logger: str, event: str, fields: dict[str, Any]) -> None:
+def log_info_fast(logger: str, event: str, fields: dict[str, Any], *, plain: bool = False) -> None:
     """Log `event` at info level with `fields` (a dict this call may change): the line that
-    get_logger(logger).info(event, **fields) writes, in JSON mode without structlog's chain."""
-    _lines.info(logger, event, fields)
+    get_logger(logger).info(event, **fields) writes, in JSON mode without structlog's chain.
+    `plain`: the caller vouches that no key of `fields` is sensitive and that every value is a
+    str, int, float, bool or None, so that the redactor could change nothing but a live secret
+    inside a value, which the search of the rendered line finds (the access line's)."""
+    _lines.info(logger, event, fields, plain=plain)
 
 
 def flush_logs() -> None:

@@ -11,7 +11,7 @@ import signal
 from aiohttp import web
 
 from proxy import __version__
-from proxy.app import CUT_OFF, METRICS, RUNTIME, create_app, create_metrics_app, runner_options
+from proxy.app import ProxyApp, create_metrics_app
 from proxy.config import Loaded, fingerprint
 from proxy.egress import summary as egress_summary
 from proxy.log import get_logger
@@ -30,11 +30,11 @@ async def serve(loaded: Loaded, source: ConfigSource, worker: WorkerLink | None 
     supervisor tells it to, with the group."""
     settings = loaded.settings if worker is None else worker.settings_for(loaded.settings)
     if worker is None:
-        app = create_app(settings)
+        app = ProxyApp(settings)
         reuse_port = None
     else:
         await worker.connect()
-        app = create_app(
+        app = ProxyApp(
             settings,
             metrics=worker.metrics,
             store_factory=worker.store_for,
@@ -44,14 +44,15 @@ async def serve(loaded: Loaded, source: ConfigSource, worker: WorkerLink | None 
         reuse_port = True
 
     reloader = _reloader(app, loaded, source, worker)
-    runner = web.AppRunner(app, handle_signals=False, **runner_options(settings))
-    runners = [runner]
+    await app.start()
+    runner = web.ServerRunner(app.server(), shutdown_timeout=settings.shutdown_timeout)
+    runners: list[web.BaseRunner] = [runner]
     reloading: asyncio.Task[None] | None = None
     await runner.setup()
     try:
         await web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port).start()
         if settings.metrics_port is not None:
-            metrics_runner = web.AppRunner(create_metrics_app(app[METRICS]), access_log=None)
+            metrics_runner = web.AppRunner(create_metrics_app(app.metrics), access_log=None)
             runners.append(metrics_runner)
             await metrics_runner.setup()
             await web.TCPSite(
@@ -83,31 +84,32 @@ async def serve(loaded: Loaded, source: ConfigSource, worker: WorkerLink | None 
                 host=settings.host,
             )
         await stop.wait()
-        grace = app[RUNTIME].runtime.settings.shutdown_timeout  # as last reloaded
+        grace = app.runtime.settings.shutdown_timeout  # as last reloaded
         log.info("shutting down", grace_seconds=grace)
     finally:
         if reloading is not None:
             reloading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reloading
-        grace = app[RUNTIME].runtime.settings.shutdown_timeout
-        await _stop(runners, grace=grace, cut_off=app[CUT_OFF])
+        grace = app.runtime.settings.shutdown_timeout
+        await _stop(runners, grace=grace, cut_off=app.cut_off)
+        await app.close()
         if worker is not None:
             await worker.close()
     log.info("stopped")
 
 
 def _reloader(
-    app: web.Application, loaded: Loaded, source: ConfigSource, worker: WorkerLink | None
+    app: ProxyApp, loaded: Loaded, source: ConfigSource, worker: WorkerLink | None
 ) -> Reloader:
     """What reloads this process: its own SIGHUP and secret files, or (a worker) its
     supervisor's word; applying a reload is building the next runtime and switching to it."""
 
     async def apply(new: Loaded, changes: Changes) -> None:
         shaped = new.settings if worker is None else worker.settings_for(new.settings)
-        await app[RUNTIME].replace(shaped, config_hash=fingerprint(new.settings))
+        await app.current.replace(shaped, config_hash=fingerprint(new.settings))
         for name in changes.removed_credentials:
-            app[METRICS].forget_credential(name)
+            app.metrics.forget_credential(name)
             if worker is not None:
                 worker.forget(name)
 
@@ -116,7 +118,7 @@ def _reloader(
         loaded,
         apply=apply,
         # A worker's reload metrics are its supervisor's, which reloads for the group.
-        reloads=None if worker is not None else app[METRICS].reloads,
+        reloads=None if worker is not None else app.metrics.reloads,
         poll=None if worker is not None else SECRET_POLL_INTERVAL,
     )
 
@@ -141,7 +143,7 @@ def _hup_to_a_worker() -> None:
     log.debug("SIGHUP reached a worker: ignored, its supervisor reloads the whole group")
 
 
-async def _stop(runners: list[web.AppRunner], *, grace: float, cut_off: asyncio.Event) -> None:
+async def _stop(runners: list[web.BaseRunner], *, grace: float, cut_off: asyncio.Event) -> None:
     """Stop accepting, give the requests in flight `grace` seconds, then close the connections
     of those still running, which cancels their handlers.
 

@@ -48,15 +48,16 @@ class Token:
     scope: str | None = None
     version: str = ""
     stamp: float = 0.0
+    # Set once from the fields above: every request asks whether the token is still usable.
+    usable_until: float = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        margin = min(SAFETY_MARGIN_CAP, SAFETY_MARGIN_FRACTION * self.lifetime)
+        object.__setattr__(self, "usable_until", self.expires_at - margin)
 
     @property
     def expires_at(self) -> float:
         return self.obtained_at + self.lifetime
-
-    @property
-    def usable_until(self) -> float:
-        margin = min(SAFETY_MARGIN_CAP, SAFETY_MARGIN_FRACTION * self.lifetime)
-        return self.expires_at - margin
 
     @property
     def refresh_at(self) -> float:

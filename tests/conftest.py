@@ -25,9 +25,9 @@ from urllib.parse import unquote_plus
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import BaseTestServer, TestClient, TestServer
 
-from proxy.app import create_app, runner_options, runtime_of
+from proxy.app import ProxyApp
 from proxy.config import Settings
 from proxy.credentials import TokenManager
 from proxy.log import configure_logging, redactor
@@ -425,20 +425,59 @@ def make_settings(
     return build
 
 
-Client = TestClient[web.Request, web.Application]
+class ProxyTestServer(BaseTestServer):
+    """An in-process proxy on loopback for TestClient, run as proxy.serve runs it: its runtime
+    started, aiohttp's low-level server with its one handler, the runtime closed after the
+    server. Every answer is shown to the leak watch."""
+
+    def __init__(self, proxy: ProxyApp) -> None:
+        super().__init__(host="127.0.0.1")
+        self.proxy = proxy
+
+    async def start_server(
+        self, loop: asyncio.AbstractEventLoop | None = None, **kwargs: Any
+    ) -> None:
+        await self.proxy.start()
+        await super().start_server(loop, **kwargs)
+
+    async def _make_runner(self, **kwargs: Any) -> web.ServerRunner:
+        server = self.proxy.server(_watched(self.proxy.handle))
+        return web.ServerRunner(server, shutdown_timeout=self.proxy.settings.shutdown_timeout)
+
+    async def close(self) -> None:
+        await super().close()
+        await self.proxy.close()
+
+
+def _watched(
+    handle: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+    async def watched(request: web.BaseRequest) -> web.StreamResponse:
+        response = await handle(request)
+        headers = "\n".join(f"{name}: {value}" for name, value in response.headers.items())
+        body = response.body if isinstance(response, web.Response) else None
+        text = body.decode("utf-8", "replace") if isinstance(body, bytes) else ""
+        LEAKS.add(f"the response to {request.method} {request.raw_path}", f"{headers}\n{text}")
+        return response
+
+    return watched
+
+
+Client = TestClient[web.BaseRequest, None]
 ProxyFactory = Callable[..., Awaitable[Client]]
 PROBLEM_JSON = "application/problem+json"
 
 
-def app_of(client: Client) -> web.Application:
-    app = client.app
-    assert app is not None
-    return app
+def app_of(client: Client) -> ProxyApp:
+    """The ProxyApp behind an in-process proxy's client."""
+    server = client.server
+    assert isinstance(server, ProxyTestServer)
+    return server.proxy
 
 
 def manager_of(client: Client, name: str = "default") -> TokenManager:
     """The TokenManager of one credential of an in-process proxy."""
-    manager = runtime_of(app_of(client)).tokens[name]
+    manager = app_of(client).runtime.tokens[name]
     assert isinstance(manager, TokenManager)
     return manager
 
@@ -467,31 +506,19 @@ async def start_proxy(
         if settings is None:
             settings = make_settings(**overrides)
         settings = with_transport(settings, upstream_client)
-        app = create_app(settings)
-        app.on_response_prepare.append(_watch_response)
-        server = TestServer(app, host="127.0.0.1")
-        # TestServer turns handler_cancellation on itself; the rest is passed as the CLI does.
-        options = runner_options(settings)
-        del options["handler_cancellation"]
-        await server.start_server(**options)
-        client = TestClient(server, connector=aiohttp.TCPConnector(limit=0))
+        client: Client = TestClient(
+            ProxyTestServer(ProxyApp(settings)), connector=aiohttp.TCPConnector(limit=0)
+        )
         await client.start_server()
         clients.append(client)
         return client
 
     yield start
     for client in clients:
-        if client.app is not None and runtime_of(client.app).settings.metrics_port is None:
+        if app_of(client).runtime.settings.metrics_port is None:
             async with client.get("/-/metrics") as metrics:
                 LEAKS.add("/-/metrics", await metrics.text())
         await client.close()
-
-
-async def _watch_response(request: web.Request, response: web.StreamResponse) -> None:
-    headers = "\n".join(f"{name}: {value}" for name, value in response.headers.items())
-    body = response.body if isinstance(response, web.Response) else None
-    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else ""
-    LEAKS.add(f"the response to {request.method} {request.raw_path}", f"{headers}\n{text}")
 
 
 @dataclass

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy import access
 from proxy.access import mask_query
 from proxy.log import REDACTED
 
@@ -77,3 +78,24 @@ def test_only_the_sensitive_value_changes(
         f"{name}={REDACTED if (name, value) == secret else value}" for name, value in params
     ]
     assert mask_query(target) == "/p?" + "&".join(expected)
+
+
+def test_plain_queries_are_remembered_within_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A query found to hold nothing to mask is remembered (one lookup the next time), but
+    never more than _MAX_REMEMBERED of them, nor one longer than _MAX_REMEMBERED_QUERY; a
+    remembered query never lets a sensitive one through."""
+    monkeypatch.setattr(access, "_plain_queries", set())
+    target = "/p?namespace=dynamic-us&locale=en_US"
+    assert mask_query(target) is target
+    assert access._plain_queries == {"namespace=dynamic-us&locale=en_US"}
+    assert mask_query(target) is target
+    assert (
+        mask_query("/p?namespace=dynamic-us&token=abc")
+        == f"/p?namespace=dynamic-us&token={REDACTED}"
+    )
+    long = "/p?q=" + "x" * access._MAX_REMEMBERED_QUERY
+    assert mask_query(long) is long
+    assert long.partition("?")[2] not in access._plain_queries
+    for number in range(access._MAX_REMEMBERED + 10):
+        mask_query(f"/p?page={number}")
+    assert len(access._plain_queries) == access._MAX_REMEMBERED

@@ -11,17 +11,24 @@ import string
 from dataclasses import dataclass
 
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import BaseTestServer, TestServer
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.app import create_app, runner_options
+from proxy.app import ProxyApp
 from proxy.config import Route, Settings
 from proxy.errors import BadRequest
 from proxy.headers import HOP_BY_HOP, downstream_headers, upstream_headers
 from proxy.routing import RouteTable
-from tests.conftest import LEAKS, TEST_CLIENT_ID, TEST_SECRET, FakeTokenServer, FakeUpstream
+from tests.conftest import (
+    LEAKS,
+    TEST_CLIENT_ID,
+    TEST_SECRET,
+    FakeTokenServer,
+    FakeUpstream,
+    ProxyTestServer,
+)
 
 # --- strategies --------------------------------------------------------------------------------
 
@@ -275,7 +282,10 @@ async def through_the_proxy(batch: list[Case]) -> None:
     token_app.router.add_post("/token", token_server.handle)
     # [\s\S], not ".": a decoded path may hold a newline (%0a), which "." would not match.
     upstream_app.router.add_route("*", r"/{tail:[\s\S]*}", upstream.handle)
-    servers = [TestServer(token_app, host="127.0.0.1"), TestServer(upstream_app, host="127.0.0.1")]
+    servers: list[BaseTestServer] = [
+        TestServer(token_app, host="127.0.0.1"),
+        TestServer(upstream_app, host="127.0.0.1"),
+    ]
     for server in servers:
         await server.start_server()
     token_url = str(servers[0].make_url("/token"))
@@ -296,9 +306,7 @@ async def through_the_proxy(batch: list[Case]) -> None:
             ],
         }
     )
-    proxy = TestServer(
-        create_app(proxy_settings), host="127.0.0.1", **runner_options(proxy_settings)
-    )
+    proxy = ProxyTestServer(ProxyApp(proxy_settings))
     servers.append(proxy)
     try:
         await proxy.start_server()

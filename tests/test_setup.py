@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -128,3 +129,21 @@ def test_readme_troubleshoots_requests_cut_off_at_shutdown() -> None:
     assert '`"outcome": "shutdown"`' in entry
     assert f"status {CUT_OFF_BY_SHUTDOWN}" in entry
     assert "`shutdown_timeout`" in entry
+
+
+def test_a_default_configuration_imports_neither_the_rate_limit_parser_nor_redis() -> None:
+    """Start-up imports only what the configuration uses: the `limits` parser only when a rate
+    limit is set, redis only with redis_url (each weighs MiB of RSS and tens of ms)."""
+    probe = (
+        "import sys, proxy.cli, proxy.serve\n"
+        "from proxy.config import Settings\n"
+        "from proxy.runtime import Runtime\n"
+        "Settings(client_id='i', client_secret='s3cret-value', token_url='http://127.0.0.1:9/t',"
+        " upstream='http://127.0.0.1:9', port=0)\n"
+        "print(sorted({'limits', 'redis'} & set(sys.modules)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

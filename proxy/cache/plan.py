@@ -104,7 +104,7 @@ class Plan:
         return items
 
     async def relay(
-        self, request: web.Request, response: UpstreamResponse, *, request_id: str
+        self, request: web.BaseRequest, response: UpstreamResponse, *, request_id: str
     ) -> Relayed:
         """The relay step on a cached route: an entry refreshed by a 304 answers the client;
         anything else is relayed with X-Cache, and stored once it has arrived whole."""
@@ -190,7 +190,7 @@ class Plan:
 
     async def _refreshed(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         entry: Entry,
         fields: Headers,
         response_time: float,
@@ -218,7 +218,7 @@ class Plan:
 
     async def _not_modified(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         response: UpstreamResponse,
         fields: Headers,
         *,

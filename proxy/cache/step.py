@@ -88,7 +88,7 @@ class ResponseCache:
             shared=shared,
         )
 
-    async def look_up(self, request: web.Request, match: Match, *, request_id: str) -> Looked:
+    async def look_up(self, request: web.BaseRequest, match: Match, *, request_id: str) -> Looked:
         """The cache step: the answer from the cache (this process's, else the replicas'
         shared one), a Plan for asking upstream, or None when the route does not use the
         cache."""
@@ -164,7 +164,7 @@ class ResponseCache:
 
     def answer(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         entry: Entry,
         asked: Asked,
         label: str,

@@ -7,7 +7,6 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-import limits
 from pydantic import (
     Field,
     ModelWrapValidatorHandler,
@@ -316,6 +315,8 @@ class Settings(BaseSettings):
         return self
 
     def _split_limit_problems(self) -> list[Problem]:
+        import limits  # noqa: PLC0415  (only with a rate limit set: 2 MiB, 80 ms at start-up)
+
         tables: list[tuple[tuple[str | int, ...], tuple[str, ...]]] = [
             (("credentials", name, "rate_limit"), credential.rate_limits)
             for name, credential in self.credentials.items()

@@ -5,8 +5,6 @@ from __future__ import annotations
 import ipaddress
 from urllib.parse import urlsplit
 
-import limits
-
 
 def is_loopback_host(host: str) -> bool:
     host = host.strip("[]").lower()
@@ -50,6 +48,8 @@ def shown_url(value: str) -> str:
 
 def check_rate_limits(values: tuple[str, ...]) -> tuple[str, ...]:
     """Validate limits such as "100/second" or "36000/hour" with the `limits` library's parser."""
+    import limits  # noqa: PLC0415  (only with a rate limit set: 2 MiB, 80 ms at start-up)
+
     for value in values:
         try:
             limits.parse(value)
@@ -63,6 +63,8 @@ def check_rate_limits(values: tuple[str, ...]) -> tuple[str, ...]:
 
 def split_rate_limits(values: tuple[str, ...], ways: int) -> tuple[str, ...]:
     """Each limit divided `ways` ways, rounded down: "100/second" in 3 is "33 per 1 second"."""
+    import limits  # noqa: PLC0415  (only with a rate limit set: 2 MiB, 80 ms at start-up)
+
     items = (limits.parse(value) for value in values)
     return tuple(
         f"{item.amount // ways} per {item.multiples} {item.GRANULARITY.name}" for item in items

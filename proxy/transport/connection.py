@@ -19,7 +19,6 @@ HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 # The headers that say where a response body ends; anything else ends with the connection.
 _FRAMING = frozenset({"content-length", "transfer-encoding"})
-_FRAMING_LENGTHS = frozenset(len(name) for name in _FRAMING)
 
 # httptools', the socket's and ssl's exceptions and ours; the first match wins, so subclasses
 # come before their bases (TimeoutError and SSLError are OSErrors).
@@ -157,7 +156,6 @@ class Connection(asyncio.Protocol):
         self._raw_headers: list[tuple[str, str]] = []
         self.header_items: list[tuple[str, str]] = []  # the final answer's, once it has them all
         self._interim = False
-        self._delimited = False
         self.headers_ready: asyncio.Future[None] = self._loop.create_future()
         self.body = BodyBuffer(self)
         self.status = 0
@@ -200,7 +198,7 @@ class Connection(asyncio.Protocol):
             )
             self.headers_ready.exception()  # retrieved here, or by the waiting exchange
         elif not self.body.done:
-            if self._delimited:
+            if self._delimited():
                 self.body.fail(UpstreamError("upstream closed the connection mid-body"))
             else:
                 self.body.finish()  # a body delimited by the end of the connection
@@ -226,10 +224,7 @@ class Connection(asyncio.Protocol):
         self._reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        text = name.decode("latin-1")
-        if len(text) in _FRAMING_LENGTHS and text.lower() in _FRAMING:
-            self._delimited = True
-        self._raw_headers.append((text, value.decode("utf-8", "surrogateescape")))
+        self._raw_headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -238,7 +233,6 @@ class Connection(asyncio.Protocol):
             self._interim = True
             self._raw_headers = []
             self._reason = b""
-            self._delimited = False
             return
         self.status = status
         self.header_items = self._raw_headers
@@ -262,6 +256,11 @@ class Connection(asyncio.Protocol):
         self.expecting = False
         self.reusable = self._parser.should_keep_alive() and not self._head_request
         self.body.finish()
+
+    def _delimited(self) -> bool:
+        """Whether the answer says where its body ends (else the end of the connection does):
+        asked only when the connection is lost mid-body."""
+        return any(name.lower() in _FRAMING for name, _ in self.header_items)
 
     # for the exchange
     @property

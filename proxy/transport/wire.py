@@ -14,7 +14,9 @@ if TYPE_CHECKING:
     from proxy.transport.connection import Connection
 
 
-@dataclass(frozen=True, slots=True)
+# eq=False: one Origin per scheme and netloc (LeanClient keeps them), so it is pooled by
+# identity, without hashing its fields on each request.
+@dataclass(frozen=True, slots=True, eq=False)
 class Origin:
     """Where a request goes: scheme, host, port and the Host header that names them, and the
     egress proxy it goes through (connections are pooled by all of it)."""
@@ -60,15 +62,13 @@ class Origin:
 def split_url(url: str) -> tuple[str, str, str]:
     """'https://h:1/p?q' -> ('https', 'h:1', '/p?q'), keeping the target's bytes as they are."""
     scheme, _, rest = url.partition("://")
-    cut = len(rest)
-    for mark in ("/", "?"):
-        at = rest.find(mark)
-        if at != -1:
-            cut = min(cut, at)
-    netloc, target = rest[:cut], rest[cut:]
-    if not target.startswith("/"):
-        target = "/" + target
-    return scheme, netloc, target
+    cut, query = rest.find("/"), rest.find("?")
+    if cut == -1 or -1 < query < cut:
+        cut = query
+    if cut == -1:
+        return scheme, rest, "/"
+    target = rest[cut:]
+    return scheme, rest[:cut], target if target[0] == "/" else "/" + target
 
 
 def request_head(
@@ -88,7 +88,7 @@ def request_head(
         if len(name) == 14 and name.lower() == "content-length":
             has_length = True
         lines.append(f"{name}: {value}")
-    if isinstance(body, AsyncIterable):
+    if body is not None and not isinstance(body, bytes):  # a stream (no ABC check: see lean)
         if not has_length:
             lines.append("Transfer-Encoding: chunked")
     elif body and not has_length:

@@ -17,7 +17,6 @@ from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
-from proxy.app import runtime_of
 from proxy.cache import ResponseCache
 from proxy.config import Settings
 from tests.conftest import (
@@ -91,14 +90,14 @@ async def cached_proxy(
     if settings is None:
         overrides.setdefault("cache", True)
     client = await start_proxy(settings, **overrides)
-    cache = runtime_of(app_of(client)).cache
+    cache = app_of(client).runtime.cache
     if cache is not None:
         cache.clock = clock
     return client
 
 
 def cache_of(client: Client) -> ResponseCache:
-    cache = runtime_of(app_of(client)).cache
+    cache = app_of(client).runtime.cache
     assert cache is not None
     return cache
 
@@ -147,7 +146,7 @@ async def test_the_cache_is_off_by_default(
 ) -> None:
     answers = Answers(upstream, "/item", clock)
     client = await start_proxy()
-    assert runtime_of(app_of(client)).cache is None
+    assert app_of(client).runtime.cache is None
     for _ in range(2):
         _, headers, _ = await get(client, "/item")
         assert "X-Cache" not in headers
@@ -759,7 +758,7 @@ async def test_an_answer_the_client_hangs_up_on_is_not_stored(
         assert response.headers["X-Cache"] == "MISS"
         await response.content.readexactly(65536)
         response.close()  # the client hangs up with three quarters to come
-    await wait_for(lambda: runtime_of(app_of(client))._active == 0)
+    await wait_for(lambda: app_of(client).runtime._active == 0)
     more.set()
     await wait_for(lambda: bool(ended))
     assert len(cache_of(client).entries) == 0

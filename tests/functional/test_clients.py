@@ -15,8 +15,7 @@ import aiohttp
 import httpx
 import pytest
 import requests
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
 
 from docs import fake_provider
 from proxy.config import Settings
@@ -28,6 +27,7 @@ from tests.conftest import (
     ProxyFactory,
     StartProcess,
 )
+from tests.conftest import Client as ProxyClient
 
 PATH = "/data/wow/token/index"
 PARAMS = {"namespace": "dynamic-eu", "locale": "en_GB"}
@@ -67,7 +67,7 @@ async def run_curl(*args: str) -> tuple[int, bytes]:
     return process.returncode, stdout
 
 
-def base_url_of(proxy: TestClient[web.Request, web.Application]) -> str:
+def base_url_of(proxy: ProxyClient) -> str:
     """The in-process proxy's URL, as a client's base URL: http://127.0.0.1:<port>."""
     return str(proxy.make_url("/")).rstrip("/")
 

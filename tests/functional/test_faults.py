@@ -27,7 +27,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
 from proxy import tokens
-from proxy.app import create_app, runner_options
+from proxy.app import ProxyApp
 from proxy.tokens import BACKOFF_CAP
 from tests.conftest import (
     TEST_CLIENT_ID,
@@ -38,6 +38,7 @@ from tests.conftest import (
     FakeUpstream,
     ProxyFactory,
     ProxyProcess,
+    ProxyTestServer,
     SettingsFactory,
     StartProcess,
     free_port,
@@ -839,9 +840,7 @@ async def test_app_cleanup_stops_the_refresh_task_and_closes_every_connection(
     token_server.expires_in = 1  # a refresh every 0.8 s keeps the refresh task busy
     before = asyncio.all_tasks()
     settings = make_settings()
-    client: Client = TestClient(
-        TestServer(create_app(settings), host="127.0.0.1", **runner_options(settings))
-    )
+    client: Client = TestClient(ProxyTestServer(ProxyApp(settings)))
     await client.start_server()
     try:
         await wait_for(lambda: len(token_server.issued) >= 2, timeout=5)  # refreshed once

@@ -1313,3 +1313,45 @@ async def test_streamed_body_over_the_limit_is_a_413_and_never_arrives_whole(
     assert response.status == 200
     assert await response.json() == {"length": 2 * MIB}
     assert 4 * MIB not in seen
+
+
+async def test_expect_100_continue_is_answered_before_the_body_is_sent(
+    start_proxy: ProxyFactory, upstream: FakeUpstream
+) -> None:
+    """A client that sends `Expect: 100-continue` gets `100 Continue` from the proxy before it
+    sends its body, then the answer to the whole request; Expect goes no further."""
+    client = await start_proxy()
+    assert client.host is not None
+    head = build_request(
+        "POST", "/upload", [("Content-Length", "5"), ("Expect", "100-continue")], close=True
+    )
+    async with asyncio.timeout(10):
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        try:
+            writer.write(head)
+            await writer.drain()
+            interim = await reader.readuntil(b"\r\n\r\n")
+            assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+            writer.write(b"hello")
+            await writer.drain()
+            response, _ = parse_response(await reader.read())
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+    assert response.status == 200
+    (arrived,) = upstream.requests
+    assert arrived.body == b"hello"
+    assert arrived.header("Expect") is None
+
+
+async def test_an_expectation_other_than_100_continue_gets_417_problem(
+    start_proxy: ProxyFactory, upstream: FakeUpstream
+) -> None:
+    client = await start_proxy()
+    head = build_request("POST", "/upload", [("Content-Length", "5"), ("Expect", "teapot")])
+    response = await answer_to_head(client, head)
+    assert response.status == 417
+    problem = problem_of(417, response.header("Content-Type"), response.body)
+    assert "teapot" in problem["detail"]
+    assert upstream.requests == []

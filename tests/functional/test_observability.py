@@ -22,7 +22,6 @@ from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
-from proxy.app import runtime_of
 from proxy.config import Settings
 from proxy.metrics import KNOWN_METHODS, Metrics
 from tests.conftest import (
@@ -177,7 +176,7 @@ async def test_metrics_of_a_scenario_with_two_routes_and_credentials(
     upstream.handlers["/limited"] = too_many
 
     client = await start_proxy(settings)
-    tokens = runtime_of(app_of(client)).tokens
+    tokens = app_of(client).runtime.tokens
     await wait_for(lambda: tokens["a"].state()["ready"] and tokens["b"].state()["ready"], timeout=5)
 
     # At start: one successful fetch each, nothing failing, tokens valid for an hour.
@@ -333,7 +332,7 @@ async def test_ready_lists_each_credential_when_ready(
 ) -> None:
     """/-/ready answers 200 JSON listing every credential's state, without the token."""
     client = await start_proxy(two_credentials(token_server, upstream))
-    tokens = runtime_of(app_of(client)).tokens
+    tokens = app_of(client).runtime.tokens
     await wait_for(lambda: tokens["a"].state()["ready"] and tokens["b"].state()["ready"], timeout=5)
     async with client.get("/-/ready") as response:
         assert response.status == 200
@@ -365,7 +364,7 @@ async def test_ready_explains_a_rejected_credential(
     it is retried, next to the ready one; no token or secret appears."""
     settings = two_credentials(token_server, upstream, b_token_url=rejecting_token_endpoint)
     client = await start_proxy(settings)
-    tokens = runtime_of(app_of(client)).tokens
+    tokens = app_of(client).runtime.tokens
     await wait_for(
         lambda: tokens["a"].state()["ready"] and tokens["b"].state()["last_error"] is not None,
         timeout=5,

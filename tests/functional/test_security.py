@@ -24,7 +24,6 @@ from aiohttp.http_parser import HttpRequestParserPy
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.app import runtime_of
 from proxy.config import Settings, load_settings
 from proxy.errors import ConfigError
 from proxy.log import get_logger
@@ -39,6 +38,7 @@ from tests.conftest import (
     ProxyFactory,
     SettingsFactory,
     StartProcess,
+    app_of,
     wait_for,
 )
 
@@ -495,8 +495,7 @@ async def test_reserved_paths_need_no_team_key(
 ) -> None:
     """/-/healthy, /-/ready and /-/metrics answer 200 without any team key."""
     client = await start_proxy(team_settings(make_settings))
-    assert client.app is not None
-    manager = runtime_of(client.app).tokens["default"]
+    manager = app_of(client).runtime.tokens["default"]
     # /-/ready says 503 until the first token is in, whatever the key.
     await wait_for(lambda: bool(manager.state()["ready"]))
     async with client.get(path) as response:

@@ -13,7 +13,6 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.app import METRICS
 from proxy.config import Settings
 from proxy.routing import RouteTable
 from tests.conftest import (
@@ -23,6 +22,7 @@ from tests.conftest import (
     FakeTokenServer,
     FakeUpstream,
     ProxyFactory,
+    app_of,
     running_token_server,
     wait_for,
 )
@@ -105,9 +105,8 @@ async def rate_limited(client: Client) -> dict[tuple[str, str], float]:
 
 def requests_seen(client: Client) -> float:
     """Requests the proxy has begun handling: those in flight plus those answered."""
-    app = client.app
-    assert app is not None
-    registry = app[METRICS].registry
+    app = app_of(client)
+    registry = app.metrics.registry
     total = 0.0
     for family in registry.collect():
         for sample in family.samples:

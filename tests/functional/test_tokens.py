@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from proxy.app import METRICS
 from proxy.bodies import REPLAYABLE_BODY_LIMIT
 from tests.conftest import (
     PROBLEM_JSON,
@@ -30,7 +29,7 @@ from tests.conftest import (
 
 
 def in_flight(client: Client) -> float:
-    value = app_of(client)[METRICS].registry.get_sample_value("token_proxy_in_flight_requests")
+    value = app_of(client).metrics.registry.get_sample_value("token_proxy_in_flight_requests")
     return value or 0.0
 
 

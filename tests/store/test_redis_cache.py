@@ -12,10 +12,10 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.app import create_app, runner_options, runtime_of
+from proxy.app import ProxyApp
 from proxy.cache import policy
 from proxy.cache.shared import pack, unpack
 from proxy.config import Settings
@@ -28,8 +28,11 @@ from tests.conftest import (
     LEAKS,
     TEST_CLIENT_ID,
     TEST_SECRET,
+    Client,
     FakeTokenServer,
     FakeUpstream,
+    ProxyTestServer,
+    app_of,
 )
 from tests.store.conftest import RedisServer, redis_store, wait_until
 
@@ -97,21 +100,17 @@ def _raw(value: bytes | str) -> bytes:
 
 
 @contextlib.asynccontextmanager
-async def replica(
-    settings: Settings, redis_url: str, prefix: str
-) -> AsyncIterator[TestClient[web.Request, web.Application]]:
+async def replica(settings: Settings, redis_url: str, prefix: str) -> AsyncIterator[Client]:
     """An in-process proxy whose store is Redis behind the fallback."""
     store = FallbackStore(
         RedisStore(parse_redis_url(redis_url), timeout=0.25, prefix=prefix),
         probe_interval=0.1,
         presence_interval=0.2,
     )
-    app = create_app(settings, store_factory=lambda _: store)
-    options = runner_options(settings)
-    del options["handler_cancellation"]
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server(**options)
-    client = TestClient(server, connector=aiohttp.TCPConnector(limit=0))
+    client: Client = TestClient(
+        ProxyTestServer(ProxyApp(settings, store_factory=lambda _: store)),
+        connector=aiohttp.TCPConnector(limit=0),
+    )
     await client.start_server()
     try:
         yield client
@@ -197,9 +196,8 @@ async def _entries_in(url: str, count: int) -> bool:
     return len(await raw_contents(url)) == count
 
 
-def _shared(client: TestClient[web.Request, web.Application]) -> bool:
-    assert client.app is not None
-    store = runtime_of(client.app).store
+def _shared(client: Client) -> bool:
+    store = app_of(client).runtime.store
     assert isinstance(store, FallbackStore)
     return store.is_shared
 
