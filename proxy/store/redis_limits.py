@@ -34,7 +34,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from proxy.store.base import Admission, Claim, Slot
-from proxy.store.redis_calls import bounded
+from proxy.store.redis_calls import Connections, bounded
 from proxy.store.redis_events import Events
 
 ORIGIN = "redis"
@@ -166,6 +166,7 @@ class RedisCounters:
         self, *, client: aioredis.Redis, events: Events, prefix: str, timeout: float
     ) -> None:
         self._client = client
+        self._connections = Connections(client)
         self._events = events
         self._prefix = prefix
         self._timeout = timeout
@@ -179,13 +180,13 @@ class RedisCounters:
         return await bounded(self._evalsha(script, keys, args), self._timeout)
 
     async def _evalsha(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
-        # A connection of the pool's, as Redis.execute_command takes one, without the rest of
-        # what it does per command (retries, which are off, and instrumentation): a sixth less
-        # CPU (bench/redis_client_cost.py, pool-conn against evalsha-lean). A call cut short
-        # disconnects its connection (redis-py does that on any interruption of a read or a
-        # write), so none goes back to the pool with a reply left in it.
-        pool = self._client.connection_pool
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        # On a connection of the store's own list (redis_calls.Connections), without the rest
+        # of what Redis.execute_command does per command (retries, which are off, and
+        # instrumentation). A call cut short disconnects its connection (redis-py does that on
+        # any interruption of a read or a write), so none is taken again with a reply left in
+        # it.
+        connections = self._connections
+        connection = await connections.take()
         try:
             await connection.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
             try:
@@ -195,7 +196,7 @@ class RedisCounters:
                 await connection.send_command("EVAL", script.text, len(keys), *keys, *args)
                 return await connection.read_response()
         finally:
-            await pool.release(connection)
+            connections.give(connection)
 
     def key(self, limiter: str, part: str) -> str:
         """The Redis key of one part (hits, pending, pause) of a limiter."""
