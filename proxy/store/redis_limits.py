@@ -25,6 +25,7 @@ by arrival) and `:leaves` (the same tickets scored by when they stop waiting).""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import secrets
 import time
 from collections.abc import Sequence
@@ -158,6 +159,31 @@ class Script:
         self.sha = hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
 
 
+class _Plan:
+    """What the scripts are sent for one tuple of claims, but for the per-call arguments:
+    built once per limiter rather than on every request."""
+
+    __slots__ = ("acquire_keys", "claims", "rates", "release_keys", "settle_keys", "windows")
+
+    def __init__(self, counters: RedisCounters, claims: Sequence[Claim]) -> None:
+        self.claims = claims
+        self.acquire_keys = [counters.key(claim.key, part) for claim in claims for part in _PARTS]
+        self.rates: list[int] = []
+        for claim in claims:
+            self.rates.append(len(claim.rates))
+            for rate in claim.rates:
+                self.rates += [rate.amount, max(1, int(rate.seconds * _MICRO))]
+        self.settle_keys = [
+            counters.key(claim.key, part) for claim in claims for part in ("hits", "pending")
+        ]
+        self.windows = [max(1, int(claim.longest * _MICRO)) for claim in claims]
+        self.release_keys = [counters.key(claim.key, "pending") for claim in claims]
+
+
+# Plans kept for this many tuples of claims at most (a process has one per limiter).
+_PLANS_KEPT = 256
+
+
 class RedisCounters:
     """Rate-limit counters and 429 pauses in Redis (see LimitStore, PauseStore). `client`:
     redis_calls.lean_client, since two of these scripts are on every request's path."""
@@ -170,6 +196,11 @@ class RedisCounters:
         self._events = events
         self._prefix = prefix
         self._timeout = timeout
+        self._plans: dict[int, _Plan] = {}
+        # Entry ids: unique across replicas by the random part, and cheaper than a token_hex
+        # (a getrandom call) per request.
+        self._id_prefix = secrets.token_hex(6)
+        self._ids = itertools.count()
         self._acquire = Script(_ACQUIRE)
         self._settle = Script(_SETTLE)
         self._release = Script(_RELEASE)
@@ -202,6 +233,22 @@ class RedisCounters:
         """The Redis key of one part (hits, pending, pause) of a limiter."""
         return f"{self._prefix}{{rl:{limiter}}}:{part}"
 
+    def new_entry(self) -> str:
+        """An id for a new pending entry or ticket, unique across every replica."""
+        return f"{self._id_prefix}{next(self._ids):x}"
+
+    def _plan(self, claims: Sequence[Claim]) -> _Plan:
+        # By identity: a limiter passes the same tuple on every call, and its slots keep it.
+        plan = self._plans.get(id(claims))
+        if plan is not None and plan.claims is claims:
+            return plan
+        plan = _Plan(self, claims)
+        if isinstance(claims, tuple):  # a list may change, or its id be another's later
+            if len(self._plans) >= _PLANS_KEPT:
+                self._plans.clear()
+            self._plans[id(claims)] = plan
+        return plan
+
     async def _run(
         self,
         mode: str,
@@ -212,7 +259,7 @@ class RedisCounters:
         queue: float = 0.0,
         ticket: bool = False,
     ) -> tuple[bool, float, bool]:
-        keys: list[str] = []
+        plan = self._plan(claims)
         args: list[str | int] = [
             mode,
             entry,
@@ -220,13 +267,9 @@ class RedisCounters:
             len(claims),
             max(0, int(queue * _MICRO)),
             "1" if ticket else "0",
+            *plan.rates,
         ]
-        for claim in claims:
-            keys += [self.key(claim.key, part) for part in _PARTS]
-            args.append(len(claim.rates))
-            for rate in claim.rates:
-                args += [rate.amount, max(1, int(rate.seconds * _MICRO))]
-        granted, wait, queued = await self._script(self._acquire, keys, args)
+        granted, wait, queued = await self._script(self._acquire, plan.acquire_keys, args)
         return bool(granted), int(wait) / _MICRO, bool(queued)
 
     async def acquire(
@@ -237,7 +280,7 @@ class RedisCounters:
         queue: float = 0.0,
         ticket: str | None = None,
     ) -> Admission:
-        entry = ticket if ticket is not None else secrets.token_hex(8)
+        entry = ticket if ticket is not None else self.new_entry()
         granted, wait, queued = await self._run(
             "take", claims, entry=entry, hold=hold, queue=queue, ticket=ticket is not None
         )
@@ -252,16 +295,12 @@ class RedisCounters:
     async def settle(self, slot: Slot, *, ago: float = 0.0) -> None:
         """See LimitStore.settle; `ago`: upstream answered that many seconds before (a slot
         whose settle could not reach Redis then is counted at the time it should have been)."""
-        keys: list[str] = []
-        args: list[str | int] = [slot.id, max(0, int(ago * _MICRO))]
-        for claim in slot.claims:
-            keys += [self.key(claim.key, "hits"), self.key(claim.key, "pending")]
-            args.append(max(1, int(claim.longest * _MICRO)))
-        await self._script(self._settle, keys, args)
+        plan = self._plan(slot.claims)
+        args: list[str | int] = [slot.id, max(0, int(ago * _MICRO)), *plan.windows]
+        await self._script(self._settle, plan.settle_keys, args)
 
     async def release(self, slot: Slot) -> None:
-        keys = [self.key(claim.key, "pending") for claim in slot.claims]
-        await self._script(self._release, keys, [slot.id])
+        await self._script(self._release, self._plan(slot.claims).release_keys, [slot.id])
 
     async def next_free(self, claims: Sequence[Claim]) -> float:
         _, wait, _ = await self._run("peek", claims)
