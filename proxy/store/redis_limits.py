@@ -35,7 +35,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from proxy.store.base import Admission, Claim, Slot
-from proxy.store.redis_calls import Connections, bounded
+from proxy.store.redis_calls import Connections, Deadlines, bounded
 from proxy.store.redis_events import Events
 
 ORIGIN = "redis"
@@ -193,6 +193,7 @@ class RedisCounters:
     ) -> None:
         self._client = client
         self._connections = Connections(client)
+        self._deadlines = Deadlines(timeout)
         self._events = events
         self._prefix = prefix
         self._timeout = timeout
@@ -208,7 +209,7 @@ class RedisCounters:
 
     async def _script(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
         """Run `script`, within one redis_timeout (StoreUnavailable otherwise)."""
-        return await bounded(self._evalsha(script, keys, args), self._timeout)
+        return await self._deadlines.run(self._evalsha(script, keys, args))
 
     async def _evalsha(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
         # On a connection of the store's own list (redis_calls.Connections), without the rest

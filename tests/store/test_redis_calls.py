@@ -147,6 +147,45 @@ async def test_a_connection_that_redis_closed_is_connected_again_before_it_is_us
         await client.aclose()
 
 
+async def test_script_calls_into_a_stopped_redis_each_end_at_their_own_deadline(
+    redis_server: RedisServer,
+) -> None:
+    client = lean_client(parse_redis_url(redis_server.url), timeout=TIMEOUT)
+    counters = _counters(client)
+    limit = Claim(key="stalled", rates=(Rate.parse("1000/second"),))
+
+    async def timed() -> tuple[float, BaseException | None]:
+        started = time.monotonic()
+        try:
+            await counters.acquire([limit], hold=5.0)
+        except StoreUnavailable as exc:
+            return time.monotonic() - started, exc
+        return time.monotonic() - started, None
+
+    try:
+        await asyncio.gather(*(counters.acquire([limit], hold=5.0) for _ in range(3)))
+        redis_server.stop()
+        calls = []
+        for _ in range(3):  # started a third of a timeout apart: one timer serves them all
+            calls.append(asyncio.create_task(timed()))
+            await asyncio.sleep(TIMEOUT / 3)
+        given_up = asyncio.create_task(timed())
+        await asyncio.sleep(TIMEOUT / 4)
+        given_up.cancel()  # the caller's own cancellation is no timeout
+        for took, exc in await asyncio.gather(*calls):
+            assert isinstance(exc, StoreUnavailable)
+            assert exc.kind == "timeout"
+            assert TIMEOUT - 0.01 <= took <= TIMEOUT + SLACK
+        with pytest.raises(asyncio.CancelledError):
+            await given_up
+        redis_server.cont()
+        admission = await counters.acquire([limit], hold=5.0)
+        assert admission.slot is not None
+    finally:
+        redis_server.cont()
+        await client.aclose()
+
+
 async def _no_clients_but_one(client: aioredis.Redis) -> bool:
     return int((await client.info("clients"))["connected_clients"]) == 1
 
