@@ -230,6 +230,8 @@ class Deadlines:
                 raise translate(TimeoutError(), self.timeout) from None
             raise
         except (TimeoutError, redis_errors.RedisError, OSError) as exc:
+            if bound.expired:
+                task.uncancel()  # what its cancellation became is the error here
             raise translate(exc, self.timeout) from exc
         finally:
             bound.finished = True

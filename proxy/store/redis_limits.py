@@ -220,12 +220,15 @@ class RedisCounters:
         connections = self._connections
         connection = await connections.take()
         try:
-            await connection.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            # No health check: the client has none configured (its PING would be a round trip).
+            command = connection.pack_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            await connection.send_packed_command(command, check_health=False)
             try:
                 return await connection.read_response()
             except NoScriptError:
                 # A Redis restarted, failed over or flushed: the whole text, which it keeps.
-                await connection.send_command("EVAL", script.text, len(keys), *keys, *args)
+                command = connection.pack_command("EVAL", script.text, len(keys), *keys, *args)
+                await connection.send_packed_command(command, check_health=False)
                 return await connection.read_response()
         finally:
             connections.give(connection)
