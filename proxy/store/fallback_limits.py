@@ -38,6 +38,7 @@ class FallbackCounters:
         self._store = store
         self._shares: dict[tuple[Claim, int], Claim] = {}
         self._unfinished: list[_Unfinished] = []
+        self._failed: StoreUnavailable | None = None
 
     @property
     def _shared(self) -> RedisCounters:
@@ -115,7 +116,10 @@ class FallbackCounters:
             try:
                 await (self._shared.settle(slot) if settle else self._shared.release(slot))
             except StoreUnavailable as exc:
-                self._store.failed(exc)
+                # Settles share a call (RedisCounters.settle): its failure is counted once.
+                if exc is not self._failed:
+                    self._failed = exc
+                    self._store.failed(exc)
             else:
                 return
         # Left pending in Redis, that slot would hold a place for its whole hold.

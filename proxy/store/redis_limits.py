@@ -9,9 +9,10 @@ two limits (100/second and 36000/hour) atomically; and its timestamps come from 
 clock. Here one script, stamped with Redis's own clock (TIME), checks every limit of every
 claim and the claims' pauses, and adds a pending entry to all of them or to none; settling
 stamps the entry again at the answer; a pending entry carries a deadline, so the entries of a
-replica that died mid-request stop counting. Two round trips per request: acquire, settle,
-both through redis_calls.lean_client (redis-py set up to spend the least CPU on a command),
-each an EVALSHA, and an EVAL of the whole script only when Redis does not know it.
+replica that died mid-request stop counting. Two round trips per request at most: acquire,
+settle (those of one limiter in one turn of the event loop share a call), each an EVALSHA on
+redis_calls.lean_client's connections, and an EVAL of the whole script only when Redis does
+not know it.
 
 Requests that wait are served first come first served across replicas, not just within each:
 one refused with time to wait gets a ticket in the limiter's queue, stamped with Redis's clock,
@@ -24,6 +25,7 @@ by arrival) and `:leaves` (the same tickets scored by when they stop waiting).""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import secrets
@@ -119,15 +121,19 @@ for c = 0, claims - 1 do
 end
 return {1, 0, 0}
 """
-# ARGV[2]: how long ago upstream answered (0 but for a slot settled late, after Redis was away).
+# Settles every entry named from ARGV[3 + claims] on, all answered ARGV[1] microseconds ago (0
+# but for slots settled late, after Redis was away); ARGV[3 ..]: each claim's longest window.
 _SETTLE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local at = now - tonumber(ARGV[2])
-for c = 0, #KEYS / 2 - 1 do
-  local hits = KEYS[2 * c + 1]
-  redis.call('ZREM', KEYS[2 * c + 2], ARGV[1])
-  redis.call('ZADD', hits, at, ARGV[1])
+local at = now - tonumber(ARGV[1])
+local claims = tonumber(ARGV[2])
+for c = 0, claims - 1 do
+  local hits, pending = KEYS[2 * c + 1], KEYS[2 * c + 2]
+  for e = claims + 3, #ARGV do
+    redis.call('ZREM', pending, ARGV[e])
+    redis.call('ZADD', hits, at, ARGV[e])
+  end
   redis.call('PEXPIRE', hits, math.floor(tonumber(ARGV[c + 3]) / 1000) + 1000)
 end
 return at
@@ -182,6 +188,19 @@ class _Plan:
 
 # Plans kept for this many tuples of claims at most (a process has one per limiter).
 _PLANS_KEPT = 256
+# Settles of one limiter sent in one script call at most.
+SETTLES_PER_CALL = 200
+
+
+class _Settles:
+    """The settles of one limiter asked for in one turn of the event loop: one script call."""
+
+    __slots__ = ("ids", "waiters")
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        # One future each, rather than one for all: a settler that stops waiting cancels its own.
+        self.waiters: list[asyncio.Future[None]] = []
 
 
 class RedisCounters:
@@ -198,6 +217,8 @@ class RedisCounters:
         self._prefix = prefix
         self._timeout = timeout
         self._plans: dict[int, _Plan] = {}
+        self._settles: dict[_Plan, _Settles] = {}
+        self._sending: set[asyncio.Task[None]] = set()
         # Entry ids: unique across replicas by the random part, and cheaper than a token_hex
         # (a getrandom call) per request.
         self._id_prefix = secrets.token_hex(6)
@@ -298,9 +319,49 @@ class RedisCounters:
 
     async def settle(self, slot: Slot, *, ago: float = 0.0) -> None:
         """See LimitStore.settle; `ago`: upstream answered that many seconds before (a slot
-        whose settle could not reach Redis then is counted at the time it should have been)."""
+        whose settle could not reach Redis then is counted at the time it should have been).
+
+        The settles of one limiter asked for in the same turn of the event loop (upstream
+        answered them together) go in one script call, made once that turn is over: under
+        load, a fraction of a call per request instead of one, each counted at the same time
+        it would have been. A settler that stops waiting does not stop its settle."""
         plan = self._plan(slot.claims)
-        args: list[str | int] = [slot.id, max(0, int(ago * _MICRO)), *plan.windows]
+        if ago > 0:
+            await self._settle_now(plan, [slot.id], ago)
+            return
+        settles = self._settles.get(plan)
+        if settles is None or len(settles.ids) >= SETTLES_PER_CALL:
+            settles = self._settles[plan] = _Settles()
+            task = asyncio.get_running_loop().create_task(self._settle_soon(plan, settles))
+            self._sending.add(task)  # a task the loop holds only weakly
+            task.add_done_callback(self._sending.discard)
+        waiter = asyncio.get_running_loop().create_future()
+        settles.ids.append(slot.id)
+        settles.waiters.append(waiter)
+        await waiter
+
+    async def _settle_soon(self, plan: _Plan, settles: _Settles) -> None:
+        # A task's first step runs once the callbacks ready now have run: every settle asked
+        # for in this turn has joined by then.
+        if self._settles.get(plan) is settles:
+            del self._settles[plan]
+        try:
+            await self._settle_now(plan, settles.ids, 0.0)
+        except Exception as exc:
+            for waiter in settles.waiters:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+            return
+        except BaseException:
+            for waiter in settles.waiters:
+                waiter.cancel()
+            raise
+        for waiter in settles.waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _settle_now(self, plan: _Plan, ids: Sequence[str], ago: float) -> None:
+        args: list[str | int] = [max(0, int(ago * _MICRO)), len(plan.claims), *plan.windows, *ids]
         await self._script(self._settle, plan.settle_keys, args)
 
     async def release(self, slot: Slot) -> None:

@@ -264,3 +264,22 @@ async def test_alone_a_replica_keeps_to_the_pauses_other_replicas_announced(
         refused = await two.counters.acquire(free, hold=5.0)
         assert refused.slot is None
         assert refused.wait > 20
+
+
+async def test_settles_that_shared_a_failed_call_count_one_error_and_are_all_kept(
+    redis_server: RedisServer,
+) -> None:
+    limit = (Claim(key="shared-call", rates=(Rate(100, 60.0),)),)
+    async with fallback_store(redis_server.url, prefix="batch:") as store:
+        slots = [(await store.counters.acquire(limit, hold=600.0)).slot for _ in range(5)]
+        redis_server.stop()
+        try:
+            await asyncio.gather(*(store.counters.settle(slot) for slot in slots if slot))
+            assert store.state()["state"] == ALONE
+            assert store.errors() == {"timeout": 1}
+        finally:
+            redis_server.cont()
+        await wait_until(lambda: store.state()["state"] == SHARED, timeout=10)
+        shared = store.shared_store
+        hits = shared.counters.key("shared-call", "hits")
+        await wait_until(lambda: _zcard(shared, hits, 5), timeout=5)
