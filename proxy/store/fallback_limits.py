@@ -5,7 +5,6 @@ put right once it answers again."""
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -39,6 +38,7 @@ class FallbackCounters:
         self._store = store
         self._shares: dict[tuple[Claim, int], Claim] = {}
         self._unfinished: list[_Unfinished] = []
+        self._failed: StoreUnavailable | None = None
 
     @property
     def _shared(self) -> RedisCounters:
@@ -74,31 +74,29 @@ class FallbackCounters:
     ) -> Admission:
         # A ticket names its store; after a switch the request queues again in the other one.
         where, _, inner = (ticket or "").partition(":")
-
-        async def shared() -> Admission:
+        store = self._store
+        if store.is_shared:
             # A fresh id is a newcomer's ticket as good as none; named here so that, should
             # the call time out, the entry it may still leave in Redis can be taken back.
-            entry = inner if where == "r" else secrets.token_hex(8)
+            shared = self._shared
+            entry = inner if where == "r" else shared.new_entry()
             try:
-                admission = await self._shared.acquire(claims, hold=hold, queue=queue, ticket=entry)
-            except StoreUnavailable:
+                admission = await shared.acquire(claims, hold=hold, queue=queue, ticket=entry)
+            except StoreUnavailable as exc:
                 # A stalled Redis runs the script once it goes on, for nobody.
                 self._keep(_Unfinished(Slot(entry, tuple(claims), REDIS_ORIGIN), False, 0.0))
-                raise
-            return _marked(admission, "r")
-
-        async def local() -> Admission:
-            for claim in claims:
-                # Pauses that other replicas announced hold here too.
-                seen = self._shared.pause_seen(claim.key)
-                if seen > 0:
-                    self._local.install_pause(claim.key, seen)
-            admission = await self._local.acquire(
-                self.share(claims), hold=hold, queue=queue, ticket=inner if where == "m" else None
-            )
-            return _marked(admission, "m")
-
-        return await self._store.run(shared, local)
+                store.failed(exc)
+            else:
+                return admission if admission.ticket is None else _marked(admission, "r")
+        for claim in claims:
+            # Pauses that other replicas announced hold here too.
+            seen = self._shared.pause_seen(claim.key)
+            if seen > 0:
+                self._local.install_pause(claim.key, seen)
+        admission = await self._local.acquire(
+            self.share(claims), hold=hold, queue=queue, ticket=inner if where == "m" else None
+        )
+        return _marked(admission, "m")
 
     async def leave(self, claims: Sequence[Claim], ticket: str) -> None:
         where, _, inner = ticket.partition(":")
@@ -118,7 +116,10 @@ class FallbackCounters:
             try:
                 await (self._shared.settle(slot) if settle else self._shared.release(slot))
             except StoreUnavailable as exc:
-                self._store.failed(exc)
+                # Settles share a call (RedisCounters.settle): its failure is counted once.
+                if exc is not self._failed:
+                    self._failed = exc
+                    self._store.failed(exc)
             else:
                 return
         # Left pending in Redis, that slot would hold a place for its whole hold.

@@ -1,10 +1,11 @@
 """The boundary to redis-py: every call bounded by redis_timeout, and its errors translated
-through one table into StoreUnavailable with the cause kept; and the client that the request
-path's rate-limit scripts go through (`lean_client`)."""
+through one table into StoreUnavailable with the cause kept; and the client and connections
+that the request path's rate-limit scripts go through (`lean_client`, `Connections`)."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -111,3 +112,158 @@ def _packing_with_hiredis(base: type[AbstractConnection]) -> type[AbstractConnec
 
     HiredisPacking.__name__ = HiredisPacking.__qualname__ = f"HiredisPacking{base.__name__}"
     return HiredisPacking
+
+
+class Connections:
+    """The connections of `client`'s pool that the rate-limit scripts run on, kept checked out
+    in a list of their own: taking one and giving it back costs a list pop and append, where
+    the pool's get_connection and release take its lock, record metrics and dispatch events,
+    a third of an EVALSHA's CPU (bench/redis_client_cost.py, pool-get-release).
+
+    What the pool checks is checked here too: a connection is reconnected when it lost its
+    socket (redis-py drops it on any interrupted read or write) or has bytes unread. Beyond
+    the pool's max_connections a caller waits for one to be given back, first come first
+    served, rather than failing. The client's aclose disconnects them all (checked out, they
+    are still the pool's)."""
+
+    __slots__ = ("_count", "_idle", "_limit", "_pool", "_waiters")
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._pool = client.connection_pool
+        self._limit = max(1, int(self._pool.max_connections))
+        self._idle: list[AbstractConnection] = []
+        self._count = 0
+        self._waiters: collections.deque[asyncio.Future[AbstractConnection]] = collections.deque()
+
+    async def take(self) -> AbstractConnection:
+        """A connected connection of this list's, to `give` back once its reply is read."""
+        if self._idle:
+            connection = self._idle.pop()
+        elif self._count < self._limit:
+            self._count += 1
+            try:
+                # The pool's own way of making and connecting one.
+                made: AbstractConnection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+            except BaseException:
+                self._count -= 1
+                raise
+            return made
+        else:
+            connection = await self._wait()
+        try:
+            if connection.is_connected and not await connection.can_read():
+                return connection
+        except (redis_errors.ConnectionError, OSError):
+            pass  # its socket is gone: the pool's check below connects it again
+        try:
+            await self._pool.ensure_connection(connection)
+        except BaseException:
+            self.give(connection)
+            raise
+        return connection
+
+    async def _wait(self) -> AbstractConnection:
+        waiter: asyncio.Future[AbstractConnection] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            return await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.give(waiter.result())  # handed over as this caller gave up
+            else:
+                self._waiters.remove(waiter)
+            raise
+
+    def give(self, connection: AbstractConnection) -> None:
+        """Give back a connection that `take` gave, whatever became of its command."""
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(connection)
+                return
+        self._idle.append(connection)
+
+
+class _Bound:
+    __slots__ = ("deadline", "expired", "finished", "task")
+
+    def __init__(self, task: asyncio.Task[Any], deadline: float) -> None:
+        self.task = task
+        self.deadline = deadline
+        self.expired = False
+        self.finished = False
+
+
+# A timer that fires this much before a deadline ends the calls due then (asyncio's loop runs
+# a timer up to its clock resolution early, uvloop's rounds to milliseconds).
+_EARLY = 0.001
+
+
+class Deadlines:
+    """`bounded` for the calls on every request's path, all with the same timeout: one timer
+    for every call in flight instead of an asyncio.timeout each (whose timer handle costs a
+    fifth of an EVALSHA's CPU on uvloop). The same timeout for all puts their deadlines in the
+    order they started, so the timer is armed for the oldest call not yet finished and, when
+    it fires, cancels those overdue and arms again; a call never waits past its own deadline.
+    A cancellation of its own is told from the caller's as asyncio.timeout tells them."""
+
+    __slots__ = ("_loop", "_queue", "_timer", "timeout")
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._queue: collections.deque[_Bound] = collections.deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def run(self, operation: Awaitable[T]) -> T:
+        """Await `operation` for at most `timeout` seconds; StoreUnavailable otherwise."""
+        task = asyncio.current_task()
+        if task is None:  # pragma: no cover - redis-py runs in tasks only
+            return await bounded(operation, self.timeout)
+        cancelling = task.cancelling()
+        bound = self._enter(task)
+        try:
+            result = await operation
+        except asyncio.CancelledError:
+            if bound.expired and task.uncancel() <= cancelling:
+                raise translate(TimeoutError(), self.timeout) from None
+            raise
+        except (TimeoutError, redis_errors.RedisError, OSError) as exc:
+            if bound.expired:
+                task.uncancel()  # what its cancellation became is the error here
+            raise translate(exc, self.timeout) from exc
+        finally:
+            bound.finished = True
+        if bound.expired:
+            task.uncancel()  # the reply came as the deadline did, and was kept
+        if task.cancelling():
+            # As in `bounded`: a cancellation that redis-py's wait_for swallowed still counts.
+            raise asyncio.CancelledError
+        return result
+
+    def _enter(self, task: asyncio.Task[Any]) -> _Bound:
+        loop = task.get_loop()
+        if loop is not self._loop:  # a new event loop (tests run one each): start afresh
+            self._loop, self._queue, self._timer = loop, collections.deque(), None
+        bound = _Bound(task, loop.time() + self.timeout)
+        self._queue.append(bound)
+        if self._timer is None:
+            self._timer = loop.call_at(bound.deadline - _EARLY, self._fire)
+        return bound
+
+    def _fire(self) -> None:
+        self._timer = None
+        loop, queue = self._loop, self._queue
+        if loop is None:  # pragma: no cover - armed only once a loop is known
+            return
+        now = loop.time() + _EARLY
+        while queue:
+            head = queue[0]
+            if not head.finished:
+                if head.deadline > now:
+                    self._timer = loop.call_at(head.deadline - _EARLY, self._fire)
+                    return
+                head.expired = True
+                head.task.cancel()
+            queue.popleft()

@@ -9,9 +9,10 @@ two limits (100/second and 36000/hour) atomically; and its timestamps come from 
 clock. Here one script, stamped with Redis's own clock (TIME), checks every limit of every
 claim and the claims' pauses, and adds a pending entry to all of them or to none; settling
 stamps the entry again at the answer; a pending entry carries a deadline, so the entries of a
-replica that died mid-request stop counting. Two round trips per request: acquire, settle,
-both through redis_calls.lean_client (redis-py set up to spend the least CPU on a command),
-each an EVALSHA, and an EVAL of the whole script only when Redis does not know it.
+replica that died mid-request stop counting. Two round trips per request at most: acquire,
+settle (those of one limiter in one turn of the event loop share a call), each an EVALSHA on
+redis_calls.lean_client's connections, and an EVAL of the whole script only when Redis does
+not know it.
 
 Requests that wait are served first come first served across replicas, not just within each:
 one refused with time to wait gets a ticket in the limiter's queue, stamped with Redis's clock,
@@ -24,7 +25,9 @@ by arrival) and `:leaves` (the same tickets scored by when they stop waiting).""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import itertools
 import secrets
 import time
 from collections.abc import Sequence
@@ -34,7 +37,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from proxy.store.base import Admission, Claim, Slot
-from proxy.store.redis_calls import bounded
+from proxy.store.redis_calls import Connections, Deadlines, bounded
 from proxy.store.redis_events import Events
 
 ORIGIN = "redis"
@@ -118,15 +121,19 @@ for c = 0, claims - 1 do
 end
 return {1, 0, 0}
 """
-# ARGV[2]: how long ago upstream answered (0 but for a slot settled late, after Redis was away).
+# Settles every entry named from ARGV[3 + claims] on, all answered ARGV[1] microseconds ago (0
+# but for slots settled late, after Redis was away); ARGV[3 ..]: each claim's longest window.
 _SETTLE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local at = now - tonumber(ARGV[2])
-for c = 0, #KEYS / 2 - 1 do
-  local hits = KEYS[2 * c + 1]
-  redis.call('ZREM', KEYS[2 * c + 2], ARGV[1])
-  redis.call('ZADD', hits, at, ARGV[1])
+local at = now - tonumber(ARGV[1])
+local claims = tonumber(ARGV[2])
+for c = 0, claims - 1 do
+  local hits, pending = KEYS[2 * c + 1], KEYS[2 * c + 2]
+  for e = claims + 3, #ARGV do
+    redis.call('ZREM', pending, ARGV[e])
+    redis.call('ZADD', hits, at, ARGV[e])
+  end
   redis.call('PEXPIRE', hits, math.floor(tonumber(ARGV[c + 3]) / 1000) + 1000)
 end
 return at
@@ -158,6 +165,44 @@ class Script:
         self.sha = hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
 
 
+class _Plan:
+    """What the scripts are sent for one tuple of claims, but for the per-call arguments:
+    built once per limiter rather than on every request."""
+
+    __slots__ = ("acquire_keys", "claims", "rates", "release_keys", "settle_keys", "windows")
+
+    def __init__(self, counters: RedisCounters, claims: Sequence[Claim]) -> None:
+        self.claims = claims
+        self.acquire_keys = [counters.key(claim.key, part) for claim in claims for part in _PARTS]
+        self.rates: list[int] = []
+        for claim in claims:
+            self.rates.append(len(claim.rates))
+            for rate in claim.rates:
+                self.rates += [rate.amount, max(1, int(rate.seconds * _MICRO))]
+        self.settle_keys = [
+            counters.key(claim.key, part) for claim in claims for part in ("hits", "pending")
+        ]
+        self.windows = [max(1, int(claim.longest * _MICRO)) for claim in claims]
+        self.release_keys = [counters.key(claim.key, "pending") for claim in claims]
+
+
+# Plans kept for this many tuples of claims at most (a process has one per limiter).
+_PLANS_KEPT = 256
+# Settles of one limiter sent in one script call at most.
+SETTLES_PER_CALL = 200
+
+
+class _Settles:
+    """The settles of one limiter asked for in one turn of the event loop: one script call."""
+
+    __slots__ = ("ids", "waiters")
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        # One future each, rather than one for all: a settler that stops waiting cancels its own.
+        self.waiters: list[asyncio.Future[None]] = []
+
+
 class RedisCounters:
     """Rate-limit counters and 429 pauses in Redis (see LimitStore, PauseStore). `client`:
     redis_calls.lean_client, since two of these scripts are on every request's path."""
@@ -166,9 +211,18 @@ class RedisCounters:
         self, *, client: aioredis.Redis, events: Events, prefix: str, timeout: float
     ) -> None:
         self._client = client
+        self._connections = Connections(client)
+        self._deadlines = Deadlines(timeout)
         self._events = events
         self._prefix = prefix
         self._timeout = timeout
+        self._plans: dict[int, _Plan] = {}
+        self._settles: dict[_Plan, _Settles] = {}
+        self._sending: set[asyncio.Task[None]] = set()
+        # Entry ids: unique across replicas by the random part, and cheaper than a token_hex
+        # (a getrandom call) per request.
+        self._id_prefix = secrets.token_hex(6)
+        self._ids = itertools.count()
         self._acquire = Script(_ACQUIRE)
         self._settle = Script(_SETTLE)
         self._release = Script(_RELEASE)
@@ -176,30 +230,49 @@ class RedisCounters:
 
     async def _script(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
         """Run `script`, within one redis_timeout (StoreUnavailable otherwise)."""
-        return await bounded(self._evalsha(script, keys, args), self._timeout)
+        return await self._deadlines.run(self._evalsha(script, keys, args))
 
     async def _evalsha(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
-        # A connection of the pool's, as Redis.execute_command takes one, without the rest of
-        # what it does per command (retries, which are off, and instrumentation): a sixth less
-        # CPU (bench/redis_client_cost.py, pool-conn against evalsha-lean). A call cut short
-        # disconnects its connection (redis-py does that on any interruption of a read or a
-        # write), so none goes back to the pool with a reply left in it.
-        pool = self._client.connection_pool
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        # On a connection of the store's own list (redis_calls.Connections), without the rest
+        # of what Redis.execute_command does per command (retries, which are off, and
+        # instrumentation). A call cut short disconnects its connection (redis-py does that on
+        # any interruption of a read or a write), so none is taken again with a reply left in
+        # it.
+        connections = self._connections
+        connection = await connections.take()
         try:
-            await connection.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            # No health check: the client has none configured (its PING would be a round trip).
+            command = connection.pack_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            await connection.send_packed_command(command, check_health=False)
             try:
                 return await connection.read_response()
             except NoScriptError:
                 # A Redis restarted, failed over or flushed: the whole text, which it keeps.
-                await connection.send_command("EVAL", script.text, len(keys), *keys, *args)
+                command = connection.pack_command("EVAL", script.text, len(keys), *keys, *args)
+                await connection.send_packed_command(command, check_health=False)
                 return await connection.read_response()
         finally:
-            await pool.release(connection)
+            connections.give(connection)
 
     def key(self, limiter: str, part: str) -> str:
         """The Redis key of one part (hits, pending, pause) of a limiter."""
         return f"{self._prefix}{{rl:{limiter}}}:{part}"
+
+    def new_entry(self) -> str:
+        """An id for a new pending entry or ticket, unique across every replica."""
+        return f"{self._id_prefix}{next(self._ids):x}"
+
+    def _plan(self, claims: Sequence[Claim]) -> _Plan:
+        # By identity: a limiter passes the same tuple on every call, and its slots keep it.
+        plan = self._plans.get(id(claims))
+        if plan is not None and plan.claims is claims:
+            return plan
+        plan = _Plan(self, claims)
+        if isinstance(claims, tuple):  # a list may change, or its id be another's later
+            if len(self._plans) >= _PLANS_KEPT:
+                self._plans.clear()
+            self._plans[id(claims)] = plan
+        return plan
 
     async def _run(
         self,
@@ -211,7 +284,7 @@ class RedisCounters:
         queue: float = 0.0,
         ticket: bool = False,
     ) -> tuple[bool, float, bool]:
-        keys: list[str] = []
+        plan = self._plan(claims)
         args: list[str | int] = [
             mode,
             entry,
@@ -219,13 +292,9 @@ class RedisCounters:
             len(claims),
             max(0, int(queue * _MICRO)),
             "1" if ticket else "0",
+            *plan.rates,
         ]
-        for claim in claims:
-            keys += [self.key(claim.key, part) for part in _PARTS]
-            args.append(len(claim.rates))
-            for rate in claim.rates:
-                args += [rate.amount, max(1, int(rate.seconds * _MICRO))]
-        granted, wait, queued = await self._script(self._acquire, keys, args)
+        granted, wait, queued = await self._script(self._acquire, plan.acquire_keys, args)
         return bool(granted), int(wait) / _MICRO, bool(queued)
 
     async def acquire(
@@ -236,7 +305,7 @@ class RedisCounters:
         queue: float = 0.0,
         ticket: str | None = None,
     ) -> Admission:
-        entry = ticket if ticket is not None else secrets.token_hex(8)
+        entry = ticket if ticket is not None else self.new_entry()
         granted, wait, queued = await self._run(
             "take", claims, entry=entry, hold=hold, queue=queue, ticket=ticket is not None
         )
@@ -250,17 +319,53 @@ class RedisCounters:
 
     async def settle(self, slot: Slot, *, ago: float = 0.0) -> None:
         """See LimitStore.settle; `ago`: upstream answered that many seconds before (a slot
-        whose settle could not reach Redis then is counted at the time it should have been)."""
-        keys: list[str] = []
-        args: list[str | int] = [slot.id, max(0, int(ago * _MICRO))]
-        for claim in slot.claims:
-            keys += [self.key(claim.key, "hits"), self.key(claim.key, "pending")]
-            args.append(max(1, int(claim.longest * _MICRO)))
-        await self._script(self._settle, keys, args)
+        whose settle could not reach Redis then is counted at the time it should have been).
+
+        The settles of one limiter asked for in the same turn of the event loop (upstream
+        answered them together) go in one script call, made once that turn is over: under
+        load, a fraction of a call per request instead of one, each counted at the same time
+        it would have been. A settler that stops waiting does not stop its settle."""
+        plan = self._plan(slot.claims)
+        if ago > 0:
+            await self._settle_now(plan, [slot.id], ago)
+            return
+        settles = self._settles.get(plan)
+        if settles is None or len(settles.ids) >= SETTLES_PER_CALL:
+            settles = self._settles[plan] = _Settles()
+            task = asyncio.get_running_loop().create_task(self._settle_soon(plan, settles))
+            self._sending.add(task)  # a task the loop holds only weakly
+            task.add_done_callback(self._sending.discard)
+        waiter = asyncio.get_running_loop().create_future()
+        settles.ids.append(slot.id)
+        settles.waiters.append(waiter)
+        await waiter
+
+    async def _settle_soon(self, plan: _Plan, settles: _Settles) -> None:
+        # A task's first step runs once the callbacks ready now have run: every settle asked
+        # for in this turn has joined by then.
+        if self._settles.get(plan) is settles:
+            del self._settles[plan]
+        try:
+            await self._settle_now(plan, settles.ids, 0.0)
+        except Exception as exc:
+            for waiter in settles.waiters:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+            return
+        except BaseException:
+            for waiter in settles.waiters:
+                waiter.cancel()
+            raise
+        for waiter in settles.waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _settle_now(self, plan: _Plan, ids: Sequence[str], ago: float) -> None:
+        args: list[str | int] = [max(0, int(ago * _MICRO)), len(plan.claims), *plan.windows, *ids]
+        await self._script(self._settle, plan.settle_keys, args)
 
     async def release(self, slot: Slot) -> None:
-        keys = [self.key(claim.key, "pending") for claim in slot.claims]
-        await self._script(self._release, keys, [slot.id])
+        await self._script(self._release, self._plan(slot.claims).release_keys, [slot.id])
 
     async def next_free(self, claims: Sequence[Claim]) -> float:
         _, wait, _ = await self._run("peek", claims)

@@ -293,3 +293,22 @@ async def test_a_token_fetched_alone_goes_to_redis_when_it_answers_again(
         assert await tokens.drop(taken.token.version)
         assert (await tokens.load()).token is None
         assert (await two.tokens(IDENTITY, SECRET).load()).token is None
+
+
+async def test_settles_that_shared_a_failed_call_count_one_error_and_are_all_kept(
+    redis_server: RedisServer,
+) -> None:
+    limit = (Claim(key="shared-call", rates=(Rate(100, 60.0),)),)
+    async with fallback_store(redis_server.url, prefix="batch:") as store:
+        slots = [(await store.counters.acquire(limit, hold=600.0)).slot for _ in range(5)]
+        redis_server.stop()
+        try:
+            await asyncio.gather(*(store.counters.settle(slot) for slot in slots if slot))
+            assert store.state()["state"] == ALONE
+            assert store.errors() == {"timeout": 1}
+        finally:
+            redis_server.cont()
+        await wait_until(lambda: store.state()["state"] == SHARED, timeout=10)
+        shared = store.shared_store
+        hits = shared.counters.key("shared-call", "hits")
+        await wait_until(lambda: _zcard(shared, hits, 5), timeout=5)

@@ -25,10 +25,12 @@ from cryptography.x509.oid import NameOID
 from proxy.errors import StoreUnavailable
 from proxy.store.base import Claim, Rate
 from proxy.store.redis_calls import bounded, lean_client
+from proxy.store.redis_events import Events
+from proxy.store.redis_limits import RedisCounters
 from proxy.store.redis_url import parse_redis_url
 from tests.redis_server import RedisServer, redis_binary
 from tests.redis_server import _free_port as free_port
-from tests.store.conftest import redis_store
+from tests.store.conftest import redis_store, wait_until
 
 TIMEOUT = 0.2
 SLACK = 0.15
@@ -83,6 +85,109 @@ async def test_a_caller_that_gives_up_leaves_the_others_their_replies(
     slow.cancel()  # its client went away: not a timeout
     assert await asyncio.gather(*others) == [str(i).encode() for i in range(20)]
     assert await lean.echo("after") == b"after"
+
+
+def _counters(client: aioredis.Redis) -> RedisCounters:
+    events = Events(client, "calls-test:events", timeout=TIMEOUT)
+    return RedisCounters(client=client, events=events, prefix="calls-test:", timeout=TIMEOUT)
+
+
+async def _clients(redis_server: RedisServer) -> int:
+    other = aioredis.Redis(**parse_redis_url(redis_server.url).client_kwargs(timeout=2.0))
+    try:
+        return int((await other.info("clients"))["connected_clients"]) - 1
+    finally:
+        await other.aclose()
+
+
+async def test_more_callers_than_the_pool_holds_wait_for_a_connection_rather_than_fail(
+    redis_server: RedisServer,
+) -> None:
+    client = lean_client(parse_redis_url(redis_server.url), timeout=1.0)
+    client.connection_pool.max_connections = 3
+    counters = _counters(client)
+    limit = Claim(key="crowd", rates=(Rate.parse("1000/second"),))
+    before = await _clients(redis_server)
+    try:
+        admissions = await asyncio.gather(*(counters.acquire([limit], hold=5.0) for _ in range(40)))
+        assert all(admission.slot is not None for admission in admissions)
+        assert await _clients(redis_server) - before <= 3
+        # A caller that gives up while it waits for a connection takes none with it.
+        waiting = [asyncio.create_task(counters.acquire([limit], hold=5.0)) for _ in range(10)]
+        await asyncio.sleep(0)
+        for task in waiting[::2]:
+            task.cancel()
+        done = await asyncio.gather(*waiting, return_exceptions=True)
+        assert sum(not isinstance(result, BaseException) for result in done) >= 5
+        again = await asyncio.gather(*(counters.acquire([limit], hold=5.0) for _ in range(6)))
+        assert all(admission.slot is not None for admission in again)
+    finally:
+        await client.aclose()
+
+
+async def test_a_connection_that_redis_closed_is_connected_again_before_it_is_used(
+    redis_server: RedisServer,
+) -> None:
+    client = lean_client(parse_redis_url(redis_server.url), timeout=1.0)
+    counters = _counters(client)
+    limit = Claim(key="killed", rates=(Rate.parse("1000/second"),))
+    killer = aioredis.Redis(**parse_redis_url(redis_server.url).client_kwargs(timeout=2.0))
+    try:
+        await asyncio.gather(*(counters.acquire([limit], hold=5.0) for _ in range(4)))
+        assert await killer.client_kill_filter(_type="normal", skipme=True) >= 1
+        await wait_until(lambda: _no_clients_but_one(killer))
+        # Each kept connection was closed by Redis: none of these calls may fail for it.
+        for _ in range(2):
+            admissions = await asyncio.gather(
+                *(bounded(counters.acquire([limit], hold=5.0), 1.0) for _ in range(4))
+            )
+            assert all(admission.slot is not None for admission in admissions)
+    finally:
+        await killer.aclose()
+        await client.aclose()
+
+
+async def test_script_calls_into_a_stopped_redis_each_end_at_their_own_deadline(
+    redis_server: RedisServer,
+) -> None:
+    client = lean_client(parse_redis_url(redis_server.url), timeout=TIMEOUT)
+    counters = _counters(client)
+    limit = Claim(key="stalled", rates=(Rate.parse("1000/second"),))
+
+    async def timed() -> tuple[float, BaseException | None]:
+        started = time.monotonic()
+        try:
+            await counters.acquire([limit], hold=5.0)
+        except StoreUnavailable as exc:
+            return time.monotonic() - started, exc
+        return time.monotonic() - started, None
+
+    try:
+        await asyncio.gather(*(counters.acquire([limit], hold=5.0) for _ in range(3)))
+        redis_server.stop()
+        calls = []
+        for _ in range(3):  # started a third of a timeout apart: one timer serves them all
+            calls.append(asyncio.create_task(timed()))
+            await asyncio.sleep(TIMEOUT / 3)
+        given_up = asyncio.create_task(timed())
+        await asyncio.sleep(TIMEOUT / 4)
+        given_up.cancel()  # the caller's own cancellation is no timeout
+        for took, exc in await asyncio.gather(*calls):
+            assert isinstance(exc, StoreUnavailable)
+            assert exc.kind == "timeout"
+            assert TIMEOUT - 0.01 <= took <= TIMEOUT + SLACK
+        with pytest.raises(asyncio.CancelledError):
+            await given_up
+        redis_server.cont()
+        admission = await counters.acquire([limit], hold=5.0)
+        assert admission.slot is not None
+    finally:
+        redis_server.cont()
+        await client.aclose()
+
+
+async def _no_clients_but_one(client: aioredis.Redis) -> bool:
+    return int((await client.info("clients"))["connected_clients"]) == 1
 
 
 async def test_password_and_database(redis_server_with_password: RedisServer) -> None:

@@ -200,3 +200,35 @@ async def test_a_watched_pause_is_seen_without_a_wait_set_before_or_after_subscr
             await one.counters.pause("late", 1.0)
             await wait_until(lambda: two.counters.pause_seen("late") > 0.5, timeout=2)
             assert two.counters.pause_seen("unwatched") == 0.0
+
+
+async def _evalsha_calls(client: aioredis.Redis) -> int:
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_settles_asked_for_together_go_to_redis_in_one_call(
+    redis_server: RedisServer,
+) -> None:
+    """Upstream answers many requests in one turn of the event loop under load: their settles
+    share one script call, and each is counted all the same, also one whose caller gave up."""
+    limit = (claim("together", "1000/second"),)
+    async with redis_store(redis_server.url, prefix=PREFIX) as store:
+        counters = store.counters
+        slots = [(await counters.acquire(limit, hold=30)).slot for _ in range(21)]
+        assert all(slot is not None for slot in slots)
+        before = await _evalsha_calls(store.client)
+        settles = [asyncio.create_task(counters.settle(slot)) for slot in slots if slot]
+        await asyncio.sleep(0)  # each has asked for its settle
+        settles[0].cancel()  # that caller gave up: its request was still upstream's
+        await asyncio.gather(*settles[1:])
+        with contextlib.suppress(asyncio.CancelledError):
+            await settles[0]
+        assert await _evalsha_calls(store.client) - before == 1
+        hits, pending = (counters.key("together", part) for part in ("hits", "pending"))
+        await wait_until(lambda: _count(store.client, hits, 21))
+        assert await store.client.zcard(pending) == 0
+
+
+async def _count(client: aioredis.Redis, key: str, expected: int) -> bool:
+    return int(await client.zcard(key)) == expected
