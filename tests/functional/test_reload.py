@@ -37,6 +37,7 @@ from tests.conftest import (
     process_env,
     proxy_command,
 )
+from tests.processes import LoggedProcess
 from tests.test_secret_files import kubernetes_mount
 
 DEADLINE = 15.0
@@ -84,17 +85,10 @@ async def issuer() -> AsyncIterator[Issuer]:
 
 
 @dataclass
-class Proxy:
+class Proxy(LoggedProcess):
     """A proxy process (or a supervisor and its workers) started from a configuration file."""
 
-    process: subprocess.Popen[bytes]
-    url: str
-    config: Path
-    log_path: Path
-
-    def events(self) -> list[dict[str, Any]]:
-        lines = self.log_path.read_text(errors="replace").splitlines()
-        return [json.loads(line) for line in lines if line.startswith("{")]
+    config: Path = Path()
 
     def named(self, event: str) -> list[dict[str, Any]]:
         return [e for e in self.events() if e.get("event", "").startswith(event)]
@@ -198,7 +192,7 @@ async def start(
             process = subprocess.Popen(
                 proxy_command(), env=environ, stdout=log_file, stderr=subprocess.STDOUT
             )
-        proxy = Proxy(process, f"http://127.0.0.1:{port}", config, log_path)
+        proxy = Proxy(process, f"http://127.0.0.1:{port}", log_path, config=config)
         started.append(proxy)
         listening = "started" if "TOKEN_PROXY_WORKERS" in (env or {}) else "token-proxy listening"
         await until(
@@ -211,14 +205,7 @@ async def start(
 
     yield run
     for proxy in started:
-        if proxy.process.poll() is None:
-            proxy.process.terminate()
-            try:
-                proxy.process.wait(timeout=DEADLINE)
-            except subprocess.TimeoutExpired:
-                proxy.process.kill()
-                proxy.process.wait()
-        LEAKS.add(f"the log of proxy process {proxy.process.pid}", proxy.log_path.read_text())
+        proxy.stop(timeout=DEADLINE)
 
 
 async def status_of(url: str, expected: int, *, key: str | None = None) -> bool:

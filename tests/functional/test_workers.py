@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,24 +35,13 @@ from tests.conftest import (
     process_env,
     proxy_command,
 )
+from tests.processes import LoggedProcess
 
 DEADLINE = 15.0
 
 
-@dataclass
-class Group:
+class Group(LoggedProcess):
     """A supervisor process and its workers, logging JSON lines to one file."""
-
-    process: subprocess.Popen[bytes]
-    url: str
-    log_path: Path
-
-    def events(self) -> list[dict[str, Any]]:
-        found = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            if line.startswith("{"):
-                found.append(json.loads(line))
-        return found
 
     def events_named(self, event: str) -> list[dict[str, Any]]:
         return [e for e in self.events() if e.get("event") == event]
@@ -163,17 +151,10 @@ async def start_group(
     yield start
     for group in groups:
         pids = group.worker_pids().values()
-        if group.process.poll() is None:
-            group.process.terminate()  # so that it removes its metrics directory
-            try:
-                group.process.wait(timeout=DEADLINE)
-            except subprocess.TimeoutExpired:
-                group.process.kill()
-                group.process.wait()
+        group.stop(timeout=DEADLINE, what="worker group")  # SIGTERM: it removes its metrics
         for pid in pids:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
-        LEAKS.add(f"the log of worker group {group.process.pid}", group.log_path.read_text())
 
 
 async def get_fresh(url: str, count: int, *, path: str = "/thing") -> list[tuple[int, str]]:

@@ -27,24 +27,13 @@ from tests.conftest import (
     free_port,
     proxy_command,
 )
+from tests.processes import LoggedProcess
 
 START_TIMEOUT = 20.0
 
 
-@dataclass
-class Replica:
-    """One token-proxy process (a supervisor, with workers), logging JSON lines to a file."""
-
-    process: subprocess.Popen[bytes]
-    url: str
-    log_path: Path
-
-    def events(self) -> list[dict[str, Any]]:
-        found = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            if line.startswith("{"):
-                found.append(json.loads(line))
-        return found
+class Replica(LoggedProcess):
+    """One token-proxy process (a supervisor, with workers) sharing Redis with others."""
 
     def said(self, text: str) -> list[dict[str, Any]]:
         """The log lines whose event contains `text`."""
@@ -161,14 +150,7 @@ async def start_replicas(
 
     yield start
     for replica in started:
-        if replica.process.poll() is None:
-            replica.process.terminate()
-            try:
-                replica.process.wait(timeout=START_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                replica.process.kill()
-                replica.process.wait()
-        LEAKS.add(f"the log of replica {replica.process.pid}", replica.log_path.read_text())
+        replica.stop(timeout=START_TIMEOUT, what="replica")
 
 
 # What start(wait=...) waits for: a token in every replica, or only that each one listens.
