@@ -216,13 +216,11 @@ class Reloader:
                 self._refused(ROTATION, exc.detail.splitlines())
                 return False
         else:
-            settings = _with_secrets(previous.settings, reread.changed)
-            fixed = ()
-            if "redis_url" in _restart_only(previous.settings) and (
-                settings.redis_url != previous.settings.redis_url
-            ):
-                fixed = ("redis_url",)
-                settings = settings.model_copy(update={"redis_url": previous.settings.redis_url})
+            running = previous.settings
+            settings = _with_secrets(running, reread.changed)
+            # A secret that only a restart can change (redis_url, with workers) keeps its value.
+            fixed = _changed(running, settings, _restart_only(running))
+            settings = settings.model_copy(update={key: getattr(running, key) for key in fixed})
             loaded = Loaded(settings, reread.files, previous.toml)
         return await self._switch(ROTATION, loaded, needs_restart=fixed, otherwise=seen)
 
@@ -232,9 +230,7 @@ class Reloader:
         running workers is checked too)."""
         running = self._loaded.settings
         loaded = self._source.load(table=table)
-        fixed = tuple(
-            k for k in _restart_only(running) if getattr(loaded.settings, k) != getattr(running, k)
-        )
+        fixed = _changed(running, loaded.settings, _restart_only(running))
         if not fixed:
             return loaded, ()
         values = {key: getattr(running, key) for key in fixed}
@@ -346,3 +342,8 @@ def _usable_redis_url(file: SecretFile) -> bool:
 def _restart_only(running: Settings) -> tuple[str, ...]:
     """The settings that only a restart of `running` can change."""
     return RESTART_ONLY_WITH_WORKERS if running.workers > 1 else RESTART_ONLY
+
+
+def _changed(old: Settings, new: Settings, names: Sequence[str]) -> tuple[str, ...]:
+    """Which of the settings `names` differ between `old` and `new`."""
+    return tuple(name for name in names if getattr(new, name) != getattr(old, name))

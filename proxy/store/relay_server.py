@@ -81,11 +81,7 @@ class RelayServer:
                         scope=held.scope,
                     )
             self._tokens[digest] = tokens
-            watcher = self._watchers.pop(digest, None)
-            if watcher is not None:
-                watcher.cancel()
-                self._stopped.add(watcher)
-                watcher.add_done_callback(self._stopped.discard)
+            self._stop_watching(digest)
             if self._started:
                 self._start_watching(digest)
 
@@ -97,17 +93,20 @@ class RelayServer:
         wanted = {identity.digest: (identity, secret) for identity, secret in credentials}
         for digest in [digest for digest in self._tokens if digest not in wanted]:
             del self._tokens[digest], self._figures[digest]
-            watcher = self._watchers.pop(digest, None)
-            if watcher is not None:
-                watcher.cancel()
-                self._stopped.add(watcher)
-                watcher.add_done_callback(self._stopped.discard)
+            self._stop_watching(digest)
         for digest, (identity, secret) in wanted.items():
             if digest not in self._tokens:
                 self._tokens[digest] = self._store.tokens(identity, secret)
                 self._figures[digest] = _Figures()
                 if self._started:
                     self._start_watching(digest)
+
+    def _stop_watching(self, digest: str) -> None:
+        watcher = self._watchers.pop(digest, None)
+        if watcher is not None:
+            watcher.cancel()
+            self._stopped.add(watcher)
+            watcher.add_done_callback(self._stopped.discard)
 
     def _start_watching(self, digest: str) -> None:
         self._watchers[digest] = asyncio.create_task(
